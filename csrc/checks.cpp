@@ -1,0 +1,119 @@
+#include "checks.h"
+
+#include <c10/util/Exception.h>
+
+#include "less_numerics.h"
+
+namespace less_cuda {
+namespace {
+
+bool is_kv_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_tensor(const at::Tensor& t, const char* name, int64_t dim, const at::Device& device) {
+  TORCH_CHECK(t.dim() == dim, "less_cuda: ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
+  TORCH_CHECK(t.device() == device, "less_cuda: ", name, " is on ", t.device(), " but q is on ", device);
+  TORCH_CHECK(t.is_contiguous(), "less_cuda: ", name, " must be contiguous");
+}
+
+void check_dtype(const at::Tensor& t, const char* name, at::ScalarType want) {
+  TORCH_CHECK(t.scalar_type() == want, "less_cuda: ", name, " must be ", want, ", got ", t.scalar_type());
+}
+
+void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef want) {
+  TORCH_CHECK(t.sizes() == want, "less_cuda: ", name, " must have shape ", want, ", got ", t.sizes());
+}
+
+}  // namespace
+
+DecodeSizes check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& pos, const std::optional<at::Tensor>& phi_q,
+                                   const std::optional<at::Tensor>& H, const std::optional<at::Tensor>& z) {
+  const auto device = q.device();
+  check_tensor(q, "q", 3, device);
+  check_tensor(k, "k", 4, device);
+  check_tensor(v, "v", 4, device);
+  check_tensor(pos, "pos", 3, device);
+  TORCH_CHECK(is_kv_dtype(q.scalar_type()), "less_cuda: q must be float32, bfloat16 or float16, got ",
+              q.scalar_type());
+  check_dtype(k, "k", q.scalar_type());
+  check_dtype(v, "v", q.scalar_type());
+  check_dtype(pos, "pos", at::kInt);
+  DecodeSizes s{q.size(0), q.size(1), k.size(1), 0, k.size(2), q.size(2), 0};
+  TORCH_CHECK(s.Hkv > 0 && s.Hq % s.Hkv == 0, "less_cuda: query heads (", s.Hq,
+              ") must be a multiple of KV heads (", s.Hkv, ")");
+  s.G = s.Hq / s.Hkv;
+  check_shape(k, "k", {s.B, s.Hkv, s.S, s.D});
+  check_shape(v, "v", {s.B, s.Hkv, s.S, s.D});
+  check_shape(pos, "pos", {s.B, s.Hkv, s.S});
+  const bool has_state = phi_q.has_value();
+  TORCH_CHECK(has_state == H.has_value() && has_state == z.has_value(),
+              "less_cuda: phi_q, H and z must be given together or all be None");
+  if (has_state) {
+    check_tensor(*phi_q, "phi_q", 3, device);
+    check_tensor(*H, "H", 4, device);
+    check_tensor(*z, "z", 3, device);
+    check_dtype(*phi_q, "phi_q", at::kFloat);
+    check_dtype(*H, "H", at::kFloat);
+    check_dtype(*z, "z", at::kFloat);
+    s.R = phi_q->size(2);
+    check_shape(*phi_q, "phi_q", {s.B, s.Hq, s.R});
+    check_shape(*H, "H", {s.B, s.Hkv, s.R, s.D});
+    check_shape(*z, "z", {s.B, s.Hkv, s.R});
+  }
+  return s;
+}
+
+EvictSizes check_score_and_evict(const at::Tensor& scores, const at::Tensor& pos, const at::Tensor& probs,
+                                 int64_t policy, int64_t budget, int64_t recent, int64_t sinks) {
+  const auto device = scores.device();
+  check_tensor(scores, "scores", 3, device);
+  check_tensor(pos, "pos", 3, device);
+  check_tensor(probs, "probs", 3, device);
+  check_dtype(scores, "scores", at::kFloat);
+  check_dtype(pos, "pos", at::kInt);
+  check_dtype(probs, "probs", at::kFloat);
+  EvictSizes s{scores.size(0), scores.size(1), scores.size(2)};
+  check_shape(pos, "pos", scores.sizes());
+  check_shape(probs, "probs", scores.sizes());
+  TORCH_CHECK(policy == kPolicyH2O || policy == kPolicyLambda, "less_cuda: unknown policy id ", policy,
+              " (0 = H2O, 1 = Lambda)");
+  TORCH_CHECK(budget >= 1, "less_cuda: budget must be at least 1, got ", budget);
+  TORCH_CHECK(recent >= 0 && sinks >= 0, "less_cuda: recent and sinks must be >= 0, got ", recent, " and ", sinks);
+  const int64_t kept = policy == kPolicyH2O ? recent : sinks;
+  TORCH_CHECK(kept < budget, "less_cuda: budget (", budget, ") must exceed ",
+              policy == kPolicyH2O ? "recent" : "sinks", " (", kept, ")");
+  return s;
+}
+
+FoldSizes check_state_fold(const at::Tensor& psi, const at::Tensor& v, const std::optional<at::Tensor>& mask) {
+  const auto device = v.device();
+  check_tensor(psi, "psi", 4, device);
+  check_tensor(v, "v", 4, device);
+  check_dtype(psi, "psi", at::kFloat);
+  TORCH_CHECK(is_kv_dtype(v.scalar_type()), "less_cuda: v must be float32, bfloat16 or float16, got ",
+              v.scalar_type());
+  FoldSizes s{psi.size(0), psi.size(1), psi.size(2), psi.size(3), v.size(3)};
+  check_shape(v, "v", {s.B, s.Hkv, s.N, s.D});
+  if (mask.has_value()) {
+    check_tensor(*mask, "mask", 3, device);
+    check_dtype(*mask, "mask", at::kBool);
+    check_shape(*mask, "mask", {s.B, s.Hkv, s.N});
+  }
+  return s;
+}
+
+FoldSizes check_state_update(const at::Tensor& H, const at::Tensor& z, const at::Tensor& psi, const at::Tensor& v,
+                             const std::optional<at::Tensor>& mask) {
+  const FoldSizes s = check_state_fold(psi, v, mask);
+  check_tensor(H, "H", 4, v.device());
+  check_tensor(z, "z", 3, v.device());
+  check_dtype(H, "H", at::kFloat);
+  check_dtype(z, "z", at::kFloat);
+  check_shape(H, "H", {s.B, s.Hkv, s.R, s.D});
+  check_shape(z, "z", {s.B, s.Hkv, s.R});
+  return s;
+}
+
+}  // namespace less_cuda

@@ -1,0 +1,32 @@
+// Argument validation shared by every backend's bindings: one clear TORCH_CHECK per mistake, so that bad input
+// is an error message and never a crash or silently wrong numbers. Returns the sizes the kernels need.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+
+namespace less_cuda {
+
+struct DecodeSizes {
+  int64_t B, Hq, Hkv, G, S, D, R;  // R = 0 when there is no low-rank state
+};
+DecodeSizes check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& pos, const std::optional<at::Tensor>& phi_q,
+                                   const std::optional<at::Tensor>& H, const std::optional<at::Tensor>& z);
+
+struct EvictSizes {
+  int64_t B, Hkv, S;
+};
+EvictSizes check_score_and_evict(const at::Tensor& scores, const at::Tensor& pos, const at::Tensor& probs,
+                                 int64_t policy, int64_t budget, int64_t recent, int64_t sinks);
+
+struct FoldSizes {
+  int64_t B, Hkv, N, R, D;
+};
+FoldSizes check_state_fold(const at::Tensor& psi, const at::Tensor& v, const std::optional<at::Tensor>& mask);
+FoldSizes check_state_update(const at::Tensor& H, const at::Tensor& z, const at::Tensor& psi, const at::Tensor& v,
+                             const std::optional<at::Tensor>& mask);
+
+}  // namespace less_cuda

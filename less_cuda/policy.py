@@ -1,0 +1,81 @@
+"""The sparse policy configuration: which tokens keep their K/V, validated once at the boundary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from .reference import H2O, LAMBDA
+
+POLICY_IDS = {"h2o": H2O, "lambda": LAMBDA}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which tokens keep their K/V in the slots; every other token is folded into the low-rank state.
+
+    kind:   "h2o" (heavy hitters by accumulated attention + the newest tokens) or "lambda" (sinks + newest).
+    budget: tokens kept between decode steps, per layer and KV head. An int is a token count; a float in (0, 1] is a
+            fraction of the prompt length (prefill) or sequence length (training), rounded, at least 2.
+            During a step the new token takes one extra slot, so a layer holds budget + 1 slots.
+    recent: H2O only: newest tokens always kept (int, or a fraction of the resolved budget); default half.
+    sinks:  Λ only: first tokens always kept; the other budget - sinks slots hold the newest tokens.
+    """
+
+    kind: str = "h2o"
+    budget: Union[int, float] = 0.05
+    recent: Optional[Union[int, float]] = None
+    sinks: int = 4
+
+    def __post_init__(self) -> None:
+        if self.kind not in POLICY_IDS:
+            raise ValueError(f"policy kind must be one of {sorted(POLICY_IDS)}, got {self.kind!r}")
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
+            raise TypeError(f"budget must be an int (tokens) or a float (fraction), got {self.budget!r}")
+        if isinstance(self.budget, float) and not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"a fractional budget must be in (0, 1], got {self.budget}")
+        if isinstance(self.budget, int) and self.budget < 2:
+            raise ValueError(f"budget must be at least 2 tokens, got {self.budget}")
+        if self.sinks < 0:
+            raise ValueError(f"sinks must be >= 0, got {self.sinks}")
+        if self.recent is not None and (
+            self.recent < 0 or (isinstance(self.recent, float) and self.recent > 1.0)
+        ):
+            raise ValueError(f"recent must be a count >= 0 or a fraction in [0, 1], got {self.recent}")
+
+    def resolve(self, length: int) -> "ResolvedPolicy":
+        """Token counts for a prompt (or training sequence) of `length` tokens."""
+        budget = self.budget if isinstance(self.budget, int) else max(2, round(self.budget * length))
+        if self.kind == "h2o":
+            if self.recent is None:
+                recent = budget // 2
+            elif isinstance(self.recent, float):
+                recent = round(self.recent * budget)
+            else:
+                recent = self.recent
+            if recent >= budget:
+                raise ValueError(f"H2O needs budget > recent to keep any heavy hitter: budget {budget}, recent {recent}")
+            return ResolvedPolicy(POLICY_IDS["h2o"], budget, recent, 0)
+        if self.sinks >= budget:
+            raise ValueError(f"Λ needs budget > sinks to keep any recent token: budget {budget}, sinks {self.sinks}")
+        return ResolvedPolicy(POLICY_IDS["lambda"], budget, budget - self.sinks, self.sinks)
+
+
+@dataclass(frozen=True)
+class ResolvedPolicy:
+    """What the ops take: policy id (reference.H2O / reference.LAMBDA) and token counts."""
+
+    policy_id: int
+    budget: int
+    recent: int
+    sinks: int
+
+    @property
+    def num_slots(self) -> int:
+        """Slots per (layer, batch, KV head): the budget plus the incoming token's slot."""
+        return self.budget + 1
+
+    def as_args(self) -> tuple[int, int, int, int]:
+        """(policy, budget, recent, sinks) in the order of `score_and_evict_`."""
+        return self.policy_id, self.budget, self.recent, self.sinks
+

@@ -1,0 +1,128 @@
+"""Builds less_cuda._C: the C++ CPU kernels always, the CUDA kernels when a CUDA build of torch and a CUDA toolkit
+are found.
+
+Environment:
+    LESS_CUDA_FORCE_CUDA=1   fail unless the CUDA kernels are built
+    LESS_CUDA_SKIP_CUDA=1    build the CPU kernels only
+    TORCH_CUDA_ARCH_LIST     defaults to "8.0;8.6;8.9;9.0" (Ampere, Ada, Hopper); CUDA 13 has no sm_70
+    MAX_JOBS                 parallel compile jobs (honoured by torch's ninja build)
+    CUDA_HOME                toolkit root; found from nvcc when unset
+
+Build with `pip install --no-build-isolation .`: the extension must be compiled against the torch that is
+installed, not a fresh one pip would download into an isolated build environment.
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0"
+
+
+def flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def is_toolkit_root(path: str) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "cuda_runtime.h")
+    )
+
+
+def find_cuda_home():
+    """The CUDA toolkit root. `nvcc` on PATH may be a wrapper script, so its directory proves nothing: ask nvcc
+    itself, whose dry run prints the TOP it really runs from."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if is_toolkit_root(os.environ.get(var, "")):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        try:
+            dry = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                                 capture_output=True, text=True, timeout=60)
+            top = re.search(r"TOP=(\S+)", dry.stdout + dry.stderr)
+            if top and is_toolkit_root(os.path.realpath(top.group(1))):
+                return os.path.realpath(top.group(1))
+        except (OSError, subprocess.SubprocessError):
+            pass
+        root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if is_toolkit_root(root):
+            return root
+    for root in ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]:
+        if is_toolkit_root(root):
+            return root
+    return None
+
+
+# torch.utils.cpp_extension reads CUDA_HOME when imported: resolve it first.
+cuda_home = None if flag("LESS_CUDA_SKIP_CUDA") else find_cuda_home()
+if cuda_home:
+    os.environ["CUDA_HOME"] = cuda_home
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def rel(pattern: str):
+    return sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pattern))
+
+
+def build_cuda() -> bool:
+    if flag("LESS_CUDA_SKIP_CUDA"):
+        return False
+    why_not = None
+    if torch.version.cuda is None:
+        why_not = "torch is a CPU-only build"
+    elif cuda_home is None:
+        why_not = "no CUDA toolkit found (set CUDA_HOME)"
+    if why_not and flag("LESS_CUDA_FORCE_CUDA"):
+        raise RuntimeError(f"LESS_CUDA_FORCE_CUDA=1 but the CUDA kernels cannot be built: {why_not}")
+    if why_not:
+        print(f"less_cuda: skipping the CUDA kernels: {why_not}")
+    return why_not is None
+
+
+with_cuda = build_cuda()
+sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+if with_cuda:
+    sources += rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
+    extension = CUDAExtension(
+        "less_cuda._C",
+        sources,
+        extra_compile_args={
+            "cxx": cxx_flags + ["-DLESS_WITH_CUDA"],
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DLESS_WITH_CUDA"],
+        },
+        extra_link_args=["-fopenmp"],
+        include_dirs=[str(ROOT / "csrc")],
+    )
+else:
+    extension = CppExtension(
+        "less_cuda._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"],
+        include_dirs=[str(ROOT / "csrc")],
+    )
+
+backends = "CPU + CUDA (arch " + os.environ["TORCH_CUDA_ARCH_LIST"] + ")" if with_cuda else "CPU only"
+print(f"less_cuda: building backends: {backends}")
+
+setup(
+    name="less_cuda",
+    version="0.1.0",
+    description="LESS KV-cache compression (sparse policy + learned low-rank state) with CPU and CUDA kernels",
+    packages=find_packages(include=["less_cuda", "less_cuda.*"]),
+    package_data={"less_cuda": ["checkpoints/**/*"]},
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "safetensors", "tqdm"],
+    extras_require={"hf": ["transformers>=5.0", "accelerate", "gguf"], "test": ["pytest", "pytest-benchmark"]},
+    entry_points={"console_scripts": ["less-cuda=less_cuda.cli:main"]},
+)
