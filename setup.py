@@ -91,7 +91,7 @@ def build_cuda() -> bool:
 
 with_cuda = build_cuda()
 sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is torch's choice (C++20 for torch 2.14)
 if with_cuda:
     sources += rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
     extension = CUDAExtension(
@@ -99,7 +99,7 @@ if with_cuda:
         sources,
         extra_compile_args={
             "cxx": cxx_flags + ["-DLESS_WITH_CUDA"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DLESS_WITH_CUDA"],
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-DLESS_WITH_CUDA"],
         },
         extra_link_args=["-fopenmp"],
         include_dirs=[str(ROOT / "csrc")],

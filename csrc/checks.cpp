@@ -79,7 +79,8 @@ EvictSizes check_score_and_evict(const at::Tensor& scores, const at::Tensor& pos
   check_shape(probs, "probs", scores.sizes());
   TORCH_CHECK(policy == kPolicyH2O || policy == kPolicyLambda, "less_cuda: unknown policy id ", policy,
               " (0 = H2O, 1 = Lambda)");
-  TORCH_CHECK(budget >= 1, "less_cuda: budget must be at least 1, got ", budget);
+  TORCH_CHECK(budget >= 1 && budget <= INT32_MAX, "less_cuda: budget must be in [1, 2^31), got ", budget);
+  TORCH_CHECK(recent <= INT32_MAX && sinks <= INT32_MAX, "less_cuda: recent and sinks must be below 2^31");
   TORCH_CHECK(recent >= 0 && sinks >= 0, "less_cuda: recent and sinks must be >= 0, got ", recent, " and ", sinks);
   const int64_t kept = policy == kPolicyH2O ? recent : sinks;
   TORCH_CHECK(kept < budget, "less_cuda: budget (", budget, ") must exceed ",

@@ -80,6 +80,7 @@ def less_decode_attention(
     Differentiable in q, k, v, phi_q, H and z.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v, pos, phi_q, H, z = (None if t is None else t.contiguous() for t in (q, k, v, pos, phi_q, H, z))
     return _ops.decode_attention(q, k, v, pos, phi_q, H, z, scale)
 
 
@@ -107,6 +108,7 @@ def less_score_and_evict_(
         pos: [B, Hkv, S] int32 slot positions (the victim's becomes -1).
         probs: [B, Hkv, S] fp32 from `less_decode_attention`.
         policy: "h2o" / "lambda" or their ids; budget: tokens kept after eviction;
+            scores and pos must be contiguous (they are updated in place, so no copy is made);
         recent: H2O's protected newest tokens; sinks: Λ's protected first tokens.
     Returns:
         victim: [B, Hkv] int64 index of the freed slot, or -1 where nothing was evicted. Deterministic: the lowest
@@ -158,7 +160,7 @@ def less_state_fold(psi: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> tu
     Returns:
         dH: [B, Hkv, R, D] fp32, dz: [B, Hkv, R] fp32. Differentiable in psi and v.
     """
-    return _ops.state_fold(psi, v, mask)
+    return _ops.state_fold(psi.contiguous(), v.contiguous(), None if mask is None else mask.contiguous())
 
 
 def less_state_update_(H: Tensor, z: Tensor, psi: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> None:

@@ -297,6 +297,16 @@ def insert_token(cache: SlotCache, k: Tensor, v: Tensor, psi: Tensor, position: 
     cache.scores.scatter_(2, slot, 0.0)
 
 
+def victim_tokens(cache: SlotCache, victim: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """What `state_fold` needs to fold the evicted tokens: psi [B, Hkv, 1, R], v [B, Hkv, 1, D] of each victim slot
+    (still intact: eviction only marks the slot free) and mask [B, Hkv, 1], False where nothing was evicted.
+    victim: [B, Hkv] int64 from `score_and_evict_`."""
+    slot = victim.clamp(min=0)[..., None, None]
+    psi = torch.gather(cache.psi, 2, slot.expand(-1, -1, 1, cache.psi.shape[-1]))
+    v = torch.gather(cache.v, 2, slot.expand(-1, -1, 1, cache.v.shape[-1]))
+    return psi, v, (victim >= 0)[..., None]
+
+
 def decode_step(
     cache: SlotCache,
     q: Tensor,
@@ -323,10 +333,7 @@ def decode_step(
     state = (cache.H, cache.z) if phi_q is not None else (None, None)
     out, probs = decode_attention(q, cache.k, cache.v, cache.pos, phi_q, *state, scale)
     victim = score_and_evict_(cache.scores, cache.pos, probs, policy, budget, recent, sinks)
-    slot = victim.clamp(min=0)[..., None, None]
-    victim_psi = torch.gather(cache.psi, 2, slot.expand(-1, -1, 1, cache.psi.shape[-1]))
-    victim_v = torch.gather(cache.v, 2, slot.expand(-1, -1, 1, cache.v.shape[-1]))
-    dH, dz = state_fold(victim_psi, victim_v, (victim >= 0)[..., None])
+    dH, dz = state_fold(*victim_tokens(cache, victim))
     cache.H += dH
     cache.z += dz
     return out
