@@ -1,0 +1,136 @@
+"""GPU decode-step cost of the LESS CUDA kernels against the memory roofline, measured in one run.
+
+For each setting (SmolLM2-like heads 9/3/64 and Llama-like 32/8/128, bf16, rank 8; batch 1, 8, 64; budgets
+128-2048 slots) it prints the microseconds of decode_attention alone and of a whole decode step (attention,
+score + eviction, folding the victim), both replayed from a CUDA graph so that Python launch overhead is not
+measured, and the bandwidth the attention achieves against a device-to-device copy of the same number of bytes
+measured on the same GPU in the same run (ratio 1.0 = copy speed, the practical roofline). The settings rotate over
+enough copies of their tensors to keep the L2 cache from serving them. docs/cuda_design.md has the expected numbers.
+
+Run: .venv/bin/python benchmarks/bench_decode_gpu.py [--iters N] [--models smollm2 llama] [--batches 1 8 64]
+It exits cleanly, saying why, without a GPU or without the extension's CUDA kernels. Not collected by pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+
+import torch
+
+from less_cuda import less_decode_attention, less_score_and_evict_, less_state_update_
+from less_cuda import reference as ref
+
+HEADS = {"smollm2": (9, 3, 64), "llama": (32, 8, 128)}
+RANK = 8
+ROTATION_BYTES = 256 << 20  # > 4x an H100's 50 MB L2
+
+
+def make_setting(model: str, B: int, budget: int) -> tuple[ref.SlotCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A full cache (budget + 1 slots held, so every step evicts), q, phi(q), and the slot positions to refill."""
+    Hq, Hkv, D = HEADS[model]
+    S = budget + 1
+    cache = ref.SlotCache.empty(B, Hkv, S, D, RANK, torch.bfloat16, device="cuda")
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.psi.uniform_()
+    positions = torch.arange(S, dtype=torch.int32, device="cuda").expand_as(cache.pos).contiguous()
+    cache.pos.copy_(positions)
+    q = torch.randn(B, Hq, D, device="cuda").to(torch.bfloat16)
+    phi = torch.rand(B, Hq, RANK, device="cuda")
+    return cache, q, phi, positions
+
+
+def attention_bytes(model: str, B: int, budget: int) -> int:
+    """Bytes decode_attention must move: K and V, pos read and probs written, q and out, the low-rank state."""
+    Hq, Hkv, D = HEADS[model]
+    S, elem = budget + 1, 2
+    state = 4 * (B * Hkv * RANK * (D + 1) + B * Hq * RANK)
+    return 2 * B * Hkv * S * D * elem + 8 * B * Hkv * S + 2 * B * Hq * D * elem + state
+
+
+def attend(cache, q, phi, positions):
+    return less_decode_attention(q, cache.k, cache.v, cache.pos, phi, cache.H, cache.z)
+
+
+def decode_step(cache, q, phi, positions, budget):
+    out, probs = attend(cache, q, phi, positions)
+    victim = less_score_and_evict_(cache.scores, cache.pos, probs, "h2o", budget, recent=budget // 2)
+    less_state_update_(cache.H, cache.z, *ref.victim_tokens(cache, victim))
+    cache.pos.copy_(positions)  # refill the freed slot so that the next replay evicts again
+    return out
+
+
+def graph_time_us(fns, iters: int) -> float:
+    """Microseconds per call of the callables in `fns`, run in turn from one CUDA graph, replayed `iters` times."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:  # warm-up (allocations, lazy init) outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (iters * len(fns))
+
+
+def copy_time_us(nbytes: int, copies: int, iters: int) -> float:
+    """A device-to-device copy moving `nbytes` (nbytes / 2 read, nbytes / 2 written), rotated like the setting."""
+    pairs = []
+    for _ in range(copies):
+        src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+        pairs.append((src, torch.empty_like(src)))
+    return graph_time_us([lambda s=s, d=d: d.copy_(s) for s, d in pairs], iters)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--models", nargs="+", default=list(HEADS), choices=list(HEADS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
+    parser.add_argument("--budgets", nargs="+", type=int, default=[128, 512, 2048])
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_decode_gpu: skipped, no CUDA device")
+        return 0
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("less_cuda::decode_attention", "CUDA"):
+        print("bench_decode_gpu: skipped, the extension was built without its CUDA kernels")
+        return 0
+    props = torch.cuda.get_device_properties(0)
+    print(f"machine: {props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB, "
+          f"torch {torch.__version__}, CUDA {torch.version.cuda}, host {platform.node()}")
+    print(f"setting: bf16 K/V, rank {RANK}, S = budget + 1 slots all held (every step evicts), CUDA-graph replay, "
+          f"{args.iters} iterations, tensors rotated over >= {ROTATION_BYTES >> 20} MiB")
+    header = f"{'model':8} {'B':>3} {'budget':>6} {'MB':>8} {'attn us':>9} {'step us':>9} {'attn GB/s':>10} " \
+             f"{'copy GB/s':>10} {'ratio':>6}"
+    print(header)
+    print("-" * len(header))
+    for model in args.models:
+        for B in args.batches:
+            for budget in args.budgets:
+                nbytes = attention_bytes(model, B, budget)
+                copies = max(1, math.ceil(ROTATION_BYTES / nbytes))
+                settings = [make_setting(model, B, budget) for _ in range(copies)]
+                attn_us = graph_time_us([lambda s=s: attend(*s) for s in settings], args.iters)
+                step_us = graph_time_us([lambda s=s: decode_step(*s, budget) for s in settings], args.iters)
+                copy_us = copy_time_us(nbytes, copies, args.iters)
+                attn_bw, copy_bw = nbytes / attn_us / 1e3, nbytes / copy_us / 1e3
+                print(f"{model:8} {B:>3} {budget:>6} {nbytes / 1e6:>8.2f} {attn_us:>9.2f} {step_us:>9.2f} "
+                      f"{attn_bw:>10.0f} {copy_bw:>10.0f} {attn_bw / copy_bw:>6.2f}")
+                del settings
+                torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
