@@ -197,14 +197,15 @@ def prefill_scores(q: Tensor, k: Tensor, valid: Tensor, scale: float, chunk: int
         qc = q[:, :, start : start + chunk].float().view(B, Hkv, G, len(rows), D)
         logits = qc @ kf.transpose(-1, -2) * scale
         allowed = (cols[None, :] <= rows[:, None])[None] & valid[:, None, :] & valid[:, start : start + chunk, None]
-        _, _, probs = sparse_state(logits, allowed[:, None, None], torch.zeros_like(kf[..., :1]))
+        # No gradient flows here, so the plain masked softmax will do; a padding row (all -inf) gives NaN -> 0.
+        probs = logits.masked_fill_(~allowed[:, None, None], -math.inf).softmax(dim=-1).nan_to_num_(0.0)
         scores += probs.sum(dim=(2, 3))
     return scores
 
 
 def token_positions(valid: Tensor) -> Tensor:
     """Position of each real token among the real tokens of its row: [B, T] bool -> [B, T] int32, EMPTY on padding."""
-    pos = valid.to(torch.int32).cumsum(dim=-1) - 1
+    pos = (valid.cumsum(dim=-1) - 1).to(torch.int32)
     return torch.where(valid, pos, torch.full_like(pos, EMPTY))
 
 

@@ -1,0 +1,123 @@
+"""LESS on SmolLM2-135M-Instruct: a long prompt with facts to recall, answered with a full KV cache, with the
+sparse-only H2O baseline, and with LESS (H2O + the learned low-rank state) at the same budget.
+
+Run: make demo   (or .venv/bin/python examples/demo.py). CPU is fine (about two minutes, most of it loading the
+model); a CUDA GPU is used when there is one.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+
+from less_cuda.apply import apply, load_kernels
+from less_cuda.cache import LessCache
+from less_cuda.models import load_smollm2
+
+BUDGET = 128  # tokens kept per layer and KV head
+NEW_TOKENS = 32
+
+FACTS = [
+    "The lighthouse keeper of Briarwick is a woman named Marta Olsen.",
+    "The old stone bridge over the Tarn river was finished in the year 1847.",
+    "The harbour master keeps exactly seventeen blue rowing boats.",
+]
+TOPICS = [
+    ("market", "fishmongers", "the square", "salted herring"),
+    ("school", "teachers", "the hill", "slate boards"),
+    ("bakery", "bakers", "Mill Lane", "rye loaves"),
+    ("weather", "farmers", "the moor", "autumn storms"),
+    ("festival", "musicians", "the green", "lantern boats"),
+    ("railway", "porters", "the station", "coal wagons"),
+    ("ferry", "sailors", "the pier", "mail sacks"),
+]
+
+
+def town_notes() -> str:
+    """A generated multi-paragraph text (about 1,100 tokens) with the facts to recall at its start."""
+    paragraphs = ["Notes on the town of Briarwick. " + " ".join(FACTS)]
+    for place, people, where, thing in TOPICS:
+        paragraphs.append(
+            f"The {place} of Briarwick is run by the {people}, who meet every morning at {where}. "
+            f"In spring the {people} talk mostly about {thing}, and in summer they talk about little else. "
+            f"Visitors often ask the {people} for directions to {where}, and the {people} are always glad to help. "
+            f"Records of the {place} go back many generations; each one mentions {thing} and the weather. "
+            f"Children in Briarwick learn early that {where} belongs to the {people} before sunrise. "
+            f"When the {place} closes for the winter, the {people} store their {thing} in a shed near {where}. "
+            f"Most evenings the {people} walk home past {where}, greeting neighbours and talking about {thing}."
+        )
+    return "\n\n".join(paragraphs)
+
+
+QUESTION = "Answer from the notes: who is the lighthouse keeper, and in which year was the stone bridge finished?"
+
+
+class StepClock(StoppingCriteria):
+    """Timestamps each generation step (never stops generation): the first comes right after the prefill."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def run(model, inputs, tokenizer) -> tuple[str, object, float, float]:
+    """Greedy generation; returns (text, cache, prefill seconds, decode tokens/s)."""
+    clock = StepClock()
+    start = time.perf_counter()
+    out = model.generate(
+        **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+        stopping_criteria=StoppingCriteriaList([clock]), return_dict_in_generate=True,
+    )
+    text = tokenizer.decode(out.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    decode_rate = (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+    return text.strip(), out.past_key_values, clock.times[0] - start, decode_rate
+
+
+def kv_bytes(cache) -> int:
+    """Bytes held by a cache: a LessCache reports its own; a DynamicCache holds K and V of every token."""
+    if isinstance(cache, LessCache):
+        return cache.memory_report().total
+    assert isinstance(cache, DynamicCache)
+    return sum(t.nelement() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def main() -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t0 = time.perf_counter()
+    model, tokenizer = load_smollm2(torch.float32, device)
+    print(f"SmolLM2-135M-Instruct loaded on {device} in {time.perf_counter() - t0:.0f} s")
+
+    messages = [{"role": "user", "content": town_notes() + "\n\n" + QUESTION}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = tokenizer(text, return_tensors="pt").to(device)
+    prompt_len = inputs["input_ids"].shape[1]
+    print(f"prompt: {prompt_len} tokens; budget: {BUDGET} tokens per layer and KV head; {NEW_TOKENS} new tokens\n")
+
+    runs = {"full cache": None, "H2O (sparse only)": dict(lowrank=False), "LESS (H2O + low-rank)": dict()}
+    try:
+        load_kernels(model, None, "h2o")
+    except ValueError as error:
+        del runs["LESS (H2O + low-rank)"]
+        print(f"LESS skipped: {error}\n")
+
+    for name, settings in runs.items():
+        if settings is None:
+            result = run(model, inputs, tokenizer)
+        else:
+            with apply(model, policy="h2o", budget=BUDGET, **settings):
+                result = run(model, inputs, tokenizer)
+        answer, cache, prefill_s, rate = result
+        print(f"== {name}")
+        print(f"   KV cache: {kv_bytes(cache) / 2**20:.2f} MiB   prefill: {prefill_s:.2f} s   "
+              f"decode: {rate:.1f} tokens/s")
+        print(f"   answer: {answer!r}\n")
+    print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

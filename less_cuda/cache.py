@@ -1,0 +1,288 @@
+"""The compressed KV cache for transformers: `LessLayer` owns one full-attention layer's fixed slots, H2O scores and
+low-rank state; `LessCache` is a transformers `Cache` whose full-attention layers are LessLayers.
+
+Per layer, batch row and KV head the cache holds `budget + 1` slots (the budget plus the incoming token) and the
+rank-R state H, z: its size stops growing once the budget is reached. The sparse-only baselines are the same
+machinery with R = 0 (no feature maps, an empty state that attention ignores exactly).
+
+Positions given to the policy are each real token's index among the real tokens of its row
+(`reference.token_positions`), so left padding shifts nothing; pad tokens are never attended, scored, kept or folded.
+
+A prompt fed to a fresh cache in one forward call is compressed at once (exact attention, H2O column sums, keep
+the recent and top-scoring tokens, fold the rest). Chunked prefill in that sense is not offered: the selection needs
+the attention columns of the whole prompt, and a chunk cannot know them. Tokens that arrive in later calls (decode,
+generate's `prefill_chunk_size`, continuing a conversation) stream through the decode rule one at a time, which is
+the contract's streaming form of the same policy; a fractional budget is resolved on the first call's length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, get_layer_types_and_kwargs
+
+from . import reference
+from .attention import announce, use_less_attention
+from .feature_maps import LessKernels
+from .ops import less_decode_attention, less_score_and_evict_, less_state_update_
+from .policy import Policy, ResolvedPolicy
+
+
+def model_layout(config: PretrainedConfig) -> dict:
+    """The model facts a feature-map checkpoint must agree with (keys of `LessKernelsConfig.layout`)."""
+    config = config.get_text_config(decoder=True)
+    return {
+        "num_layers": config.num_hidden_layers,
+        "num_heads": config.num_attention_heads,
+        "num_kv_heads": config.num_key_value_heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        "hidden_size": config.hidden_size,
+    }
+
+
+class LessLayer(CacheLayerMixin):
+    """One full-attention layer under LESS (H2O or Λ, with or without the low-rank state).
+
+    State (a `reference.SlotCache`), S = budget + 1 slots per (batch row, KV head):
+        k, v [B, Hkv, S, D] in the model's dtype; psi [B, Hkv, S, R] fp32 (psi(k) of each slot, so an evicted token
+        is folded without recomputing it); pos [B, Hkv, S] int32 (EMPTY for a free slot); scores [B, Hkv, S] fp32
+        (H2O's accumulated attention); H [B, Hkv, R, D] and z [B, Hkv, R] fp32. R = 0 without feature maps.
+    next_position [B] int32: real tokens seen per row, the position the next real token gets.
+
+    transformers' protocol: `update` receives the new tokens' k/v and returns them unchanged (a compressed layer
+    cannot hand back the full history); the "less" attention function then calls `prefill` (first call) or
+    `decode`, which insert, attend, evict and fold through the ops.
+    """
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False  # evicted tokens are folded into H, z for good: there is no rolling back
+    supports_early_init = False  # slot count depends on the prompt (fractional budgets)
+
+    def __init__(self, layer_idx: int, policy: Policy, kernels: Optional[LessKernels]):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.policy = policy
+        self.kernels = kernels
+        self.resolved: Optional[ResolvedPolicy] = None
+        self.slots: Optional[reference.SlotCache] = None
+        self.next_position: Optional[Tensor] = None
+        self.seen = 0  # columns seen, padding included: what transformers counts for masks and positions
+        self.awaiting_attention = False
+
+    @property
+    def is_prefilled(self) -> bool:
+        return self.slots is not None
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Record the new tokens and hand them on to the "less" attention call, which does the work."""
+        if self.awaiting_attention:
+            raise RuntimeError(
+                f"LessCache layer {self.layer_idx} was updated twice without the 'less' attention in between: the "
+                "model's attention implementation must be 'less' (LessCache(model, ...) and less_cuda.apply set it)"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.seen += key_states.shape[-2]
+        self.awaiting_attention = True
+        announce(self, key_states)
+        return key_states, value_states
+
+    def _phi(self, q: Tensor) -> Optional[Tensor]:
+        """phi(q) [B, Hq, T, R], or None without feature maps."""
+        return None if self.kernels is None else self.kernels.phi(self.layer_idx, q)
+
+    def _psi(self, k: Tensor) -> Tensor:
+        """psi(k) [B, Hkv, T, R]; R = 0 without feature maps."""
+        if self.kernels is None:
+            return k.new_zeros(*k.shape[:3], 0, dtype=torch.float32)
+        return self.kernels.psi(self.layer_idx, k)
+
+    @torch.no_grad()
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float) -> None:
+        """Compress a prompt into the slots and the state. q [B, Hq, T, D]; k, v [B, Hkv, T, D]; valid [B, T] bool.
+
+        H2O scores are the column sums of the prompt's causal attention; the policy keeps `budget` tokens per row
+        and KV head; every other real token is folded into H, z in one call.
+        """
+        self.awaiting_attention = False
+        B, Hkv, T, D = k.shape
+        lengths = valid.sum(dim=-1)
+        self.resolved = self.policy.resolve(int(lengths.max()))
+        if self.resolved.policy_id == reference.H2O:
+            scores = reference.prefill_scores(q, k, valid, scale)
+        else:  # Λ orders evictions by position alone
+            scores = torch.zeros(B, Hkv, T, dtype=torch.float32, device=k.device)
+        keep = reference.prefill_keep(scores, valid, *self.resolved.as_args())
+        positions = reference.token_positions(valid)[:, None, :].expand(B, Hkv, T)
+        psi = self._psi(k)
+        slot_k, slot_v, slot_psi, slot_scores, slot_pos, index = reference.gather_tokens(
+            keep, self.resolved.num_slots, k, v, psi, scores, positions
+        )
+        R = psi.shape[-1]
+        H = torch.zeros(B, Hkv, R, D, dtype=torch.float32, device=k.device)
+        z = torch.zeros(B, Hkv, R, dtype=torch.float32, device=k.device)
+        if R:
+            less_state_update_(H, z, psi.contiguous(), v.contiguous(), valid[:, None, :] & ~keep)
+        pos = torch.where(index >= 0, slot_pos, reference.EMPTY).to(torch.int32)
+        self.slots = reference.SlotCache(slot_k, slot_v, slot_psi, pos, slot_scores, H, z)
+        self.next_position = lengths.to(torch.int32)
+
+    @torch.no_grad()
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float) -> Tensor:
+        """The decode step for each of T new tokens in turn. q [B, Hq, T, D]; k, v [B, Hkv, T, D]; valid [B, T].
+        Returns out [B, Hq, T, D]. A pad token takes no slot, adds no score and evicts nothing."""
+        self.awaiting_attention = False
+        s, (policy, budget, recent, sinks) = self.slots, self.resolved.as_args()
+        phi, psi = self._phi(q), self._psi(k)
+        outs = []
+        for t in range(q.shape[2]):
+            real = valid[:, t]
+            # A pad token is written with position EMPTY, so its slot stays free.
+            position = torch.where(real, self.next_position, reference.EMPTY)
+            reference.insert_token(s, k[:, :, t], v[:, :, t], psi[:, :, t], position)
+            self.next_position += real.to(torch.int32)
+            # The ops take contiguous tensors, and the slice of a multi-token call is strided.
+            state = (phi[:, :, t].contiguous(), s.H, s.z) if phi is not None else (None, None, None)
+            out, probs = less_decode_attention(q[:, :, t].contiguous(), s.k, s.v, s.pos, *state, scale=scale)
+            probs = probs * real[:, None, None]  # a pad query's attention is no evidence for H2O
+            victim = less_score_and_evict_(s.scores, s.pos, probs, policy, budget, recent, sinks)
+            if phi is not None:
+                self._fold(victim)
+            outs.append(out)
+        return torch.stack(outs, dim=2)
+
+    def _fold(self, victim: Tensor) -> None:
+        """Fold each (b, h)'s freed slot (victim [B, Hkv], -1 for none) into H, z; eviction left its psi, v there."""
+        less_state_update_(self.slots.H, self.slots.z, *reference.victim_tokens(self.slots, victim))
+
+    def get_seq_length(self) -> int:
+        """Tokens seen (columns, padding included), not slots kept: transformers derives positions from it."""
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # The mask is sized as for a full cache; only its padding pattern over the new tokens is read.
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1  # any number of tokens fits
+
+    def nbytes(self) -> int:
+        """Bytes held: k, v, psi, pos, scores, H, z and next_position."""
+        if self.slots is None:
+            return 0
+        return sum(t.nelement() * t.element_size() for t in (*vars(self.slots).values(), self.next_position))
+
+    def full_nbytes(self) -> int:
+        """Bytes a full cache (transformers' DynamicLayer) would hold for the same tokens: K and V of every column."""
+        if self.slots is None:
+            return 0
+        B, Hkv, _, D = self.slots.k.shape
+        return 2 * B * Hkv * self.seen * D * self.slots.k.element_size()
+
+    def _map_rows(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """Apply a batch-dimension selection to every per-row tensor."""
+        if self.slots is not None:
+            self.slots = replace(self.slots, **{name: fn(t) for name, t in vars(self.slots).items()})
+            self.next_position = fn(self.next_position)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row i takes the state of row beam_idx[i]."""
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._map_rows(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a LessCache cannot be cropped: evicted tokens are folded into the state for good")
+
+    def reset(self) -> None:
+        self.resolved = self.slots = self.next_position = None
+        self.seen = 0
+        self.awaiting_attention = self.is_initialized = False
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Bytes held per cache layer, and what a full cache would hold for the same tokens (K and V of every column
+    seen, padding included, as transformers' DynamicCache stores them). Layers LESS does not compress count the same
+    in both."""
+
+    layer_bytes: list[int]
+    full_layer_bytes: list[int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.layer_bytes)
+
+    @property
+    def full_total(self) -> int:
+        return sum(self.full_layer_bytes)
+
+    @property
+    def ratio(self) -> float:
+        """total / full_total."""
+        return self.total / max(self.full_total, 1)
+
+    def __str__(self) -> str:
+        mib = 2.0**20
+        return f"{self.total / mib:.2f} MiB vs {self.full_total / mib:.2f} MiB for a full cache ({self.ratio:.1%})"
+
+
+def _layer_nbytes(layer: CacheLayerMixin) -> int:
+    return sum(t.nelement() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+
+
+class LessCache(Cache):
+    """A transformers `Cache` that compresses every full-attention layer with LESS.
+
+    Full-attention layers get a `LessLayer`; other layer kinds (e.g. sliding-window) the layer class transformers
+    would use. Constructing one switches `model` to the "less" attention implementation, which is exact sdpa for any
+    other cache, so `model.generate(..., past_key_values=LessCache(model, kernels, policy))` just works.
+    A cache holds one batch of sequences: use a fresh one for each new prompt. Passing it to a later `generate` call
+    continues its sequences, the new tokens streaming through the decode rule.
+
+    Args:
+        model: the causal LM (its config gives the layer kinds and layout).
+        kernels: feature maps fitted for this model and policy kind, on the model's device; None for the sparse-only
+            baseline of the same policy (real eviction, no low-rank state). A layer the feature maps do not cover
+            (`LessKernelsConfig.layers`) runs the sparse policy alone, as in `less_cuda.evaluate`.
+        policy: a `Policy`, or its kind ("h2o" / "lambda") with the default budget.
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, kernels: Optional[LessKernels] = None, policy: Union[Policy, str] = "h2o"
+    ):
+        policy = Policy(kind=policy) if isinstance(policy, str) else policy
+        if isinstance(policy.budget, int):
+            policy.resolve(policy.budget)  # token counts do not depend on the prompt: reject bad ones now
+        if kernels is not None:
+            kernels.check_compatible(model_layout(model.config), policy.kind)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+        layers = []
+        for i, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
+            if kind == "full_attention":
+                layers.append(LessLayer(i, policy, kernels if kernels is not None and kernels.has_layer(i) else None))
+            else:
+                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
+        super().__init__(layers=layers)
+        self.policy = policy
+        self.kernels = kernels
+        use_less_attention(model)
+
+    def memory_report(self) -> MemoryReport:
+        """Bytes held by each layer and in total, against a full cache of the same tokens."""
+        held = [layer.nbytes() if isinstance(layer, LessLayer) else _layer_nbytes(layer) for layer in self.layers]
+        full = [layer.full_nbytes() if isinstance(layer, LessLayer) else _layer_nbytes(layer) for layer in self.layers]
+        return MemoryReport(held, full)

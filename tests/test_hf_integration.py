@@ -1,0 +1,309 @@
+"""The transformers integration on tiny random models: generate with LessCache against full-cache generate and
+against the reference stream driven with the very q/k/v the model produced."""
+
+import pytest
+import torch
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+from helpers import assert_close_ratio
+from less_cuda import reference as ref
+from less_cuda.apply import apply
+from less_cuda.attention import less_attention
+from less_cuda.cache import LessCache, LessLayer, model_layout
+from less_cuda.feature_maps import LessKernels, LessKernelsConfig
+from less_cuda.policy import Policy
+
+VOCAB, PAD = 128, 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine the thread hand-offs dominate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_llama(num_kv_heads: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=num_kv_heads, max_position_embeddings=256, pad_token_id=PAD, bos_token_id=None,
+        eos_token_id=None,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def random_kernels(model, kind: str = "h2o", rank: int = 4, layers=None) -> LessKernels:
+    """Untrained feature maps, with psi's scale raised from its 1e-4 start so the low-rank state carries weight."""
+    layout = model_layout(model.config)
+    config = LessKernelsConfig(
+        base_model="tiny", **layout, layers=list(range(layout["num_layers"])) if layers is None else layers,
+        policy={"kind": kind}, rank=rank, kernel_hidden=16,
+    )
+    torch.manual_seed(1)
+    kernels = LessKernels(config)
+    with torch.no_grad():
+        for maps in kernels.layer_kernels.values():
+            maps.psi_scale.fill_(1.0)
+    return kernels
+
+
+def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask [B, T] for prompts of different lengths, padded on the left."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), PAD)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p) :] = p
+        mask[i, T - len(p) :] = 1
+    return ids, mask
+
+
+def prompts(*lengths: int, seed: int = 2) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (n,), generator=g) for n in lengths]
+
+
+def generate(model, ids, mask, new_tokens, **kwargs) -> torch.Tensor:
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, **kwargs)
+    return out[:, ids.shape[1] :]
+
+
+SETTINGS = [  # (policy, lowrank)
+    ("h2o", True),
+    ("h2o", False),
+    ("lambda", True),
+    ("lambda", False),
+]
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("policy,lowrank", SETTINGS)
+def test_budget_above_sequence_is_full_cache_generation(num_kv_heads, policy, lowrank):
+    model = tiny_llama(num_kv_heads)
+    ids, mask = left_padded(prompts(9, 16))
+    full = generate(model, ids, mask, 12)
+    kernels = random_kernels(model, policy) if lowrank else None
+    with apply(model, kernels, policy=policy, budget=16 + 12, lowrank=lowrank):
+        assert torch.equal(generate(model, ids, mask, 12), full)
+
+
+def test_sampling_with_budget_above_sequence_is_full_cache_sampling():
+    model = tiny_llama()
+    ids, mask = left_padded(prompts(9, 16))
+    torch.manual_seed(5)
+    full = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=0)
+    with apply(model, random_kernels(model), budget=32):
+        torch.manual_seed(5)
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=0), full)
+
+
+@pytest.mark.parametrize("policy,lowrank", SETTINGS)
+def test_each_sequence_generates_the_same_alone_and_in_a_padded_batch(policy, lowrank):
+    model = tiny_llama()
+    kernels = random_kernels(model, policy) if lowrank else None
+    batch = prompts(12, 20, 7)
+    with apply(model, kernels, policy=policy, budget=6, sinks=2, lowrank=lowrank):
+        together = generate(model, *left_padded(batch), 10)
+        for i, prompt in enumerate(batch):
+            alone = generate(model, *left_padded([prompt]), 10)
+            assert torch.equal(alone[0], together[i]), f"sequence {i}"
+
+
+def test_chunked_prompt_streams_through_decode_and_matches_full_cache():
+    """A prompt split over several forward calls: the first chunk is compressed, the rest streams token by token;
+    the second row's first chunk is all padding. With nothing to evict this is exact attention."""
+    model = tiny_llama()
+    ids, mask = left_padded(prompts(20, 7))
+    full = generate(model, ids, mask, 8)
+    cache = LessCache(model, random_kernels(model), Policy("h2o", budget=40))
+    assert torch.equal(generate(model, ids, mask, 8, past_key_values=cache, prefill_chunk_size=6), full)
+
+
+def test_a_pad_token_in_a_later_call_changes_nothing():
+    """Row 1's new token is padding: it takes no slot, adds no score, evicts and folds nothing."""
+    model = tiny_llama()
+    layer = LessLayer(0, Policy("h2o", budget=4), random_kernels(model))
+    torch.manual_seed(3)
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    layer.prefill(q[:, :, :8], k[:, :, :8], v[:, :, :8], torch.ones(2, 8, dtype=torch.bool), 0.25)
+    before = {name: t.clone() for name, t in vars(layer.slots).items() if name not in ("k", "v", "psi")}
+    layer.decode(q[:, :, 8:], k[:, :, 8:], v[:, :, 8:], torch.tensor([[True], [False]]), 0.25)
+    for name, old in before.items():
+        new = getattr(layer.slots, name)
+        assert torch.equal(new[1], old[1]), f"padding changed {name}"
+        assert not torch.equal(new[0], old[0]), f"a real token left {name} unchanged"
+    assert layer.next_position.tolist() == [9, 8]
+
+
+@pytest.mark.parametrize("policy", ["h2o", "lambda"])
+def test_slots_state_and_outputs_follow_the_reference_stream(policy, monkeypatch):
+    """Record what the attention function was given and returned, replay it through reference.py's prefill and
+    decode_step, and compare the kept positions (exactly), the low-rank state and the decode outputs."""
+    model = tiny_llama()
+    kernels = random_kernels(model, policy)
+    calls = []
+
+    def recording_attention(module, query, key, value, attention_mask, **kwargs):
+        out, weights = less_attention(module, query, key, value, attention_mask, **kwargs)
+        calls.append((module.layer_idx, query, key, value, out, kwargs["scaling"]))
+        return out, weights
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "less", recording_attention)
+    batch = prompts(14, 9)
+    ids, mask = left_padded(batch)
+    cache = LessCache(model, kernels, Policy(policy, budget=5, sinks=2))
+    generate(model, ids, mask, 9, past_key_values=cache)
+
+    valid = mask.bool()
+    for layer in cache.layers:
+        (_, q, k, v, _, scale), *steps = [c for c in calls if c[0] == layer.layer_idx]
+        args = layer.resolved.as_args()
+        scores = ref.prefill_scores(q, k, valid, scale) if policy == "h2o" else torch.zeros(k.shape[:3])
+        keep = ref.prefill_keep(scores, valid, *args)
+        phi, psi = kernels.phi(layer.layer_idx, q), kernels.psi(layer.layer_idx, k)
+        positions = ref.token_positions(valid)[:, None].expand(k.shape[:3])
+        slot_k, slot_v, slot_psi, slot_scores, slot_pos, index = ref.gather_tokens(
+            keep, args[1] + 1, k, v, psi, scores, positions
+        )
+        H, z = ref.state_fold(psi, v, valid[:, None] & ~keep)
+        stream = ref.SlotCache(slot_k, slot_v, slot_psi, torch.where(index >= 0, slot_pos, -1).int(), slot_scores, H, z)
+        position = valid.sum(-1)
+        for _, q, k, v, out, _ in steps:
+            expected = ref.decode_step(
+                stream, q[:, :, 0], k[:, :, 0], v[:, :, 0], kernels.phi(layer.layer_idx, q)[:, :, 0],
+                kernels.psi(layer.layer_idx, k)[:, :, 0], position, scale, *args,
+            )
+            position = position + 1
+            assert_close_ratio(out[:, 0], expected, what=f"layer {layer.layer_idx} decode output")
+        assert torch.equal(layer.slots.pos, stream.pos), f"layer {layer.layer_idx} kept positions"
+        assert_close_ratio(layer.slots.H, stream.H, what="H")
+        assert_close_ratio(layer.slots.z, stream.z, what="z")
+    assert (cache.layers[0].slots.pos >= 0).sum(-1).eq(5).all()  # the budget was reached and is held
+
+
+@pytest.mark.parametrize("lowrank", [True, False])
+def test_cache_bytes_stop_growing_once_the_budget_is_reached(lowrank):
+    model = tiny_llama()
+    ids, mask = left_padded(prompts(24, 17))
+    reports = []
+    for new_tokens in (2, 20):
+        cache = LessCache(model, random_kernels(model) if lowrank else None, Policy("h2o", budget=8))
+        generate(model, ids, mask, new_tokens, past_key_values=cache)
+        reports.append(cache.memory_report())
+    short, long = reports
+    assert short.total == long.total > 0
+    assert long.full_total > short.full_total > short.total
+    B, Hkv, S, D, R = 2, 2, 9, 16, 4 if lowrank else 0
+    per_layer = B * Hkv * S * (2 * D * 4 + R * 4 + 4 + 4) + B * Hkv * R * (D + 1) * 4 + B * 4
+    assert long.layer_bytes == [per_layer, per_layer]
+    assert long.full_layer_bytes == [2 * B * Hkv * (24 + 20 - 1) * D * 4] * 2  # the last token is never fed back
+
+
+def test_a_reset_cache_generates_like_a_fresh_one():
+    model = tiny_llama()
+    ids, mask = left_padded(prompts(12, 20))
+    cache = LessCache(model, random_kernels(model), Policy("h2o", budget=6))
+    first = generate(model, ids, mask, 6, past_key_values=cache)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.memory_report().total == 0
+    assert torch.equal(generate(model, ids, mask, 6, past_key_values=cache), first)
+
+
+def test_beam_search_reorders_the_compressed_cache():
+    model = tiny_llama()
+    ids, mask = left_padded(prompts(10, 13))
+    beams = dict(num_beams=3, num_return_sequences=2)
+    full = generate(model, ids, mask, 8, **beams)
+    with apply(model, random_kernels(model), budget=32):
+        assert torch.equal(generate(model, ids, mask, 8, **beams), full)
+    with apply(model, random_kernels(model), budget=4):
+        assert generate(model, ids, mask, 8, **beams).shape == (4, 8)
+
+
+def test_sliding_window_layers_keep_their_own_cache():
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, layer_types=["full_attention", "sliding_attention"],
+        use_sliding_window=True, sliding_window=6, pad_token_id=PAD, bos_token_id=None, eos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    ids, mask = left_padded(prompts(11, 15))
+    full = generate(model, ids, mask, 10)
+    cache = LessCache(model, random_kernels(model, layers=[0]), Policy("h2o", budget=32))
+    assert torch.equal(generate(model, ids, mask, 10, past_key_values=cache), full)
+    assert isinstance(cache.layers[0], LessLayer) and isinstance(cache.layers[1], DynamicSlidingWindowLayer)
+    assert cache.get_seq_length() == 15 + 10 - 1  # tokens seen, not slots kept (the last token is not fed back)
+
+
+def test_apply_finds_the_shipped_checkpoint_or_loads_a_directory(tmp_path, monkeypatch):
+    model = tiny_llama()
+    ids, mask = left_padded(prompts(12, 20))
+    random_kernels(model).save_pretrained(tmp_path)
+    with apply(model, LessKernels.from_pretrained(tmp_path), budget=6):
+        expected = generate(model, ids, mask, 6)
+    with apply(model, str(tmp_path), budget=6):
+        assert torch.equal(generate(model, ids, mask, 6), expected)
+    monkeypatch.setattr("less_cuda.apply.find_checkpoint", lambda layout, kind: tmp_path if kind == "h2o" else None)
+    with apply(model, budget=6):
+        assert torch.equal(generate(model, ids, mask, 6), expected)
+
+
+def test_apply_restores_the_model():
+    model = tiny_llama()
+    with apply(model, budget=8, lowrank=False):
+        assert model.config._attn_implementation == "less"
+        assert "generate" in vars(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert "generate" not in vars(model)
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(policy="lambda", budget=4, sinks=4, lowrank=False), "budget > sinks"),
+        (dict(policy="h2o", budget=4, recent=4, lowrank=False), "budget > recent"),
+        (dict(policy="h2o", budget=1, lowrank=False), "at least 2"),
+        (dict(policy="sliding"), "policy kind"),
+        (dict(), "no LESS checkpoint is shipped"),
+        (dict(kernels="from_another_model"), "does not fit this model"),
+        (dict(kernels="lambda_kernels"), "fitted for policy 'lambda'"),
+        (dict(kernels="random", rank=8), "rank 8"),
+        (dict(kernels="random", lowrank=False), "lowrank=False"),
+    ],
+)
+def test_malformed_use_raises_a_clear_error(settings, message):
+    model = tiny_llama()
+    kernels = {
+        "from_another_model": random_kernels(tiny_llama(num_kv_heads=1)),
+        "lambda_kernels": random_kernels(model, "lambda"),
+        "random": random_kernels(model),
+    }
+    if "kernels" in settings:
+        settings["kernels"] = kernels[settings["kernels"]]
+    with pytest.raises(ValueError, match=message):
+        with apply(model, **settings):
+            pass
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_layer_without_feature_maps_runs_the_sparse_policy_alone():
+    model = tiny_llama()
+    ids, mask = left_padded(prompts(12, 20))
+    cache = LessCache(model, random_kernels(model, layers=[0]), Policy("h2o", budget=6))
+    generate(model, ids, mask, 5, past_key_values=cache)
+    assert cache.layers[0].slots.H.shape[2] == 4 and cache.layers[0].slots.z.abs().sum() > 0
+    assert cache.layers[1].kernels is None and cache.layers[1].slots.H.shape[2] == 0
+
+
+def test_a_cache_without_the_less_attention_is_refused():
+    model = tiny_llama()
+    ids, mask = left_padded(prompts(10))
+    cache = LessCache(model, None, Policy("h2o", budget=4))
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(RuntimeError, match="attention implementation must be 'less'"):
+        generate(model, ids, mask, 3, past_key_values=cache)
