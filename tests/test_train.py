@@ -1,0 +1,284 @@
+"""Training the feature maps: data splitting, the all-steps LESS output against the token-by-token decode loop and
+the parallel form, end-to-end training, resuming, and torchrun sharding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import assert_close_ratio
+from less_cuda import cli, ops, reference
+from less_cuda import train as training
+from less_cuda.data import load_splits, pack, read_text, split_articles
+from less_cuda.feature_maps import LayerKernels, LessKernels
+from less_cuda.policy import Policy
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = REPO.parent / "shared/data/wikitext-2/valid.txt"
+WORDS = "the of lobster river season army song album road church game team city league storm ship".split()
+
+
+def article_text(n_articles: int = 8, words_per_article: int = 300, seed: int = 0) -> str:
+    """A WikiText-shaped text: ` = Title = ` headings, a sub-section heading, paragraphs of random words."""
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for a in range(n_articles):
+        words = [WORDS[int(i)] for i in torch.randint(len(WORDS), (words_per_article,), generator=g)]
+        half = len(words) // 2
+        first, second = " ".join(words[:half]), " ".join(words[half:])
+        parts.append(f" \n = Article {a} = \n \n {first} \n \n = = Part = = \n \n {second} \n")
+    return "".join(parts)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 bytes + <eos>) that transformers can save and load offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine OpenMP threads stall each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random 2-layer Llama (hidden 64, 4 query heads / 2 KV heads, head_dim 16) with a byte tokenizer, and a
+    small article text, saved in one directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    config = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)
+    (directory / "articles.txt").write_text(article_text())
+    return directory
+
+
+def tiny_args(model_dir: Path, output: Path, *extra: str) -> list[str]:
+    return ["train", "--model", str(model_dir), "--data", str(model_dir / "articles.txt"), "--output", str(output),
+            "--seq-len", "64", "--budget", "8", "--sequences", "6", "--val-sequences", "2", "--val-fraction", "0.25",
+            "--epochs", "2", "--rank", "4", "--hidden", "8", *extra]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+def test_articles_split_at_top_level_headings_only():
+    articles = split_articles(article_text(n_articles=3))
+    assert len(articles) == 3
+    assert all(a.startswith(f" = Article {i} = ") for i, a in enumerate(articles))
+    assert all(" = = Part = = " in a for a in articles)
+
+
+def test_text_without_headings_splits_at_blank_lines():
+    pieces = split_articles("first doc\nline two\n\n\nsecond doc\n \nthird")
+    assert pieces == ["first doc\nline two", "second doc", "third"]
+
+
+def test_pack_cuts_fixed_length_sequences_with_separators():
+    packed = pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], seq_len=4, separator=0)
+    assert packed.tolist() == [[1, 2, 3, 0], [4, 5, 0, 6]]  # the tail [7, 8, 9] does not fill a sequence
+
+
+def test_validation_holds_out_the_trailing_articles(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(article_text(n_articles=10))
+    tokenize = lambda text: list(text.encode())  # noqa: E731
+    splits = load_splits(path, tokenize, seq_len=32, validation_fraction=0.2)
+    articles = split_articles(path.read_text())
+    expected_val = pack([tokenize(a) for a in articles[-2:]], 32, None)
+    assert torch.equal(splits.validation, expected_val)
+    assert splits.train.shape[1] == 32 and len(splits.train) > 4 * len(splits.validation)
+
+
+def test_dataset_names_need_the_datasets_package():
+    pytest.importorskip("transformers")
+    if __import__("importlib").util.find_spec("datasets") is not None:
+        pytest.skip("the datasets package is installed here; this checks the error without it")
+    with pytest.raises(FileNotFoundError, match="pip install datasets"):
+        read_text("wikitext:wikitext-2-raw-v1")
+
+
+@pytest.mark.skipif(not WIKITEXT.is_file(), reason=f"WikiText-2 validation text not found at {WIKITEXT}")
+def test_wikitext_splits_by_articles():
+    splits = load_splits(WIKITEXT, lambda text: list(text.encode()), seq_len=1024, validation_fraction=0.1)
+    assert len(split_articles(read_text(WIKITEXT))) == 60
+    assert len(splits.train) > 8 * len(splits.validation) > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The LESS output of every step, three ways
+# ---------------------------------------------------------------------------------------------------------------
+def decode_loop(q, k, v, phi, psi, scale, policy):
+    """The compressed cache token by token through the compiled ops: insert, attend (state before the eviction),
+    score and evict, fold the victim. q [B, Hq, T, D] ... -> out [B, Hq, T, D]."""
+    B, Hkv, T, D = k.shape
+    cache = reference.SlotCache.empty(B, Hkv, policy.num_slots, D, psi.shape[-1], k.dtype)
+    outs = []
+    for t in range(T):
+        reference.insert_token(cache, k[:, :, t], v[:, :, t], psi[:, :, t], torch.full((B,), t))
+        out, probs = ops.less_decode_attention(q[:, :, t], cache.k, cache.v, cache.pos, phi[:, :, t], cache.H, cache.z,
+                                               scale)
+        victim = ops.less_score_and_evict_(cache.scores, cache.pos, probs, *policy.as_args())
+        slot = victim.clamp(min=0)[..., None, None]
+        victim_psi = torch.gather(cache.psi, 2, slot.expand(-1, -1, 1, psi.shape[-1]))
+        victim_v = torch.gather(cache.v, 2, slot.expand(-1, -1, 1, D))
+        ops.less_state_update_(cache.H, cache.z, victim_psi, victim_v, (victim >= 0)[..., None])
+        outs.append(out)
+    return torch.stack(outs, dim=2)
+
+
+@pytest.fixture(scope="module")
+def layer_inputs(tiny_model_dir):
+    """Layer 1's q, k, v of the tiny Llama on two real sequences, and trained-looking feature maps (psi's output
+    scale raised so the state carries real weight)."""
+    model, tokenizer = training.load_model(str(tiny_model_dir), torch.float32)
+    splits = load_splits(tiny_model_dir / "articles.txt", lambda t: tokenizer(t, add_special_tokens=False)["input_ids"],
+                         seq_len=48, validation_fraction=0.25)
+    cap = training.capture(model, splits.train[:2], [1], batch_size=2)[1]
+    torch.manual_seed(1)
+    kernels = LayerKernels(4, 2, 16, hidden=8, rank=4)
+    with torch.no_grad():
+        kernels.psi_scale.fill_(500.0)
+    return cap, kernels
+
+
+POLICIES = [Policy("h2o", budget=10), Policy("h2o", budget=7, recent=0), Policy("lambda", budget=9, sinks=2)]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p.kind}-{p.budget}-{p.recent}")
+def test_step_attention_matches_the_decode_loop_and_the_parallel_form(layer_inputs, policy):
+    cap, kernels = layer_inputs
+    resolved = policy.resolve(cap.q.shape[2])
+    q, k, v = cap.q, cap.k, cap.v
+    phi, psi = kernels.phi(q).detach(), kernels.psi(k).detach()
+    steps = training.policy_steps(q, k, cap.scale, resolved)
+    batched = training.step_attention(q, k, v, steps, phi, psi, cap.scale)
+    assert_close_ratio(batched, decode_loop(q, k, v, phi, psi, cap.scale, resolved), what="all steps vs decode loop")
+    kept = reference.stream_kept_masks(q, k, cap.scale, *resolved.as_args(), attend=ops.less_decode_attention,
+                                       evict_=ops.less_score_and_evict_)
+    parallel = reference.parallel_attention(q, k, v, kept, phi, psi, cap.scale)
+    assert_close_ratio(batched, parallel, what="all steps vs parallel form")
+    sparse = training.step_attention(q, k, v, steps, None, None, cap.scale)
+    assert_close_ratio(sparse, reference.parallel_attention(q, k, v, kept, None, None, cap.scale), what="sparse")
+    assert (batched - sparse).abs().max() > 0.05 * sparse.abs().max()  # the state weighs in: the test means something
+
+
+def test_step_attention_gradients_match_the_parallel_form(layer_inputs):
+    cap, kernels = layer_inputs
+    resolved = POLICIES[0].resolve(cap.q.shape[2])
+    q, k, v = cap.q, cap.k, cap.v
+    steps = training.policy_steps(q, k, cap.scale, resolved)
+    kept = reference.stream_kept_masks(q, k, cap.scale, *resolved.as_args())
+    grads = []
+    for attend in (lambda phi, psi: training.step_attention(q, k, v, steps, phi, psi, cap.scale),
+                   lambda phi, psi: reference.parallel_attention(q, k, v, kept, phi, psi, cap.scale)):
+        kernels.zero_grad()
+        training.output_mse(attend(kernels.phi(q), kernels.psi(k)), training.full_attention(q, k, v, cap.scale),
+                            cap.o_proj, resolved.num_slots).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in kernels.parameters()]))
+    assert_close_ratio(grads[0], grads[1], torch.float32, what="feature-map gradients")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------------------------
+def read_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "kernels.safetensors"))
+
+
+def test_cli_training_writes_a_checkpoint_that_beats_the_sparse_policy(tiny_model_dir, tmp_path, capsys):
+    cli.main(tiny_args(tiny_model_dir, tmp_path / "ckpt", "--epochs", "4", "--lr", "1e-2"))
+    assert "LESS / sparse" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "kernels.safetensors",
+                                                                    "report.json"]
+    kernels = LessKernels.from_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["policy"]["kind"] == "h2o" and config["rank"] == 4 and config["kernel_hidden"] == 8
+    assert kernels.config.layers == [0, 1] and kernels.config.num_kv_heads == 2
+    mse = json.loads((tmp_path / "ckpt" / "report.json").read_text())["validation_mse"]
+    for layer in ("0", "1"):
+        assert mse[layer]["less"] < mse[layer]["sparse"], mse
+
+
+def test_resume_after_an_interruption_gives_the_same_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    cli.main(tiny_args(tiny_model_dir, tmp_path / "straight", "--epochs", "3"))
+
+    calls = {"n": 0}
+    save_partial = training.LayerTrainer.save_partial
+
+    def interrupted(self):
+        save_partial(self)
+        calls["n"] += 1
+        if calls["n"] == 4:  # layer 0 is done (3 epochs), layer 1 has finished its first epoch
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.LayerTrainer, "save_partial", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(tiny_args(tiny_model_dir, tmp_path / "resumed", "--epochs", "3"))
+    monkeypatch.undo()
+    progress = sorted(p.name for p in (tmp_path / "resumed" / "progress").iterdir())
+    assert progress == ["layer_0.safetensors", "layer_1.partial.safetensors", "train_config.json"]
+    cli.main(tiny_args(tiny_model_dir, tmp_path / "resumed", "--epochs", "3"))
+    straight, resumed = read_checkpoint(tmp_path / "straight"), read_checkpoint(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_resuming_with_another_configuration_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.LayerTrainer, "save_partial", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(tiny_args(tiny_model_dir, tmp_path / "ckpt", "--epochs", "1"))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="another configuration"):
+        cli.main(tiny_args(tiny_model_dir, tmp_path / "ckpt", "--epochs", "2"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tiny_model_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    common = tiny_args(tiny_model_dir, tmp_path / "one", "--epochs", "3")[1:]
+
+    def run(*cmd):
+        return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    one = run(sys.executable, "-m", "less_cuda.train", *common)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "less_cuda.train", *tiny_args(tiny_model_dir, tmp_path / "two", "--epochs", "3")[1:])
+    assert two.returncode == 0, two.stderr[-3000:]
+    # Each layer's training depends on its index only (seeded init and batches), and both runs use one thread per
+    # process, so sharding changes nothing, bit for bit.
+    single, sharded = read_checkpoint(tmp_path / "one"), read_checkpoint(tmp_path / "two")
+    assert single.keys() == sharded.keys()
+    for name in single:
+        assert torch.equal(sharded[name], single[name]), name
+    report_one = json.loads((tmp_path / "one" / "report.json").read_text())
+    report_two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert (report_one["processes"], report_two["processes"]) == (1, 2)
+    assert report_two["validation_mse"] == report_one["validation_mse"]
