@@ -88,13 +88,7 @@ class HarnessOps:
         self._fold(H, z, psi, v, mask, 1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The reference runs thousands of tiny ops here: intra-op threads would only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

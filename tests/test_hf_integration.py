@@ -17,13 +17,7 @@ from less_cuda.policy import Policy
 VOCAB, PAD = 128, 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine the thread hand-offs dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_llama(num_kv_heads: int = 2, seed: int = 0) -> LlamaForCausalLM:

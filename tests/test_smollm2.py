@@ -5,8 +5,6 @@ import pytest
 import torch
 
 from less_cuda.apply import apply
-from less_cuda.cache import model_layout
-from less_cuda.checkpoints import find_checkpoint
 from less_cuda.models import load_smollm2
 
 pytestmark = pytest.mark.smollm2
@@ -33,15 +31,9 @@ def greedy(model, inputs: dict, new_tokens: int, **kwargs) -> torch.Tensor:
     return out[:, inputs["input_ids"].shape[1] :]
 
 
-def skip_without_checkpoint(model, policy: str, lowrank: bool) -> None:
-    if lowrank and find_checkpoint(model_layout(model.config), policy) is None:
-        pytest.skip(f"no LESS checkpoint for SmolLM2 with policy {policy!r} is shipped yet")
-
-
 @pytest.mark.parametrize("policy,lowrank", SETTINGS)
 def test_short_prompt_with_large_budget_is_full_cache_generation(smollm2, policy, lowrank):
     model, tokenizer = smollm2
-    skip_without_checkpoint(model, policy, lowrank)
     inputs = chat(tokenizer, "Name three colours of the rainbow.")
     full = greedy(model, inputs, 12)
     with apply(model, policy=policy, budget=256, lowrank=lowrank):
@@ -51,7 +43,6 @@ def test_short_prompt_with_large_budget_is_full_cache_generation(smollm2, policy
 @pytest.mark.parametrize("policy,lowrank", SETTINGS[::2])
 def test_long_prompt_with_small_budget_generates_text_in_constant_memory(smollm2, policy, lowrank):
     model, tokenizer = smollm2
-    skip_without_checkpoint(model, policy, lowrank)
     story = " ".join(
         f"On day {day} the ship sailed past island number {day}, where the crew saw {day % 5 + 2} seabirds."
         for day in range(1, 21)
