@@ -10,8 +10,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Union
 
+from .models import load_model
 from .policy import Policy
-from .train import DTYPES, TrainConfig, load_model, train
+from .train import DTYPES, TrainConfig, train
 
 
 def parse_budget(text: str) -> Union[int, float]:

@@ -43,3 +43,17 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: Optional[str] = Non
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer), frozen and in eval mode: "smollm2" loads SmolLM2-135M-Instruct offline, anything else goes
+    to transformers' `from_pretrained` (a local directory, or a hub name for users with a hub)."""
+    if name == "smollm2":
+        model, tokenizer = load_smollm2(dtype=dtype)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).eval()
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    model.requires_grad_(False)
+    return model, tokenizer

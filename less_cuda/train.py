@@ -45,6 +45,7 @@ from .cache import model_layout
 from .data import load_splits
 from .evaluate import attention_function, baseline_plus
 from .feature_maps import LayerKernels, LessKernels, LessKernelsConfig
+from .models import load_model
 from .policy import Policy, ResolvedPolicy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -103,22 +104,6 @@ class TrainConfig:
 
     def resolved_policy(self) -> ResolvedPolicy:
         return self.policy_spec().resolve(self.seq_len)
-
-
-def load_model(name: str, dtype: torch.dtype):
-    """(model, tokenizer), frozen and in eval mode: "smollm2" loads SmolLM2-135M-Instruct offline, anything else goes
-    to transformers' `from_pretrained`."""
-    if name == "smollm2":
-        from .models import load_smollm2
-
-        model, tokenizer = load_smollm2(dtype=dtype)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).eval()
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    model.requires_grad_(False)
-    return model, tokenizer
 
 
 def attention_layers(model_config) -> list[int]:

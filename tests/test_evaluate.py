@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from less_cuda import cli
-from less_cuda import train as training
 from less_cuda.evaluate import (
     attention_function,
     baseline_plus,
@@ -19,6 +18,7 @@ from less_cuda.evaluate import (
     perplexity,
 )
 from less_cuda.feature_maps import LessKernels, LessKernelsConfig
+from less_cuda.models import load_model
 from less_cuda.policy import Policy
 from test_train import WIKITEXT, tiny_model_dir  # noqa: F401  (a fixture)
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):  # noqa: F811
-    model, tokenizer = training.load_model(str(tiny_model_dir), torch.float32)
+    model, tokenizer = load_model(str(tiny_model_dir), torch.float32)
     ids = tokenizer((tiny_model_dir / "articles.txt").read_text(), add_special_tokens=False)["input_ids"]
     sequences = torch.tensor(ids[: 2 * 48]).view(2, 48)
     torch.manual_seed(0)
@@ -110,7 +110,7 @@ def test_shipped_checkpoints_beat_their_sparse_policy_on_held_out_text(kind):
     from less_cuda.checkpoints import find_checkpoint
     from less_cuda.data import load_splits
 
-    model, tokenizer = training.load_model("smollm2", torch.float32)
+    model, tokenizer = load_model("smollm2", torch.float32)
     kernels = LessKernels.from_pretrained(find_checkpoint(model_layout(model.config), kind))
     splits = load_splits(WIKITEXT, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], 1024, 0.1,
                          tokenizer.eos_token_id)

@@ -18,6 +18,7 @@ from less_cuda import cli, ops, reference
 from less_cuda import train as training
 from less_cuda.data import load_splits, pack, read_text, split_articles
 from less_cuda.feature_maps import LayerKernels, LessKernels
+from less_cuda.models import load_model
 from less_cuda.policy import Policy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,7 +148,7 @@ def decode_loop(q, k, v, phi, psi, scale, policy):
 def layer_inputs(tiny_model_dir):
     """Layer 1's q, k, v of the tiny Llama on two real sequences, and trained-looking feature maps (psi's output
     scale raised so the state carries real weight)."""
-    model, tokenizer = training.load_model(str(tiny_model_dir), torch.float32)
+    model, tokenizer = load_model(str(tiny_model_dir), torch.float32)
     splits = load_splits(tiny_model_dir / "articles.txt", lambda t: tokenizer(t, add_special_tokens=False)["input_ids"],
                          seq_len=48, validation_fraction=0.25)
     cap = training.capture(model, splits.train[:2], [1], batch_size=2)[1]
