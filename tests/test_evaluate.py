@@ -101,18 +101,28 @@ def test_eval_command(tiny_model_dir, tmp_path, capsys):  # noqa: F811
     assert set(saved["perplexity"]) == {"full", "sparse", "baseline_plus", "less"}
 
 
-@pytest.mark.smollm2
-@pytest.mark.slow
-@pytest.mark.skipif(not WIKITEXT.is_file(), reason=f"WikiText-2 validation text not found at {WIKITEXT}")
-@pytest.mark.parametrize("kind", ["h2o", "lambda"])
-def test_shipped_checkpoints_beat_their_sparse_policy_on_held_out_text(kind):
-    from less_cuda.cache import model_layout
-    from less_cuda.checkpoints import find_checkpoint
+@pytest.fixture(scope="module")
+def smollm2_held_out():
+    """SmolLM2 and the last held-out WikiText-2 sequence of 1024 tokens."""
     from less_cuda.data import load_splits
 
+    if not WIKITEXT.is_file():
+        pytest.skip(f"WikiText-2 validation text not found at {WIKITEXT}")
     model, tokenizer = load_model("smollm2", torch.float32)
-    kernels = LessKernels.from_pretrained(find_checkpoint(model_layout(model.config), kind))
     splits = load_splits(WIKITEXT, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], 1024, 0.1,
                          tokenizer.eos_token_id)
-    result = compare(model, splits.validation[-1:], Policy(kind, budget=0.05), kernels, methods=("sparse", "less"))
-    assert result.perplexity["less"] < result.perplexity["sparse"], result.perplexity
+    return model, splits.validation[-1:]
+
+
+@pytest.mark.smollm2
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["h2o", "lambda"])
+def test_shipped_checkpoints_beat_sparse_and_baseline_plus_on_held_out_text(smollm2_held_out, kind):
+    from less_cuda.cache import model_layout
+    from less_cuda.checkpoints import find_checkpoint
+
+    model, sequence = smollm2_held_out
+    kernels = LessKernels.from_pretrained(find_checkpoint(model_layout(model.config), kind))
+    result = compare(model, sequence, Policy(kind, budget=0.05), kernels, methods=("sparse", "baseline_plus", "less"))
+    ppl = result.perplexity
+    assert ppl["less"] < ppl["baseline_plus"] < ppl["sparse"], ppl
