@@ -179,27 +179,29 @@ def state_fold(psi: Tensor, v: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, 
 # ---------------------------------------------------------------------------------------------------------------
 # Prefill: exact attention, H2O column sums, selection
 # ---------------------------------------------------------------------------------------------------------------
-def prefill_scores(q: Tensor, k: Tensor, valid: Tensor, scale: float, chunk: int = 256) -> Tensor:
+def prefill_scores(q: Tensor, k: Tensor, valid: Tensor, scale: float, chunk: int = 128) -> Tensor:
     """H2O scores of a prompt: column sums of its causal attention probabilities.
 
     q [B, Hq, T, D], k [B, Hkv, T, D], valid [B, T] bool (False on padding).
     Returns [B, Hkv, T] fp32, summed over query rows and the G query heads of each KV head; 0 on padding.
-    Queries are processed `chunk` rows at a time so the probability matrix never exceeds [B, Hq, chunk, T].
+    Queries are processed `chunk` rows at a time, each against only the columns it can see (causal), so the
+    probability matrix never exceeds [B, Hq, chunk, T].
     """
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
-    kf = k.float()[:, :, None]
+    kt = k.float().transpose(-1, -2)
     scores = torch.zeros(B, Hkv, T, dtype=torch.float32, device=q.device)
     cols = torch.arange(T, device=q.device)
     for start in range(0, T, chunk):
-        rows = cols[start : start + chunk]
-        qc = q[:, :, start : start + chunk].float().view(B, Hkv, G, len(rows), D)
-        logits = qc @ kf.transpose(-1, -2) * scale
-        allowed = (cols[None, :] <= rows[:, None])[None] & valid[:, None, :] & valid[:, start : start + chunk, None]
+        end = min(start + chunk, T)
+        # The G query heads of a KV head are adjacent, so one plain batched matmul per KV head covers them all.
+        qc = q[:, :, start:end].float().reshape(B, Hkv, G * (end - start), D)
+        logits = (qc @ kt[..., :end]).view(B, Hkv, G, end - start, end)
+        allowed = (cols[:end] <= cols[start:end, None])[None] & valid[:, None, :end] & valid[:, start:end, None]
         # No gradient flows here, so the plain masked softmax will do; a padding row (all -inf) gives NaN -> 0.
-        probs = logits.masked_fill_(~allowed[:, None, None], -math.inf).softmax(dim=-1).nan_to_num_(0.0)
-        scores += probs.sum(dim=(2, 3))
+        probs = logits.mul_(scale).masked_fill_(~allowed[:, None, None], -math.inf).softmax(dim=-1).nan_to_num_(0.0)
+        scores[..., :end] += probs.sum(dim=(2, 3))
     return scores
 
 
