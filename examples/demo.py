@@ -12,7 +12,7 @@ import time
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
-from less_cuda.apply import apply, load_kernels
+from less_cuda.integration import apply, load_kernels
 from less_cuda.cache import LessCache
 from less_cuda.models import load_smollm2
 

@@ -10,8 +10,8 @@ from .reference import EMPTY, H2O, LAMBDA
 
 # The transformers integration is imported on first use, so the ops work without transformers installed.
 _LAZY = {
-    "apply": ".apply",
-    "load_kernels": ".apply",
+    "apply": ".integration",
+    "load_kernels": ".integration",
     "LessCache": ".cache",
     "LessLayer": ".cache",
     "MemoryReport": ".cache",

@@ -1,6 +1,8 @@
 """The transformers integration on tiny random models: generate with LessCache against full-cache generate and
 against the reference stream driven with the very q/k/v the model produced."""
 
+import types
+
 import pytest
 import torch
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -8,10 +10,10 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from helpers import assert_close_ratio
 from less_cuda import reference as ref
-from less_cuda.apply import apply
 from less_cuda.attention import less_attention
 from less_cuda.cache import LessCache, LessLayer, model_layout
 from less_cuda.feature_maps import LessKernels, LessKernelsConfig
+from less_cuda.integration import apply
 from less_cuda.policy import Policy
 
 VOCAB, PAD = 128, 0
@@ -72,6 +74,16 @@ SETTINGS = [  # (policy, lowrank)
     ("lambda", True),
     ("lambda", False),
 ]
+
+
+def test_package_exports_stay_what_they_name_on_every_use():
+    # Importing a submodule binds its name on the package, so a lazy export must not share a submodule's name.
+    import less_cuda
+
+    for _ in range(2):
+        for name in less_cuda.__all__:
+            assert not isinstance(getattr(less_cuda, name), types.ModuleType), name
+    assert less_cuda.apply is apply
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
@@ -242,7 +254,7 @@ def test_apply_finds_the_shipped_checkpoint_or_loads_a_directory(tmp_path, monke
         expected = generate(model, ids, mask, 6)
     with apply(model, str(tmp_path), budget=6):
         assert torch.equal(generate(model, ids, mask, 6), expected)
-    monkeypatch.setattr("less_cuda.apply.find_checkpoint", lambda layout, kind: tmp_path if kind == "h2o" else None)
+    monkeypatch.setattr("less_cuda.integration.find_checkpoint", lambda layout, kind: tmp_path if kind == "h2o" else None)
     with apply(model, budget=6):
         assert torch.equal(generate(model, ids, mask, 6), expected)
 

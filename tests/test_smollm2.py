@@ -4,7 +4,7 @@ LESS with its low-rank state runs only where a checkpoint for SmolLM2 is shipped
 import pytest
 import torch
 
-from less_cuda.apply import apply
+from less_cuda.integration import apply
 from less_cuda.models import load_smollm2
 
 pytestmark = pytest.mark.smollm2
