@@ -74,23 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
 def run_eval(args: argparse.Namespace) -> None:
     from .cache import model_layout
     from .checkpoints import find_checkpoint
-    from .data import load_splits
+    from .data import tokenizer_splits
     from .evaluate import METHODS, compare
-    from .feature_maps import LessKernels
+    from .integration import load_kernels
 
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     model, tokenizer = load_model(args.model, DTYPES[args.dtype])
     policy = Policy(kind=args.policy, budget=args.budget, recent=args.recent, sinks=args.sinks)
-    layout = model_layout(model.config)
-    checkpoint = args.checkpoint or find_checkpoint(layout, args.policy)
+    checkpoint = args.checkpoint or find_checkpoint(model_layout(model.config), args.policy)  # named in the output
     if checkpoint is None:
         raise SystemExit(f"no LESS checkpoint is shipped for this model and policy {args.policy!r}: pass --checkpoint")
-    kernels = LessKernels.from_pretrained(checkpoint)
-    kernels.check_compatible(layout, args.policy)
-    splits = load_splits(args.data, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
-                         args.seq_len, args.val_fraction, tokenizer.eos_token_id)
+    kernels = load_kernels(model, checkpoint, args.policy)
+    splits = tokenizer_splits(args.data, tokenizer, args.seq_len, args.val_fraction)
     sequences = splits.validation[args.skip : args.skip + args.sequences]
     result = compare(model, sequences, policy, kernels, args.batch_size, tuple(args.methods.split(",")))
     print(f"{len(sequences)} held-out sequences of {args.seq_len} tokens (held-out #{args.skip} on); "

@@ -94,3 +94,9 @@ def load_splits(
     return TokenSplits(
         train=pack(tokens[:-n_val], seq_len, separator), validation=pack(tokens[-n_val:], seq_len, separator)
     )
+
+
+def tokenizer_splits(source: Union[str, Path], tokenizer, seq_len: int, validation_fraction: float = 0.1) -> TokenSplits:
+    """`load_splits` with a transformers tokenizer: articles tokenised without special tokens, EOS between them."""
+    return load_splits(source, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], seq_len,
+                       validation_fraction, tokenizer.eos_token_id)

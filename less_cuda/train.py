@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,7 +43,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import ops, reference
 from .cache import model_layout
-from .data import load_splits
+from .data import tokenizer_splits
 from .evaluate import attention_function, baseline_plus
 from .feature_maps import LayerKernels, LessKernels, LessKernelsConfig
 from .models import load_model
@@ -191,6 +192,15 @@ def policy_steps(q: Tensor, k: Tensor, scale: float, policy: ResolvedPolicy) -> 
     return PolicySteps(slots.view(B, T, Hkv, -1), evicted_at)
 
 
+def batched_policy_steps(q: Tensor, k: Tensor, scale: float, policy: ResolvedPolicy, desc: str,
+                         batch_size: int = 8) -> PolicySteps:
+    """`policy_steps` over N sequences, `batch_size` at a time (the policy's token-by-token loop costs about the same
+    for one sequence as for eight)."""
+    pieces = [policy_steps(q[first : first + batch_size], k[first : first + batch_size], scale, policy)
+              for first in tqdm(range(0, len(q), batch_size), desc=desc, unit="batch", leave=False)]
+    return PolicySteps(torch.cat([p.slots for p in pieces]), torch.cat([p.evicted_at for p in pieces]))
+
+
 def _by_step(x: Tensor) -> Tensor:
     """[B, H, T, ...] -> [B * T, H, ...]: every step becomes a batch row of the decode ops."""
     return x.transpose(1, 2).reshape(x.shape[0] * x.shape[2], x.shape[1], *x.shape[3:])
@@ -274,18 +284,17 @@ class LayerData:
     @staticmethod
     def build(cap: LayerCapture, policy: ResolvedPolicy, device: torch.device, desc: str,
               batch_size: int = 8) -> "LayerData":
-        """Run the policy and full attention over the capture on `device`, `batch_size` sequences at a time (the
-        policy's token-by-token loop costs about the same for one sequence as for eight)."""
+        """Run the policy and full attention over the capture on `device`, `batch_size` sequences at a time."""
         q, k, v = (t.to(device, torch.float32) for t in (cap.q, cap.k, cap.v))
-        steps, targets = [], []
-        for first in tqdm(range(0, len(q), batch_size), desc=desc, unit="batch", leave=False):
-            chunk = slice(first, first + batch_size)
-            steps.append(policy_steps(q[chunk], k[chunk], cap.scale, policy))
-            targets.append(full_attention(q[chunk], k[chunk], v[chunk], cap.scale))
-        return LayerData(
-            q, k, v, PolicySteps(torch.cat([s.slots for s in steps]), torch.cat([s.evicted_at for s in steps])),
-            torch.cat(targets), cap.scale, cap.o_proj.to(device), policy.num_slots,
-        )
+        targets = [full_attention(q[first : first + batch_size], k[first : first + batch_size],
+                                  v[first : first + batch_size], cap.scale) for first in range(0, len(q), batch_size)]
+        steps = batched_policy_steps(q, k, cap.scale, policy, desc, batch_size)
+        return LayerData(q, k, v, steps, torch.cat(targets), cap.scale, cap.o_proj.to(device), policy.num_slots)
+
+    def with_policy(self, policy: ResolvedPolicy, desc: str) -> "LayerData":
+        """The same sequences and targets under another policy's steps (`start` unchanged: the same positions are
+        scored)."""
+        return replace(self, steps=batched_policy_steps(self.q, self.k, self.scale, policy, desc))
 
     def __len__(self) -> int:
         return len(self.q)
@@ -434,7 +443,7 @@ def train_layer(
     trainer = LayerTrainer(cfg, kcfg, layer, progress_dir, device)
     trainer.fit(train, val, position)
     plus = baseline_plus(cfg.policy_spec(), cfg.seq_len, kcfg.head_dim, kcfg.rank, DTYPES[cfg.dtype])
-    val_plus = replace(val, steps=LayerData.build(val_cap, plus.resolve(cfg.seq_len), device, desc).steps)
+    val_plus = val.with_policy(plus.resolve(cfg.seq_len), desc)
     trainer.kernels.load_state_dict(trainer.best_state)
     mse = {
         "sparse": validation_mse(val, None, cfg.batch_size),
@@ -493,15 +502,14 @@ def _share_results(results: dict[int, LayerResult], layers: list[int], world: in
 def report(results: dict[int, LayerResult]) -> str:
     """Per-layer validation MSE table: sparse policy alone, Baseline+, LESS, and the share of the sparse error LESS
     removes."""
-    lines = [f"{'layer':>5}  {'sparse':>10}  {'baseline+':>10}  {'LESS':>10}  {'LESS / sparse':>13}"]
-    for layer in sorted(results):
-        m = results[layer].mse
-        lines.append(f"{layer:>5}  {m['sparse']:>10.4e}  {m['baseline_plus']:>10.4e}  {m['less']:>10.4e}  "
-                     f"{m['less'] / m['sparse'] if m['sparse'] > 0 else float('nan'):>13.3f}")
+    def row(label: object, m: dict[str, float]) -> str:
+        ratio = m["less"] / m["sparse"] if m["sparse"] > 0 else float("nan")
+        return f"{label:>5}  {m['sparse']:>10.4e}  {m['baseline_plus']:>10.4e}  {m['less']:>10.4e}  {ratio:>13.3f}"
+
     mean = {k: sum(r.mse[k] for r in results.values()) / len(results) for k in MSE_KEYS}
-    lines.append(f"{'mean':>5}  {mean['sparse']:>10.4e}  {mean['baseline_plus']:>10.4e}  {mean['less']:>10.4e}  "
-                 f"{mean['less'] / mean['sparse'] if mean['sparse'] > 0 else float('nan'):>13.3f}")
-    return "\n".join(lines)
+    lines = [f"{'layer':>5}  {'sparse':>10}  {'baseline+':>10}  {'LESS':>10}  {'LESS / sparse':>13}"]
+    lines += [row(layer, results[layer].mse) for layer in sorted(results)]
+    return "\n".join([*lines, row("mean", mean)])
 
 
 def provenance(cfg: TrainConfig) -> dict:
@@ -548,8 +556,7 @@ def train(cfg: TrainConfig) -> LessKernels:
     if world > 1:
         dist.barrier()
 
-    splits = load_splits(cfg.data, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], cfg.seq_len,
-                         cfg.val_fraction, tokenizer.eos_token_id)
+    splits = tokenizer_splits(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction)
     if len(splits.train) == 0 or len(splits.validation) == 0:
         raise ValueError(f"{cfg.data!r} is too short for one {cfg.seq_len}-token sequence in both splits "
                          f"(train {len(splits.train)}, validation {len(splits.validation)})")
@@ -574,7 +581,7 @@ def train(cfg: TrainConfig) -> LessKernels:
         (output / "report.json").write_text(
             json.dumps({"validation_mse": summary, "seconds": seconds, "processes": world}, indent=2) + "\n")
         print(report(results))
-        print(f"checkpoint written to {output} in {time.time() - started:.0f} s")
+        print(f"checkpoint written to {output} in {seconds:.0f} s")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -585,7 +592,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     """`python -m less_cuda.train ARGS` (and torchrun's `-m less_cuda.train ARGS`) is `less-cuda train ARGS`."""
     from .cli import main as cli_main
 
-    cli_main(["train", *(argv if argv is not None else __import__("sys").argv[1:])])
+    cli_main(["train", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":

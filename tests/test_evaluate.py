@@ -104,25 +104,22 @@ def test_eval_command(tiny_model_dir, tmp_path, capsys):  # noqa: F811
 @pytest.fixture(scope="module")
 def smollm2_held_out():
     """SmolLM2 and the last held-out WikiText-2 sequence of 1024 tokens."""
-    from less_cuda.data import load_splits
+    from less_cuda.data import tokenizer_splits
 
     if not WIKITEXT.is_file():
         pytest.skip(f"WikiText-2 validation text not found at {WIKITEXT}")
     model, tokenizer = load_model("smollm2", torch.float32)
-    splits = load_splits(WIKITEXT, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], 1024, 0.1,
-                         tokenizer.eos_token_id)
-    return model, splits.validation[-1:]
+    return model, tokenizer_splits(WIKITEXT, tokenizer, 1024, 0.1).validation[-1:]
 
 
 @pytest.mark.smollm2
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["h2o", "lambda"])
 def test_shipped_checkpoints_beat_sparse_and_baseline_plus_on_held_out_text(smollm2_held_out, kind):
-    from less_cuda.cache import model_layout
-    from less_cuda.checkpoints import find_checkpoint
+    from less_cuda.integration import load_kernels
 
     model, sequence = smollm2_held_out
-    kernels = LessKernels.from_pretrained(find_checkpoint(model_layout(model.config), kind))
+    kernels = load_kernels(model, None, kind)  # the checkpoint shipped for SmolLM2, as apply() finds it
     result = compare(model, sequence, Policy(kind, budget=0.05), kernels, methods=("sparse", "baseline_plus", "less"))
     ppl = result.perplexity
     assert ppl["less"] < ppl["baseline_plus"] < ppl["sparse"], ppl
