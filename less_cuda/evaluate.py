@@ -2,7 +2,7 @@
 form (`less-cuda eval`).
 
 Every full-attention layer runs the "less_parallel" attention function: the policy's kept sets for the whole
-sequence come from `reference.stream_kept_masks` driven by the compiled ops (the policy code of the cache), and the
+sequence come from `slots.stream_kept_masks` driven by the compiled ops (the policy code of the cache), and the
 output from `reference.parallel_attention` with φ(q), ψ(k) of the layer's post-RoPE queries and keys (LESS) or
 without them (the sparse policy alone). Unlike training, nothing is teacher-forced: each layer sees the hidden
 states that the compressed layers below it produced.
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import ops, reference
+from . import ops, reference, slots
 from .feature_maps import LessKernels
 from .policy import Policy
 
@@ -65,7 +65,7 @@ def parallel_attention_function(policy: Policy, kernels: Optional[LessKernels]) 
             raise ValueError("the parallel-form evaluation takes unpadded sequences")
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         resolved = policy.resolve(query.shape[2])
-        kept = reference.stream_kept_masks(
+        kept = slots.stream_kept_masks(
             query, key, scale, *resolved.as_args(), attend=ops.less_decode_attention, evict_=ops.less_score_and_evict_
         )
         layer = module.layer_idx

@@ -8,7 +8,7 @@ pass captures each layer's post-RoPE q, k, v, and the layers never interact.
 
 The LESS output for the loss is the decode step of the compressed cache, run for all T steps of a sequence at once
 through the package's ops (`step_attention`): which tokens sit in the slots at step t comes from the policy code
-used at inference (`reference.stream_kept_masks` driven by `ops.less_decode_attention` /
+used at inference (`slots.stream_kept_masks` driven by `ops.less_decode_attention` /
 `ops.less_score_and_evict_`), and the state H_t, z_t is the fold (`ops.less_state_fold`) of every token evicted
 before step t. The policy's choices do not depend on φ/ψ, so they are computed once per layer; a decode step then
 costs O((S + R) D) instead of the O(T D) per row of the masked parallel form (`reference.parallel_attention`), which
@@ -41,7 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from . import ops, reference
+from . import ops, reference, slots
 from .cache import model_layout
 from .data import tokenizer_splits
 from .evaluate import attention_function, baseline_plus
@@ -179,17 +179,17 @@ class PolicySteps:
 
 def policy_steps(q: Tensor, k: Tensor, scale: float, policy: ResolvedPolicy) -> PolicySteps:
     """Run the policy over q [B, Hq, T, D], k [B, Hkv, T, D] through the compiled ops, as the cache does."""
-    kept = reference.stream_kept_masks(
+    kept = slots.stream_kept_masks(
         q, k, scale, *policy.as_args(), attend=ops.less_decode_attention, evict_=ops.less_score_and_evict_
     )  # [B, Hkv, T, T]
     B, Hkv, T, _ = kept.shape
-    (slots,) = reference.gather_tokens(kept.transpose(1, 2).reshape(B * T, Hkv, T), policy.num_slots)
+    (slot_index,) = slots.gather_tokens(kept.transpose(1, 2).reshape(B * T, Hkv, T), policy.num_slots)
     # Eviction is final, so the evicted sets grow step by step and one step index per token describes them all.
     evicted = torch.ones(T, T, dtype=torch.bool, device=kept.device).tril() & ~kept
     left = evicted.any(dim=2)
     first = evicted.to(torch.int8).argmax(dim=2)
     evicted_at = torch.where(left, first, torch.full_like(first, T))
-    return PolicySteps(slots.view(B, T, Hkv, -1), evicted_at)
+    return PolicySteps(slot_index.view(B, T, Hkv, -1), evicted_at)
 
 
 def batched_policy_steps(q: Tensor, k: Tensor, scale: float, policy: ResolvedPolicy, desc: str,

@@ -13,6 +13,7 @@ import torch
 import less_cuda._C  # noqa: F401  (registers torch.ops.less_cuda)
 from helpers import assert_close_ratio
 from less_cuda import reference as ref
+from less_cuda import slots
 
 ops = torch.ops.less_cuda
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -223,7 +224,7 @@ def test_decode_stream_matches_reference(policy, monkeypatch):
     phi, psi = torch.rand(T, B, Hkv * G, R, generator=gen), torch.rand(T, B, Hkv, R, generator=gen)
 
     def stream():
-        cache = ref.SlotCache.empty(B, Hkv, budget + 1, D, R, torch.float32)
+        cache = slots.SlotCache.empty(B, Hkv, budget + 1, D, R, torch.float32)
         for t in range(T):
             out = ref.decode_step(cache, q[t], k[t], v[t], phi[t], psi[t], torch.full((B,), t), D**-0.5,
                                   policy, budget, recent=8, sinks=4)
@@ -246,8 +247,8 @@ def test_stream_kept_masks_with_ops(policy):
     args = (q, k, 0.125, policy, 24, 6, 3)
     # stream_kept_masks hands `attend` the strided slice q[:, :, t]; the op takes contiguous tensors only.
     attend = lambda q_t, *rest: ops.decode_attention(q_t.contiguous(), *rest)  # noqa: E731
-    kept = ref.stream_kept_masks(*args, attend=attend, evict_=ops.score_and_evict_)
-    assert torch.equal(kept, ref.stream_kept_masks(*args))
+    kept = slots.stream_kept_masks(*args, attend=attend, evict_=ops.score_and_evict_)
+    assert torch.equal(kept, slots.stream_kept_masks(*args, attend=ref.decode_attention, evict_=ref.score_and_evict_))
 
 
 # ---------------------------------------------------------------------------------------------------------------

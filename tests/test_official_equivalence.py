@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from less_cuda import reference as ref
+from less_cuda import slots
 
 
 def fixed_slot_stream(q, k, v, phi, psi, scale, prompt_len, policy, budget, recent, sinks):
@@ -33,10 +34,10 @@ def fixed_slot_stream(q, k, v, phi, psi, scale, prompt_len, policy, budget, rece
     P = prompt_len
     valid = torch.ones(B, P, dtype=torch.bool)
     scores = ref.prefill_scores(q[:, :, :P], k[:, :, :P], valid, scale)
-    keep = ref.prefill_keep(scores, valid, policy, budget, recent, sinks)
-    cache = ref.SlotCache.empty(B, Hkv, budget + 1, D, psi.shape[-1], k.dtype)
+    keep = slots.prefill_keep(scores, valid, policy, budget, recent, sinks)
+    cache = slots.SlotCache.empty(B, Hkv, budget + 1, D, psi.shape[-1], k.dtype)
     positions = torch.arange(P).expand(B, Hkv, P)
-    cache.k, cache.v, cache.psi, cache.scores, _, cache.pos = ref.gather_tokens(
+    cache.k, cache.v, cache.psi, cache.scores, _, cache.pos = slots.gather_tokens(
         keep, budget + 1, k[:, :, :P], v[:, :, :P], psi[:, :, :P], scores, positions
     )
     cache.H, cache.z = ref.state_fold(psi[:, :, :P], v[:, :, :P], valid[:, None] & ~keep)

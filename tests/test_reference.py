@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from less_cuda import reference as ref
+from less_cuda import slots
 from less_cuda.policy import Policy
 
 
 def _stream(q, k, v, phi, psi, scale, policy, budget, recent, sinks):
     B, Hkv, T, D = k.shape
-    cache = ref.SlotCache.empty(B, Hkv, budget + 1, D, psi.shape[-1] if psi is not None else 1, k.dtype)
+    cache = slots.SlotCache.empty(B, Hkv, budget + 1, D, psi.shape[-1] if psi is not None else 1, k.dtype)
     outs = []
     for t in range(T):
         outs.append(
@@ -36,7 +37,8 @@ def test_parallel_form_equals_stream(policy, budget, recent, sinks, lowrank, Hq,
     phi = torch.rand(B, Hq, T, R) if lowrank else None
     psi = torch.rand(B, Hkv, T, R) if lowrank else None
     scale = D**-0.5
-    kept = ref.stream_kept_masks(q, k, scale, policy, budget, recent, sinks)
+    kept = slots.stream_kept_masks(q, k, scale, policy, budget, recent, sinks, attend=ref.decode_attention,
+                                   evict_=ref.score_and_evict_)
     assert kept.sum(-1).max() == budget + 1
     parallel = ref.parallel_attention(q, k, v, kept, phi, psi, scale)
     torch.testing.assert_close(parallel, _stream(q, k, v, phi, psi, scale, policy, budget, recent, sinks))
@@ -97,11 +99,11 @@ def test_prefill_keep_respects_budget_and_padding(policy):
     scores = ref.prefill_scores(q, k, valid, D**-0.5, chunk=7)
     assert torch.all(scores[~valid[:, None].expand_as(scores)] == 0)
     p = policy.resolve(T)
-    keep = ref.prefill_keep(scores, valid, p.policy_id, p.budget, p.recent, p.sinks)
+    keep = slots.prefill_keep(scores, valid, p.policy_id, p.budget, p.recent, p.sinks)
     n_valid = valid.sum(-1)
     assert torch.equal(keep.sum(-1), n_valid.clamp(max=p.budget)[:, None].expand(B, Hkv))
     assert not keep[~valid[:, None].expand_as(keep)].any()
-    positions = ref.token_positions(valid)
+    positions = slots.token_positions(valid)
     for b in range(B):
         newest = positions[b].max()
         for h in range(Hkv):
@@ -123,11 +125,11 @@ def test_prefill_scores_are_attention_column_sums():
 def test_gather_tokens_packs_kept_tokens_in_position_order():
     keep = torch.tensor([[[True, False, True, True, False]]])
     values = torch.arange(5.0).view(1, 1, 5, 1) + 10
-    (packed, index) = ref.gather_tokens(keep, 4, values)
+    (packed, index) = slots.gather_tokens(keep, 4, values)
     assert index.tolist() == [[[0, 2, 3, -1]]]
     assert packed.flatten().tolist() == [10.0, 12.0, 13.0, 0.0]
     with pytest.raises(ValueError, match="do not fit"):
-        ref.gather_tokens(keep, 2, values)
+        slots.gather_tokens(keep, 2, values)
 
 
 def test_state_fold_masks_tokens():

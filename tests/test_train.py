@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import assert_close_ratio
-from less_cuda import cli, ops, reference
+from less_cuda import cli, ops, reference, slots
 from less_cuda import train as training
 from less_cuda.data import load_splits, pack, read_text, split_articles
 from less_cuda.feature_maps import LayerKernels, LessKernels
@@ -127,7 +127,7 @@ def decode_loop(q, k, v, phi, psi, scale, policy):
     """The compressed cache token by token through the compiled ops: insert, attend (state before the eviction),
     score and evict, fold the victim. q [B, Hq, T, D] ... -> out [B, Hq, T, D]."""
     B, Hkv, T, D = k.shape
-    cache = reference.SlotCache.empty(B, Hkv, policy.num_slots, D, psi.shape[-1], k.dtype)
+    cache = slots.SlotCache.empty(B, Hkv, policy.num_slots, D, psi.shape[-1], k.dtype)
     outs = []
     for t in range(T):
         reference.insert_token(cache, k[:, :, t], v[:, :, t], psi[:, :, t], torch.full((B,), t))
@@ -169,7 +169,7 @@ def test_step_attention_matches_the_decode_loop_and_the_parallel_form(layer_inpu
     steps = training.policy_steps(q, k, cap.scale, resolved)
     batched = training.step_attention(q, k, v, steps, phi, psi, cap.scale)
     assert_close_ratio(batched, decode_loop(q, k, v, phi, psi, cap.scale, resolved), what="all steps vs decode loop")
-    kept = reference.stream_kept_masks(q, k, cap.scale, *resolved.as_args(), attend=ops.less_decode_attention,
+    kept = slots.stream_kept_masks(q, k, cap.scale, *resolved.as_args(), attend=ops.less_decode_attention,
                                        evict_=ops.less_score_and_evict_)
     parallel = reference.parallel_attention(q, k, v, kept, phi, psi, cap.scale)
     assert_close_ratio(batched, parallel, what="all steps vs parallel form")
@@ -183,7 +183,8 @@ def test_step_attention_gradients_match_the_parallel_form(layer_inputs):
     resolved = POLICIES[0].resolve(cap.q.shape[2])
     q, k, v = cap.q, cap.k, cap.v
     steps = training.policy_steps(q, k, cap.scale, resolved)
-    kept = reference.stream_kept_masks(q, k, cap.scale, *resolved.as_args())
+    kept = slots.stream_kept_masks(q, k, cap.scale, *resolved.as_args(), attend=reference.decode_attention,
+                                   evict_=reference.score_and_evict_)
     grads = []
     for attend in (lambda phi, psi: training.step_attention(q, k, v, steps, phi, psi, cap.scale),
                    lambda phi, psi: reference.parallel_attention(q, k, v, kept, phi, psi, cap.scale)):
