@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp)
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp)
 
 .PHONY: test test-fast demo bench build clean
 
@@ -38,8 +38,11 @@ test-fast: $(VENV)/.build
 demo: $(VENV)/.build $(VENV)/.model
 	$(PY) examples/demo.py
 
+# Ratios measured side by side: printed, and written to benchmarks/results/ (ratios.md, ratios.json and
+# pytest-benchmark's benchmarks.json).
 bench: $(VENV)/.build $(VENV)/.model
-	$(PY) -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)
+	mkdir -p benchmarks/results
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/benchmarks.json $(PYTEST_ARGS)
 
 clean:
 	rm -rf build less_cuda/*.so *.egg-info $(VENV)

@@ -29,4 +29,28 @@ FoldSizes check_state_fold(const at::Tensor& psi, const at::Tensor& v, const std
 FoldSizes check_state_update(const at::Tensor& H, const at::Tensor& z, const at::Tensor& psi, const at::Tensor& v,
                              const std::optional<at::Tensor>& mask);
 
+// The fused decode step (decode_step_): every tensor of one layer's slots, the new token and the policy.
+struct StepTensors {
+  const at::Tensor& k_slots;
+  const at::Tensor& v_slots;
+  const at::Tensor& psi_slots;
+  const at::Tensor& pos;
+  const at::Tensor& scores;
+  const at::Tensor& H;
+  const at::Tensor& z;
+  const at::Tensor& next_position;
+  const at::Tensor& q;
+  const at::Tensor& k;
+  const at::Tensor& v;
+  const std::optional<at::Tensor>& phi_q;  // both given, or both none when R = 0
+  const std::optional<at::Tensor>& psi_k;
+  const std::optional<at::Tensor>& valid;
+};
+struct StepSizes {
+  DecodeSizes d;
+  int64_t T;  // new tokens
+};
+// R may be 0 (sparse policy only); S must exceed budget (the budget plus the incoming token's slot).
+StepSizes check_decode_step(const StepTensors& t, int64_t policy, int64_t budget, int64_t recent, int64_t sinks);
+
 }  // namespace less_cuda

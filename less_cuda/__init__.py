@@ -4,9 +4,16 @@ with C++ CPU and CUDA kernels."""
 from importlib import import_module
 
 from .feature_maps import LessKernels, LessKernelsConfig
-from .ops import less_decode_attention, less_score_and_evict_, less_state_fold, less_state_update_
+from .ops import (
+    less_decode_attention,
+    less_decode_step_,
+    less_score_and_evict_,
+    less_state_fold,
+    less_state_update_,
+)
 from .policy import Policy, ResolvedPolicy
 from .reference import EMPTY, H2O, LAMBDA
+from .slots import SlotCache
 
 # The transformers integration is imported on first use, so the ops work without transformers installed.
 _LAZY = {
@@ -36,8 +43,10 @@ __all__ = [
     "MemoryReport",
     "Policy",
     "ResolvedPolicy",
+    "SlotCache",
     "apply",
     "less_decode_attention",
+    "less_decode_step_",
     "less_score_and_evict_",
     "less_state_fold",
     "less_state_update_",

@@ -8,6 +8,7 @@ kernels stay forward-only.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -16,6 +17,7 @@ from torch import Tensor
 from . import _C  # noqa: F401  (loads the op registrations)
 from . import reference
 from .policy import POLICY_IDS
+from .slots import SlotCache
 
 _ops = torch.ops.less_cuda
 
@@ -167,3 +169,76 @@ def less_state_update_(H: Tensor, z: Tensor, psi: Tensor, v: Tensor, mask: Optio
     """In-place `H += dH; z += dz` of `less_state_fold`, for the decode path (no allocation, one writer per
     element). H: [B, Hkv, R, D] fp32, z: [B, Hkv, R] fp32; the rest as `less_state_fold`."""
     _ops.state_update_(H, z, psi, v, mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused decode step: insert, attend, score, evict and fold in one op
+# ---------------------------------------------------------------------------------------------------------------
+@torch.library.register_fake("less_cuda::decode_step_")
+def _decode_step_fake(k_slots, v_slots, psi_slots, pos, scores, H, z, next_position, q, k, v, phi_q, psi_k, valid,
+                      scale, policy, budget, recent, sinks):
+    return torch.empty_like(q)
+
+
+def less_decode_step_(
+    cache: SlotCache,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    phi_q: Optional[Tensor],
+    psi_k: Optional[Tensor],
+    valid: Optional[Tensor],
+    policy: Union[int, str],
+    budget: int,
+    recent: int = 0,
+    sinks: int = 0,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """One layer's decode step for T new tokens in turn, in place on `cache` (`reference.decode_step` per token):
+    write each token into the first free slot, attend over the slots plus the low-rank state, accumulate H2O
+    scores, evict at most one token per (batch, KV head) and fold it into H, z. One op call; on CUDA one kernel
+    launch per token when the slots fit a block.
+
+    Args:
+        cache: the layer's `SlotCache` (S > budget slots, R = psi's last dim), updated in place, next_position
+            advanced by the real tokens.
+        q: [B, Hq, T, D] the new tokens' queries; k, v: [B, Hkv, T, D] their keys and values (q's dtype).
+            [B, Hq, D] / [B, Hkv, D] for a single token.
+        phi_q: [B, Hq, T, R] fp32 phi(q); psi_k: [B, Hkv, T, R] fp32 psi(k). None for both when R = 0 (sparse only).
+        valid: [B, T] bool, False for a pad token (it takes no slot, adds no score and evicts nothing); None when
+            every token is real.
+        policy: "h2o" / "lambda" or their ids; budget, recent, sinks: as `less_score_and_evict_`.
+        scale: logit scale, default 1 / sqrt(D).
+    Returns:
+        out: [B, Hq, T, D] (or [B, Hq, D]) in q's dtype. Not differentiable (training uses the parallel form).
+    """
+    single = q.dim() == 3
+    if single:
+        q, k, v = q[:, :, None], k[:, :, None], v[:, :, None]
+        phi_q, psi_k = (None if t is None else t[:, :, None] for t in (phi_q, psi_k))
+        valid = None if valid is None else valid[:, None]
+    if scale is None:
+        scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else math.nan  # the op rejects head_dim 0 with a message
+    policy_id = POLICY_IDS[policy] if isinstance(policy, str) else int(policy)
+    q, k, v, phi_q, psi_k, valid = (None if t is None else t.contiguous() for t in (q, k, v, phi_q, psi_k, valid))
+    out = _ops.decode_step_(
+        cache.k, cache.v, cache.psi, cache.pos, cache.scores, cache.H, cache.z, cache.next_position, q, k, v, phi_q,
+        psi_k, valid, scale, policy_id, budget, recent, sinks,
+    )  # fmt: skip
+    return out[:, :, 0] if single else out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Feature maps, inference form
+# ---------------------------------------------------------------------------------------------------------------
+@torch.library.register_fake("less_cuda::feature_maps")
+def _feature_maps_fake(q, k, phi_w1, phi_w2, psi_w1, psi_w2, psi_scale, psi_interaction, psi_interaction_scale):
+    R = phi_w2.shape[-1]
+    return q.new_empty(*q.shape[:3], R, dtype=torch.float32), k.new_empty(*k.shape[:3], R, dtype=torch.float32)
+
+
+def less_feature_maps(q: Tensor, k: Tensor, *weights: Tensor) -> tuple[Tensor, Tensor]:
+    """phi(q) [B, Hq, T, R] and psi(k) [B, Hkv, T, R] fp32 of one layer in one call, without gradients: the form
+    `feature_maps.LayerKernels.features` uses at decode on CPU. q [B, Hq, T, D], k [B, Hkv, T, D]; weights: phi_w1,
+    phi_w2, psi_w1, psi_w2, psi_scale, psi_interaction, psi_interaction_scale (`LayerKernels.inference_weights`)."""
+    return _ops.feature_maps(q.contiguous(), k.contiguous(), *weights)
