@@ -4,7 +4,7 @@ are found.
 Environment:
     LESS_CUDA_FORCE_CUDA=1   fail unless the CUDA kernels are built
     LESS_CUDA_SKIP_CUDA=1    build the CPU kernels only
-    TORCH_CUDA_ARCH_LIST     defaults to "8.0;8.6;8.9;9.0" (Ampere, Ada, Hopper); CUDA 13 has no sm_70
+    TORCH_CUDA_ARCH_LIST     defaults to "8.0;8.6;8.9;9.0+PTX" (Ampere to Hopper, PTX for newer); CUDA 13 has no sm_70
     MAX_JOBS                 parallel compile jobs (honoured by torch's ninja build)
     CUDA_HOME                toolkit root; found from nvcc when unset
 
@@ -22,7 +22,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
-DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0"
+DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 
 
 def flag(name: str) -> bool:

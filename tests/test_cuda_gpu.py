@@ -1,7 +1,7 @@
 """The CUDA ops on a real GPU (torch.ops.less_cuda.* on cuda tensors) match less_cuda.reference; skipped where there
 is no GPU. tests/test_cuda_kernels.py runs the same kernel source on the CPU through the harness everywhere.
 
-One test runs everywhere: the extension either registers all four CUDA kernels or none, and has them when it must
+One test runs everywhere: the extension either registers all five CUDA kernels or none, and has them when it must
 (LESS_CUDA_EXPECT_CUDA=1, set by CI's CUDA build).
 """
 
@@ -12,12 +12,13 @@ import os
 import pytest
 import torch
 from helpers import assert_close_ratio
-from test_cuda_kernels import decode_inputs
+from test_cuda_kernels import clone_cache, decode_inputs, reference_steps, step_inputs
 
 import less_cuda  # noqa: F401  (loads the op registrations)
-from less_cuda import reference
+from less_cuda import ops as less_ops
+from less_cuda import reference, slots
 
-OPS = ["decode_attention", "score_and_evict_", "state_fold", "state_update_"]
+OPS = ["decode_attention", "score_and_evict_", "state_fold", "state_update_", "decode_step_"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ops = torch.ops.less_cuda
 
@@ -36,8 +37,11 @@ def test_cuda_registrations_come_together():
 
 
 needs_kernels = pytest.mark.skipif(
-    not (torch.cuda.is_available() and has_cuda_kernel("decode_attention")),
+    not (torch.cuda.is_available() and all(has_cuda_kernel(op) for op in OPS)),
     reason="no CUDA device (the kernels run in the CPU harness only), or the extension has no CUDA kernels",
+)
+needs_two_gpus = pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.device_count() >= 2), reason="needs two CUDA devices"
 )
 
 
@@ -46,14 +50,17 @@ def cuda(*tensors):
 
 
 @needs_kernels
-@pytest.mark.parametrize("regime", ["one chunk", "split"])
+@pytest.mark.parametrize("regime", ["one chunk", "tiles", "split"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("D", [64, 128, 256, 96])
 @pytest.mark.parametrize("G", [1, 3, 4, 8, 12])
 def test_decode_attention(G, D, dtype, regime):
-    """'one chunk': enough (batch, KV head) blocks to fill the GPU; 'split': two rows of 300 slots, which the
-    heuristic splits into chunks merged by the combine kernel."""
-    B, Hkv, S = (48, 4, 40) if regime == "one chunk" else (1, 2, 300)
+    """'one chunk': enough (batch, KV head) blocks to fill the GPU; 'tiles': 136 rows (as many as an H100's or
+    H200's SMs, and more), each block walking 4097 slots in shared-memory tiles; 'split': two rows of 300 slots,
+    which the heuristic splits into chunks merged by the combine kernel. D = 96 takes the generic path."""
+    B, Hkv, S = {"one chunk": (48, 4, 40), "tiles": (34, 4, 4097), "split": (1, 2, 300)}[regime]
+    if regime == "tiles" and (G > 4 or D > 128 or dtype != torch.bfloat16):
+        pytest.skip("kept small: the long rows are covered by bf16, G <= 4, D <= 128")
     q, k, v, pos, lowrank = decode_inputs(B, Hkv, G, S, D, R=8, dtype=dtype, seed=G * 1000 + D)
     scale = D**-0.5
     for state in (lowrank, (None, None, None)):
@@ -135,6 +142,138 @@ def test_decode_step_is_graph_capturable():
         assert torch.equal(a, b)
 
 
+def to_device(cache, device="cuda"):
+    return slots.SlotCache(*(x.to(device) for x in vars(cache).values()))
+
+
+def assert_same_cache(cache, expected, what=""):
+    """Bookkeeping exactly equal; numbers within the dtype's ratio tolerance (the GPU's fast-math exp differs from
+    the CPU's in the last bits)."""
+    cache = to_device(cache, "cpu")
+    assert torch.equal(cache.pos, expected.pos), f"{what}positions (victims) differ"
+    assert torch.equal(cache.next_position, expected.next_position), f"{what}next positions differ"
+    for name in ("k", "v", "psi"):
+        assert torch.equal(getattr(cache, name), getattr(expected, name)), f"{what}{name} slots differ"
+    assert_close_ratio(cache.scores, expected.scores, torch.float32, what=f"{what}scores")
+    assert_close_ratio(cache.H, expected.H, torch.float32, what=f"{what}H")
+    assert_close_ratio(cache.z, expected.z, torch.float32, what=f"{what}z")
+
+
+def gpu_step(cache, q, k, v, phi, psi, valid, policy, budget, recent, sinks, device="cuda"):
+    args = [None if t is None else t.to(device) for t in (q, k, v, phi, psi, valid)]
+    return less_ops.less_decode_step_(cache, *args, policy, budget, recent, sinks, scale=q.shape[-1] ** -0.5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("regime", ["single", "split"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [64, 128, 256, 96])
+@pytest.mark.parametrize("G", [1, 3, 4, 8, 12])
+def test_decode_step(G, D, dtype, regime):
+    """The fused step against reference.decode_step. 'single': enough (batch, KV head) rows to fill the GPU, one
+    launch; 'split': two rows of 300 slots, chunk kernel + finishing kernel (G = 12 always splits). Both policies,
+    with and without a low-rank state; a row with no free slot; a pad token."""
+    B, Hkv, S = (48, 4, 40) if regime == "single" else (1, 2, 300)
+    for R, policy, recent, sinks in [(8, reference.H2O, 4, 0), (0, reference.LAMBDA, 0, 3)]:
+        cache, q, k, v, phi, psi, valid = step_inputs(
+            B, Hkv, G, S, D, R, dtype, seed=G * 100 + D + R, full={(0, 0)}, pad=(1,) if B > 1 else ()
+        )
+        expected = clone_cache(cache)
+        ref_out = reference_steps(expected, q, k, v, phi, psi, valid, D**-0.5, policy, S - 1, recent, sinks)
+        gpu = to_device(cache)
+        out = gpu_step(gpu, q, k, v, phi, psi, valid, policy, S - 1, recent, sinks)
+        assert_close_ratio(out.cpu(), ref_out, what=f"R={R}: out")
+        assert_same_cache(gpu, expected, what=f"R={R}: ")
+
+
+@needs_kernels
+@pytest.mark.parametrize("regime", ["single", "split"])
+def test_decode_step_multi_token_call(regime):
+    """Three tokens per call, stepped in turn, a pad among them: next_position advances on the device."""
+    B, Hkv, G, S, D, R, T = (48, 4, 4, 40, 128, 8, 3) if regime == "single" else (1, 2, 4, 300, 128, 8, 3)
+    cache, *_ = step_inputs(B, Hkv, G, S, D, R, torch.bfloat16, seed=T)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, Hkv * G, T, D, generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(B, Hkv, T, D, generator=g).to(torch.bfloat16) for _ in range(2))
+    phi, psi = torch.rand(B, Hkv * G, T, R, generator=g), torch.rand(B, Hkv, T, R, generator=g)
+    valid = torch.rand(B, T, generator=g) > 0.3
+    expected = clone_cache(cache)
+    ref_out = reference_steps(expected, q, k, v, phi, psi, valid, D**-0.5, reference.H2O, S - 1, 4, 0)
+    gpu = to_device(cache)
+    out = gpu_step(gpu, q, k, v, phi, psi, valid, reference.H2O, S - 1, 4, 0)
+    assert_close_ratio(out.cpu(), ref_out, what="out")
+    assert_same_cache(gpu, expected)
+
+
+@needs_kernels
+def test_decode_step_split_path_in_a_cuda_graph():
+    """A whole decode step of the split path (B = 1, Hkv = 8, G = 4, D = 128, S = 4096: chunk kernel + finishing
+    kernel) captured in a CUDA graph: no host synchronisation, workspace from the graph's pool. Two replays equal two
+    eager steps bit for bit (next_position advances on the device each time)."""
+    B, Hkv, G, D, S, R = 1, 8, 4, 128, 4096, 8
+    cache, q, k, v, phi, psi, _ = step_inputs(B, Hkv, G, S, D, R, torch.bfloat16, seed=0)
+    q, k, v, phi, psi = (t.cuda() for t in (q, k, v, phi, psi))
+    eager, graphed = to_device(cache), to_device(cache)
+
+    def step(c):
+        return less_ops.less_decode_step_(c, q, k, v, phi, psi, None, "h2o", S - 1, recent=64)
+
+    eager_outs = [step(eager).clone() for _ in range(2)]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside capture, on a throwaway copy
+        step(to_device(cache))
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = step(graphed)
+    graphed_outs = []
+    for _ in range(2):
+        graph.replay()
+        graphed_outs.append(graph_out.clone())
+    torch.cuda.synchronize()
+    for a, b in zip(graphed_outs, eager_outs):
+        assert torch.equal(a, b)
+    for a, b in zip(vars(graphed).values(), vars(eager).values()):
+        assert torch.equal(a, b)
+    assert graphed.next_position.item() == cache.next_position.item() + 2
+
+
+@needs_kernels
+@pytest.mark.parametrize("regime", ["single", "split"])
+def test_decode_step_runs_twice_bit_identically(regime):
+    """No atomics in the arithmetic, fixed reduction orders: the same step twice gives the same bits."""
+    B, Hkv, S = (48, 4, 40) if regime == "single" else (1, 2, 300)
+    cache, *token = step_inputs(B, Hkv, 4, S, 128, 8, torch.float16, seed=7, pad=(1,) if B > 1 else ())
+    runs = []
+    for _ in range(2):
+        gpu = to_device(cache)
+        out = gpu_step(gpu, *token, reference.H2O, S - 1, 4, 0)
+        runs.append([out, *vars(gpu).values()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@needs_kernels
+@needs_two_gpus
+def test_ops_on_the_second_gpu_while_the_first_is_current():
+    """Tensors on cuda:1 with device 0 current: the ops guard the tensors' device and launch on its stream."""
+    torch.cuda.set_device(0)
+    cache, *token = step_inputs(1, 2, 4, 300, 128, 8, torch.bfloat16, seed=3)
+    expected = clone_cache(cache)
+    ref_out = reference_steps(expected, *token, 128**-0.5, reference.H2O, 299, 4, 0)
+    gpu = to_device(cache, "cuda:1")
+    out = gpu_step(gpu, *token, reference.H2O, 299, 4, 0, device="cuda:1")
+    assert out.device == torch.device("cuda:1")
+    assert_close_ratio(out.cpu(), ref_out, what="out")
+    assert_same_cache(gpu, expected)
+    q, k, v, pos, lowrank = decode_inputs(1, 2, 4, 300, 96, R=4, dtype=torch.float16, seed=1)
+    out, probs = ops.decode_attention(*[t.to("cuda:1") for t in (q, k, v, pos, *lowrank)], 0.1)
+    ref_out, ref_probs = reference.decode_attention(q, k, v, pos, *lowrank, 0.1)
+    assert_close_ratio(out.cpu(), ref_out, what="decode_attention out")
+    assert_close_ratio(probs.cpu(), ref_probs, torch.float32, what="decode_attention probs")
+    assert torch.cuda.current_device() == 0
+
+
 @needs_kernels
 def test_opcheck():
     """Schema, fake (meta) kernels and autograd registration agree with the CUDA kernels."""
@@ -146,3 +285,8 @@ def test_opcheck():
     psi = torch.rand(2, 2, 33, 4, device="cuda")
     torch.library.opcheck(ops.state_fold.default, (psi, v, pos >= 0))
     torch.library.opcheck(ops.state_update_.default, (H.clone(), z.clone(), psi, v, pos >= 0))
+    cache, tq, tk, tv, tphi, tpsi, _ = step_inputs(2, 2, 2, 9, 64, 4, torch.float32, seed=5)
+    token = [t[:, :, None].cuda() for t in (tq, tk, tv, tphi, tpsi)]
+    for valid in (None, torch.tensor([[True], [False]], device="cuda")):
+        args = (*vars(to_device(cache)).values(), *token, valid, 0.125, reference.H2O, 8, 4, 0)
+        torch.library.opcheck(ops.decode_step_.default, args)

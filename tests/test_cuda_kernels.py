@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import assert_close_ratio
 
-from less_cuda import reference
+from less_cuda import reference, slots
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "csrc" / "testing"))
 import harness_build  # noqa: E402
@@ -36,30 +36,61 @@ def ptr(t):
     return ctypes.c_void_p(t.data_ptr())
 
 
+PLAN_FIELDS = ("chunks", "head_tiles", "tile", "tiles", "split", "p_in_workspace", "vectorized")
+
+
 class HarnessOps:
     """The op signatures of less_cuda.reference, computed by the CUDA kernels in the harness."""
 
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
-        lib.less_harness_decode_attention.argtypes = [P] * 9 + [I64] * 6 + [I32, F32, I32, I64, P]
+        lib.less_harness_decode_attention.argtypes = [P] * 9 + [I64] * 6 + [I32, F32, I32, I64, I64, P]
+        lib.less_harness_decode_step.argtypes = [P] * 15 + [I64] * 7 + [I32, F32] + [I32] * 5 + [I64, I64, P]
         lib.less_harness_score_and_evict.argtypes = [P] * 4 + [I64, I64] + [I32] * 4
         lib.less_harness_state_fold.argtypes = [P] * 5 + [I64] * 4 + [I32, I32]
-        self.last_plan = (0, 0)
+        self.last_plan: dict = {}
 
-    def decode_attention(self, q, k, v, pos, phi_q, H, z, scale, *, chunk=0, num_sms=H100_SMS):
+    def _plan(self, plan):
+        self.last_plan = dict(zip(PLAN_FIELDS, plan.tolist()))
+
+    def decode_attention(self, q, k, v, pos, phi_q, H, z, scale, *, chunk=0, tile=0, num_sms=H100_SMS):
         B, Hq, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         R = 0 if phi_q is None else phi_q.shape[-1]
         out = torch.empty_like(q)
         probs = torch.empty(B, Hkv, S, dtype=torch.float32)
-        plan = torch.zeros(2, dtype=torch.int64)
+        plan = torch.zeros(len(PLAN_FIELDS), dtype=torch.int64)
         code = self.lib.less_harness_decode_attention(
             ptr(q), ptr(k), ptr(v), ptr(pos), ptr(phi_q), ptr(H), ptr(z), ptr(out), ptr(probs),
-            B, Hq, Hkv, S, D, R, SCALAR_KIND[q.dtype], scale, num_sms, chunk, ptr(plan),
+            B, Hq, Hkv, S, D, R, SCALAR_KIND[q.dtype], scale, num_sms, chunk, tile, ptr(plan),
         )  # fmt: skip
         harness_build.check(self.lib, code)
-        self.last_plan = tuple(plan.tolist())  # (chunks, head tiles)
+        self._plan(plan)
         return out, probs
+
+    def decode_step_(self, cache, q, k, v, phi_q, psi_k, valid, scale, policy, budget, recent, sinks, *, chunk=0,
+                     tile=0, num_sms=H100_SMS):
+        """ops.less_decode_step_'s signature, in place on `cache` (a SlotCache, next_position included): q [B, Hq, T, D]
+        or [B, Hq, D] for one token, and so on; valid [B, T] / [B] or None."""
+        single = q.dim() == 3
+        if single:
+            q, k, v = q[:, :, None], k[:, :, None], v[:, :, None]
+            phi_q, psi_k = (None if x is None else x[:, :, None] for x in (phi_q, psi_k))
+            valid = None if valid is None else valid[:, None]
+        q, k, v, phi_q, psi_k, valid = (None if x is None else x.contiguous() for x in (q, k, v, phi_q, psi_k, valid))
+        B, Hq, T, D = q.shape
+        Hkv, S, R = cache.k.shape[1], cache.k.shape[2], cache.psi.shape[-1]
+        out = torch.empty_like(q)
+        plan = torch.zeros(len(PLAN_FIELDS), dtype=torch.int64)
+        code = self.lib.less_harness_decode_step(
+            ptr(cache.k), ptr(cache.v), ptr(cache.psi), ptr(cache.pos), ptr(cache.scores), ptr(cache.H),
+            ptr(cache.z), ptr(cache.next_position), ptr(q), ptr(k), ptr(v), ptr(phi_q), ptr(psi_k), ptr(valid),
+            ptr(out), B, Hq, Hkv, S, D, R, T, SCALAR_KIND[q.dtype], scale, policy, budget, recent, sinks, num_sms,
+            chunk, tile, ptr(plan),
+        )  # fmt: skip
+        harness_build.check(self.lib, code)
+        self._plan(plan)
+        return out[:, :, 0] if single else out
 
     def score_and_evict_(self, scores, pos, probs, policy, budget, recent, sinks):
         B, Hkv, S = scores.shape
@@ -129,19 +160,66 @@ def check_decode(ops, q, k, v, pos, lowrank, **plan):
     return out, probs
 
 
-@pytest.mark.parametrize("path", ["one chunk", "split"])
+# Plan overrides that reach each path with small shapes: one block per row and one shared-memory tile; one block
+# walking several tiles (p through the workspace); several chunks merged by the combine kernel.
+PATHS = {"one chunk": dict(chunk=0, num_sms=1), "tiles": dict(chunk=0, tile=8, num_sms=1), "split": dict(chunk=16)}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("D", [64, 128, 256, 96])
 @pytest.mark.parametrize("G", [1, 3, 4, 8, 12])
 def test_decode_attention_matches_reference(ops, G, D, dtype, path):
-    """GQA groups up to a block's 8 heads and beyond (12: two head tiles, always the split path); free slots and
-    one (b, h) with none occupied (the output is then the low-rank state alone)."""
+    """GQA groups up to a block's 8 heads and beyond (12: two head tiles, always the split path); head_dim 96 on the
+    generic path; free slots and one (b, h) with none occupied (the output is then the low-rank state alone)."""
     q, k, v, pos, lowrank = decode_inputs(B=2, Hkv=2, G=G, S=37, D=D, R=5, dtype=dtype, seed=G * 1000 + D)
-    chunk = 16 if path == "split" else 0
-    check_decode(ops, q, k, v, pos, lowrank, chunk=chunk, num_sms=1)
-    chunks, tiles = ops.last_plan
-    assert tiles == (G + 7) // 8
-    assert chunks == (3 if path == "split" else 1)
+    check_decode(ops, q, k, v, pos, lowrank, **PATHS[path])
+    plan = ops.last_plan
+    assert plan["head_tiles"] == (G + 7) // 8
+    assert plan["chunks"] == (3 if path == "split" else 1)
+    assert plan["tiles"] == {"one chunk": 1, "tiles": 5, "split": 3}[path]
+    assert plan["split"] == (path == "split" or G > 8)
+    assert plan["vectorized"] == (D != 96)
+
+
+GENERIC_DIMS = [(80, torch.bfloat16), (100, torch.float16), (8, torch.float32), (250, torch.float32)]
+
+
+@pytest.mark.parametrize("D,dtype", GENERIC_DIMS)
+@pytest.mark.parametrize("path", ["one chunk", "split"])
+def test_decode_attention_generic_head_dims(ops, D, dtype, path):
+    """Any head_dim up to 256 runs (element loads, a warp per row), never an error."""
+    q, k, v, pos, lowrank = decode_inputs(B=2, Hkv=2, G=3, S=37, D=D, R=4, dtype=dtype, seed=D)
+    check_decode(ops, q, k, v, pos, lowrank, **PATHS[path])
+    assert not ops.last_plan["vectorized"]
+
+
+def test_decode_attention_unaligned_rows_take_the_generic_path(ops):
+    """K and V that do not start on 16 bytes (a view at an odd element offset) cannot use 16-byte loads."""
+    q, k, v, pos, lowrank = decode_inputs(B=2, Hkv=2, G=4, S=37, D=128, R=4, dtype=torch.bfloat16, seed=5)
+    shifted = [torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view(x.shape).copy_(x) for x in (k, v)]
+    check_decode(ops, q, *shifted, pos, lowrank, chunk=0, num_sms=1)
+    assert not ops.last_plan["vectorized"]
+    check_decode(ops, q, k, v, pos, lowrank, chunk=0, num_sms=1)
+    assert ops.last_plan["vectorized"]
+
+
+def test_decode_attention_long_chunk_is_not_split(ops):
+    """S = 4097 slots at B = 64 fill the GPU's blocks: no split, one block walks its row in shared-memory tiles."""
+    q, k, v, pos, lowrank = decode_inputs(B=64, Hkv=1, G=4, S=4097, D=64, R=4, dtype=torch.bfloat16, seed=9)
+    check_decode(ops, q, k, v, pos, lowrank, chunk=0, num_sms=64)
+    plan = ops.last_plan
+    assert plan["chunks"] == 1 and not plan["split"] and plan["tiles"] > 1 and plan["p_in_workspace"]
+
+
+@pytest.mark.parametrize("Hq,Hkv,S,chunk", [(6, 2, 300, 2), (48, 1, 64, 1)])
+def test_combine_kernel_segments(ops, Hq, Hkv, S, chunk):
+    """The combine kernel's bounded shared memory: more chunks than a block has threads (the per-chunk weights are
+    computed a segment at a time), and a group so wide that a probs block covers fewer slots (48 heads, 1-slot
+    tiles)."""
+    q, k, v, pos, lowrank = decode_inputs(B=1, Hkv=Hkv, G=Hq // Hkv, S=S, D=64, R=3, dtype=torch.float32, seed=S)
+    check_decode(ops, q, k, v, pos, lowrank, chunk=chunk)
+    assert ops.last_plan["chunks"] == S // chunk
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -158,7 +236,7 @@ def test_split_heuristic(ops, B, Hkv, S, expect_split):
     """The heuristic splits when B * Hkv blocks leave an H100's SMs idle, into chunks of >= 128 slots."""
     q, k, v, pos, lowrank = decode_inputs(B=B, Hkv=Hkv, G=3, S=S, D=64, R=4, dtype=torch.bfloat16, seed=B)
     check_decode(ops, q, k, v, pos, lowrank, chunk=0, num_sms=H100_SMS)
-    chunks, _ = ops.last_plan
+    chunks = ops.last_plan["chunks"]
     assert (chunks > 1) == expect_split
     assert chunks <= -(-S // 128)
 
@@ -176,11 +254,11 @@ def test_decode_attention_does_not_depend_on_thread_order(ops, schedule):
     """Threads and blocks run in another order: results are bit-identical (no order-dependent races between
     barriers, deterministic reductions)."""
     q, k, v, pos, lowrank = decode_inputs(B=2, Hkv=2, G=4, S=45, D=128, R=4, dtype=torch.float16, seed=11)
-    for chunk in (0, 16):
+    for plan in PATHS.values():
         harness_build.set_schedule(ops.lib, "forward")
-        want = ops.decode_attention(q, k, v, pos, *lowrank, 0.1, chunk=chunk, num_sms=1)
+        want = ops.decode_attention(q, k, v, pos, *lowrank, 0.1, **plan)
         harness_build.set_schedule(ops.lib, schedule, seed=5)
-        got = ops.decode_attention(q, k, v, pos, *lowrank, 0.1, chunk=chunk, num_sms=1)
+        got = ops.decode_attention(q, k, v, pos, *lowrank, 0.1, **plan)
         harness_build.set_schedule(ops.lib, "forward")
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
@@ -285,7 +363,7 @@ def test_stream_of_decode_steps(ops, policy, dtype, chunk):
     B, Hkv, G, D, R, budget, steps = 2, 2, 3, 64, 6, 16, 300
     recent, sinks = (4, 0) if policy == 0 else (0, 3)
     g = torch.Generator().manual_seed(policy * 10 + chunk)
-    cache = reference.SlotCache.empty(B, Hkv, budget + 1, D, R, dtype)
+    cache = slots.SlotCache.empty(B, Hkv, budget + 1, D, R, dtype)
     scale = D**-0.5
     for t in range(steps):
         q = torch.randn(B, Hkv * G, D, generator=g).to(dtype)
@@ -294,7 +372,7 @@ def test_stream_of_decode_steps(ops, policy, dtype, chunk):
         phi_q = torch.rand(B, Hkv * G, R, generator=g)
         psi_k = torch.rand(B, Hkv, R, generator=g)
         position = torch.full((B,), t, dtype=torch.int32)
-        ref_cache = reference.SlotCache(*(x.clone() for x in vars(cache).values()))
+        ref_cache = slots.SlotCache(*(x.clone() for x in vars(cache).values()))
         args = (q, k, v, phi_q, psi_k, position, scale, policy, budget, recent, sinks)
         ref_out = reference.decode_step(ref_cache, *args)
         out = harness_decode_step(ops, cache, *args, chunk)
@@ -304,3 +382,224 @@ def test_stream_of_decode_steps(ops, policy, dtype, chunk):
         assert_close_ratio(cache.H, ref_cache.H, torch.float32, what=f"H at step {t}")
         assert_close_ratio(cache.z, ref_cache.z, torch.float32, what=f"z at step {t}")
     assert (cache.pos >= 0).sum(dim=-1).eq(budget).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused decode step (decode_step_): one op, one or two launches
+# ---------------------------------------------------------------------------------------------------------------
+def clone_cache(cache):
+    return slots.SlotCache(*(x.clone() for x in vars(cache).values()))
+
+
+def step_inputs(B, Hkv, G, S, D, R, dtype, seed, *, held=None, pad=(), full=(), empty=(), tied_scores=False):
+    """A layer's slots mid-stream and its next token. Each (b, h) holds `held` tokens (default S - 1, the steady state:
+    inserting one puts it over a budget of S - 1) at distinct random positions in random slots, the rest free with
+    garbage K/V. Rows (b, h) in `full` have no free slot (the token overwrites slot 0), rows in `empty` none held;
+    batch rows in `pad` get a pad token. Returns (cache, q, k, v, phi_q, psi_k, valid) for one token."""
+    g = torch.Generator().manual_seed(seed)
+    cache = slots.SlotCache.empty(B, Hkv, S, D, R, dtype)
+    cache.k.copy_((torch.randn(B, Hkv, S, D, generator=g) * 1.5).to(dtype))
+    cache.v.copy_(torch.randn(B, Hkv, S, D, generator=g).to(dtype))
+    cache.psi.copy_(torch.rand(B, Hkv, S, R, generator=g))
+    held = S - 1 if held is None else held
+    for b in range(B):
+        for h in range(Hkv):
+            n = S if (b, h) in full else 0 if (b, h) in empty else held
+            slot = torch.randperm(S, generator=g)[:n]
+            cache.pos[b, h, slot] = torch.randperm(4 * S, generator=g)[:n].to(torch.int32)
+    occupied = cache.pos >= 0
+    scores = torch.ones(B, Hkv, S) if tied_scores else torch.rand(B, Hkv, S, generator=g) * 3
+    cache.scores.copy_(torch.where(occupied, scores, torch.zeros_like(scores)))
+    cache.H.copy_(torch.randn(B, Hkv, R, D, generator=g) * 3)
+    cache.z.copy_(torch.rand(B, Hkv, R, generator=g) * 4)
+    cache.next_position.copy_((cache.pos.amax(dim=(1, 2)) + 1).clamp(min=0))
+    q = torch.randn(B, Hkv * G, D, generator=g).to(dtype)
+    k = (torch.randn(B, Hkv, D, generator=g) * 1.5).to(dtype)
+    v = torch.randn(B, Hkv, D, generator=g).to(dtype)
+    phi_q = torch.rand(B, Hkv * G, R, generator=g) if R else None
+    psi_k = torch.rand(B, Hkv, R, generator=g) if R else None
+    valid = torch.tensor([b not in pad for b in range(B)]) if pad else None
+    return cache, q, k, v, phi_q, psi_k, valid
+
+
+def reference_steps(cache, q, k, v, phi_q, psi_k, valid, scale, policy, budget, recent, sinks):
+    """reference.decode_step token by token with the op's bookkeeping: a token's position is next_position, which
+    advances by the real tokens. Shapes as HarnessOps.decode_step_."""
+    single = q.dim() == 3
+    if single:
+        q, k, v = q[:, :, None], k[:, :, None], v[:, :, None]
+        phi_q, psi_k = (None if x is None else x[:, :, None] for x in (phi_q, psi_k))
+        valid = None if valid is None else valid[:, None]
+    outs = []
+    for t in range(q.shape[2]):
+        real = torch.ones(q.shape[0], dtype=torch.bool) if valid is None else valid[:, t]
+        position = torch.where(real, cache.next_position, torch.full_like(cache.next_position, reference.EMPTY))
+        phi_t, psi_t = (None if x is None else x[:, :, t] for x in (phi_q, psi_k))
+        outs.append(reference.decode_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], phi_t, psi_t, position, scale,
+                                          policy, budget, recent, sinks))  # fmt: skip
+        cache.next_position += real.to(torch.int32)
+    return outs[0] if single else torch.stack(outs, dim=2)
+
+
+def check_step(ops, cache, q, k, v, phi_q, psi_k, valid, policy, budget, recent, sinks, what="", **plan):
+    """One fused call in the harness and the reference from the same state: everything must match."""
+    scale = q.shape[-1] ** -0.5
+    ref = clone_cache(cache)
+    args = (q, k, v, phi_q, psi_k, valid, scale, policy, budget, recent, sinks)
+    ref_out = reference_steps(ref, *args)
+    out = ops.decode_step_(cache, *args, **plan)
+    assert torch.equal(cache.pos, ref.pos), f"{what}positions (victims) differ"
+    assert torch.equal(cache.next_position, ref.next_position), f"{what}next positions differ"
+    assert_close_ratio(out, ref_out, what=f"{what}out")
+    for name in ("k", "v", "psi"):  # copies of the token: exact
+        assert torch.equal(getattr(cache, name), getattr(ref, name)), f"{what}{name} slots differ"
+    assert_close_ratio(cache.scores, ref.scores, torch.float32, what=f"{what}scores")
+    assert_close_ratio(cache.H, ref.H, torch.float32, what=f"{what}H")
+    assert_close_ratio(cache.z, ref.z, torch.float32, what=f"{what}z")
+    return out
+
+
+STEP_PATHS = {"single": dict(chunk=0, num_sms=1), "tiles": dict(chunk=0, tile=8, num_sms=1), "split": dict(chunk=8)}
+
+
+@pytest.mark.parametrize("path", list(STEP_PATHS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [64, 128, 256, 96])
+@pytest.mark.parametrize("G", [1, 3, 4, 8, 12])
+def test_decode_step_matches_reference(ops, G, D, dtype, path):
+    """Groups up to a block's 8 heads and beyond (12: always two launches), head_dim 96 generic; row (0, 0) has no
+    slot held, row (1, 1) no slot free, batch row 1's token is a pad."""
+    policy = (G + D) % 2  # both policies over the grid
+    S = 21
+    inputs = step_inputs(2, 2, G, S, D, 8, dtype, seed=G * 100 + D, empty={(0, 0)}, full={(1, 1)}, pad=(1,))
+    check_step(ops, *inputs, policy, S - 1, 4, 3, **STEP_PATHS[path])
+    plan = ops.last_plan
+    assert plan["split"] == (path == "split" or G > 8)
+    assert plan["p_in_workspace"] == (path != "single" or G > 8)
+    assert plan["vectorized"] == (D != 96)
+
+
+@pytest.mark.parametrize("path", list(STEP_PATHS))
+@pytest.mark.parametrize("R", [0, 8])
+@pytest.mark.parametrize("policy", [reference.H2O, reference.LAMBDA])
+def test_decode_step_policies_rank_and_mqa(ops, policy, R, path):
+    """Both policies with and without a low-rank state (R = 0: the sparse policy alone), one KV head (MQA)."""
+    for seed, Hkv, G in [(1, 1, 8), (2, 3, 2)]:
+        inputs = step_inputs(2, Hkv, G, 19, 64, R, torch.bfloat16, seed=seed + 10 * R, full={(0, 0)})
+        check_step(ops, *inputs, policy, 18, 3, 2, what=f"Hkv={Hkv}: ", **STEP_PATHS[path])
+
+
+@pytest.mark.parametrize("path", list(STEP_PATHS))
+def test_decode_step_corner_rows(ops, path):
+    """Every slot free; no slot free with a pad token (the pad overwrites slot 0, which then stays free); all pads;
+    nothing over budget (no eviction); no evictable slot (everything in the recent window)."""
+    for what, kwargs, budget, recent in [
+        ("all free: ", dict(held=0), 10, 4),
+        ("full + pad: ", dict(full={(0, 0), (1, 0)}, pad=(0,)), 16, 4),
+        ("all pads: ", dict(pad=(0, 1)), 16, 4),
+        ("under budget: ", dict(held=5), 16, 4),
+        ("all recent: ", dict(held=16), 16, 20),  # a window wider than the budget (the op's checks forbid it)
+    ]:
+        inputs = step_inputs(2, 2, 3, 17, 64, 4, torch.float32, seed=len(what), **kwargs)
+        check_step(ops, *inputs, reference.H2O, budget, recent, 0, what=what, **STEP_PATHS[path])
+
+
+@pytest.mark.parametrize("path", list(STEP_PATHS))
+def test_decode_step_ties_go_to_the_lowest_slot(ops, path):
+    """Equal scores: with pad tokens nothing is added, so H2O's keys tie exactly and the victim is the lowest
+    evictable slot (torch.argmin's rule), as in the reference; Λ's keys (positions) tie when positions repeat."""
+    cache, *rest = step_inputs(2, 2, 3, 17, 64, 4, torch.float16, seed=3, pad=(0, 1), tied_scores=True)
+    check_step(ops, cache, *rest, reference.H2O, 15, 2, 0, **STEP_PATHS[path])
+    cache, *rest = step_inputs(2, 2, 3, 17, 64, 4, torch.float16, seed=4, pad=(0, 1))
+    cache.pos[cache.pos >= 0] = 7  # every held token at the same (non-sink) position
+    check_step(ops, cache, *rest, reference.LAMBDA, 15, 0, 2, **STEP_PATHS[path])
+
+
+@pytest.mark.parametrize("path", list(STEP_PATHS))
+def test_decode_step_multi_token_call(ops, path):
+    """T = 4 tokens in one call are stepped in turn (each sees the one before's eviction), pads among them; q, k, v
+    of token t are rows T apart; next_position advances by the real tokens only."""
+    cache, *_ = step_inputs(2, 3, 4, 19, 64, 8, torch.bfloat16, seed=8, full={(0, 2)})
+    g = torch.Generator().manual_seed(1)
+    B, Hkv, G, T, D, R = 2, 3, 4, 4, 64, 8
+    q = torch.randn(B, Hkv * G, T, D, generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(B, Hkv, T, D, generator=g).to(torch.bfloat16) for _ in range(2))
+    phi_q, psi_k = torch.rand(B, Hkv * G, T, R, generator=g), torch.rand(B, Hkv, T, R, generator=g)
+    valid = torch.tensor([[True, False, True, True], [False, True, True, False]])
+    before = cache.next_position.clone()
+    check_step(ops, cache, q, k, v, phi_q, psi_k, valid, reference.H2O, 18, 3, 0, **STEP_PATHS[path])
+    assert torch.equal(cache.next_position, before + valid.sum(dim=1).to(torch.int32))
+
+
+@pytest.mark.parametrize(
+    "B,Hkv,G,S,num_sms,split,p_in_workspace",
+    [
+        (1, 2, 4, 128, H100_SMS, False, False),  # few rows, but S <= 128: a chunk never gets fewer slots
+        (1, 2, 4, 129, H100_SMS, True, True),
+        (2, 2, 4, 300, 4, False, False),  # B * Hkv blocks fill the (4-SM) device
+        (1, 2, 4, 300, 4, True, True),
+        (1, 2, 8, 1280, 2, False, False),  # the largest single tile for 8 heads at D = 64
+        (1, 2, 8, 1281, 2, False, True),  # one more slot: two tiles, p through the workspace
+        (1, 2, 9, 40, 1, True, True),  # G > 8: two head tiles
+    ],
+)
+def test_decode_step_split_thresholds(ops, B, Hkv, G, S, num_sms, split, p_in_workspace):
+    """Shapes on both sides of every threshold of the planner, with the heuristic's own choice (no overrides)."""
+    inputs = step_inputs(B, Hkv, G, S, 64, 4, torch.float32, seed=S + G)
+    check_step(ops, *inputs, reference.H2O, S - 1, 8, 0, num_sms=num_sms)
+    assert (ops.last_plan["split"], ops.last_plan["p_in_workspace"]) == (split, p_in_workspace)
+
+
+def test_decode_step_long_row_single_launch(ops):
+    """S = 4097 at B = 64: one launch, each block walking its row in shared-memory tiles."""
+    inputs = step_inputs(64, 1, 4, 4097, 64, 4, torch.bfloat16, seed=12, held=4000)
+    check_step(ops, *inputs, reference.H2O, 4000, 64, 0, num_sms=64)
+    plan = ops.last_plan
+    assert not plan["split"] and plan["tiles"] > 1
+
+
+@pytest.mark.parametrize(
+    "policy,dtype,R,path",
+    [
+        (reference.H2O, torch.bfloat16, 6, "single"),
+        (reference.H2O, torch.float32, 6, "split"),
+        (reference.LAMBDA, torch.float16, 6, "tiles"),
+        (reference.H2O, torch.float32, 0, "tiles"),
+    ],
+)
+def test_stream_of_fused_decode_steps(ops, policy, dtype, R, path):
+    """300 tokens from an empty cache, one or three per call, with a pad token now and then: positions and victims
+    exactly equal, out / H / z close. Each call starts both from the kernel's state, so float differences cannot
+    snowball."""
+    B, Hkv, G, D, budget, tokens = 2, 2, 3, 64, 16, 300
+    recent, sinks = (4, 0) if policy == reference.H2O else (0, 3)
+    g = torch.Generator().manual_seed(policy * 10 + R)
+    cache = slots.SlotCache.empty(B, Hkv, budget + 1, D, R, dtype)
+    done = 0
+    while done < tokens:
+        T = 3 if done % 7 == 0 else 1  # multi-token calls step their tokens in turn
+        q = torch.randn(B, Hkv * G, T, D, generator=g).to(dtype)
+        k = torch.randn(B, Hkv, T, D, generator=g).to(dtype)
+        v = torch.randn(B, Hkv, T, D, generator=g).to(dtype)
+        phi_q = torch.rand(B, Hkv * G, T, R, generator=g) if R else None
+        psi_k = torch.rand(B, Hkv, T, R, generator=g) if R else None
+        valid = torch.rand(B, T, generator=g) > 0.1
+        check_step(ops, cache, q, k, v, phi_q, psi_k, valid, policy, budget, recent, sinks, what=f"token {done}: ",
+                   **STEP_PATHS[path])  # fmt: skip
+        done += T
+    assert (cache.pos >= 0).sum(dim=-1).eq(budget).all()
+
+
+@pytest.mark.parametrize("schedule", ["reverse", "random"])
+def test_decode_step_does_not_depend_on_thread_order(ops, schedule):
+    """Other thread and block orders give bit-identical results on every path (cache, out)."""
+    inputs = step_inputs(2, 3, 4, 37, 128, 4, torch.float16, seed=21, full={(1, 1)}, pad=(1,))
+    for plan in STEP_PATHS.values():
+        results = []
+        for order in ("forward", schedule):
+            cache = clone_cache(inputs[0])
+            harness_build.set_schedule(ops.lib, order, seed=5)
+            out = ops.decode_step_(cache, *inputs[1:], 0.1, reference.H2O, 36, 4, 0, **plan)
+            harness_build.set_schedule(ops.lib, "forward")
+            results.append([out, *vars(cache).values()])
+        assert all(torch.equal(a, b) for a, b in zip(*results))

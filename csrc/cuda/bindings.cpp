@@ -46,17 +46,26 @@ const float* optional_ptr(const std::optional<at::Tensor>& t) {
 
 int clamp_to_int(int64_t x) { return static_cast<int>(std::min<int64_t>(x, INT_MAX)); }
 
+// Workspace through torch's caching allocator (no synchronisation, graph-capturable).
+at::Tensor workspace_for(size_t bytes, const at::Tensor& like) {
+  return bytes > 0 ? at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte)) : at::Tensor();
+}
+
+void check_launch_shape(const DecodeSizes& s, const cuda::DecodePlan& plan, const char* op) {
+  TORCH_CHECK(s.B * s.Hkv * plan.head_tiles <= INT_MAX && plan.chunks <= 65535 && s.S <= INT_MAX &&
+                  s.B * s.Hq + s.B * s.Hkv * s.S <= INT_MAX,
+              "less_cuda: ", op, " shape too large for one launch: B=", s.B, ", Hkv=", s.Hkv, ", S=", s.S);
+}
+
 std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                          const at::Tensor& pos, const std::optional<at::Tensor>& phi_q,
                                                          const std::optional<at::Tensor>& H,
                                                          const std::optional<at::Tensor>& z, double scale) {
   const DecodeSizes s = check_decode_attention(q, k, v, pos, phi_q, H, z);
+  // 64, 128 and 256 with 16-byte aligned K and V take the vectorised kernels; any other head_dim up to 256 (or
+  // unaligned K, V) the generic instance.
   TORCH_CHECK(cuda::decode_attention_supports_head_dim(s.D),
-              "less_cuda: the CUDA decode_attention supports head_dim 64, 128 and 256, got ", s.D);
-  // 16-byte vector loads: contiguous rows of D >= 64 elements are aligned whenever the base pointer is.
-  const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
-  TORCH_CHECK(aligned(k) && aligned(v),
-              "less_cuda: the CUDA decode_attention needs k and v to start at 16-byte aligned addresses");
+              "less_cuda: the CUDA decode_attention supports head_dim 1 to 256, got ", s.D);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty_like(q);
   at::Tensor probs = at::empty({s.B, s.Hkv, s.S}, q.options().dtype(at::kFloat));
@@ -65,16 +74,47 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, co
                                        optional_ptr(phi_q), optional_ptr(H), optional_ptr(z), out.data_ptr(),
                                        probs.data_ptr<float>(), s.B, s.Hq, s.Hkv, s.S, s.D, s.R,
                                        scalar_kind(q.scalar_type()), static_cast<float>(scale)};
-  const cuda::DecodePlan plan = cuda::plan_decode_attention(args, sm_count(q.device().index()), 0);
-  TORCH_CHECK(s.B * s.Hkv * plan.head_tiles <= INT_MAX && plan.chunks <= 65535,
-              "less_cuda: decode_attention shape too large for one launch: B=", s.B, ", Hkv=", s.Hkv, ", S=", s.S);
-  const size_t workspace_bytes = cuda::decode_attention_workspace_bytes(args, plan);
-  at::Tensor workspace;
-  if (workspace_bytes > 0)
-    workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, q.options().dtype(at::kByte));
-  C10_CUDA_CHECK(cuda::launch_decode_attention(args, plan, workspace_bytes > 0 ? workspace.data_ptr() : nullptr,
+  const cuda::DecodePlan plan = cuda::plan_decode_attention(args, sm_count(q.device().index()), 0, 0);
+  check_launch_shape(s, plan, "decode_attention");
+  at::Tensor workspace = workspace_for(cuda::decode_attention_workspace_bytes(args, plan), q);
+  C10_CUDA_CHECK(cuda::launch_decode_attention(args, plan, workspace.defined() ? workspace.data_ptr() : nullptr,
                                                c10::cuda::getCurrentCUDAStream()));
   return {out, probs};
+}
+
+at::Tensor decode_step_cuda(at::Tensor& k_slots, at::Tensor& v_slots, at::Tensor& psi_slots, at::Tensor& pos,
+                            at::Tensor& scores, at::Tensor& H, at::Tensor& z, at::Tensor& next_position,
+                            const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& phi_q, const std::optional<at::Tensor>& psi_k,
+                            const std::optional<at::Tensor>& valid, double scale, int64_t policy, int64_t budget,
+                            int64_t recent, int64_t sinks) {
+  const StepSizes sizes = check_decode_step(
+      {k_slots, v_slots, psi_slots, pos, scores, H, z, next_position, q, k, v, phi_q, psi_k, valid}, policy, budget,
+      recent, sinks);
+  const DecodeSizes& s = sizes.d;
+  TORCH_CHECK(cuda::decode_attention_supports_head_dim(s.D),
+              "less_cuda: the CUDA decode_step_ supports head_dim 1 to 256, got ", s.D);
+  TORCH_CHECK(s.G <= 1024, "less_cuda: the CUDA decode_step_ supports up to 1024 query heads per KV head, got ", s.G);
+  // next_position is advanced on the device by tickets above its low 24 bits (csrc/cuda/decode_step.cu).
+  TORCH_CHECK(s.Hkv <= cuda::kMaxStepKvHeads, "less_cuda: the CUDA decode_step_ supports up to ",
+              cuda::kMaxStepKvHeads, " KV heads, got ", s.Hkv);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty_like(q);
+  if (q.numel() == 0) return out;
+  const cuda::DecodeStepArgs args{k_slots.data_ptr(), v_slots.data_ptr(), psi_slots.data_ptr<float>(),
+                                  pos.data_ptr<int32_t>(), scores.data_ptr<float>(), H.data_ptr<float>(),
+                                  z.data_ptr<float>(), next_position.data_ptr<int32_t>(), q.data_ptr(), k.data_ptr(),
+                                  v.data_ptr(), optional_ptr(phi_q), optional_ptr(psi_k),
+                                  valid.has_value() ? valid->data_ptr<bool>() : nullptr, out.data_ptr(), s.B, s.Hq,
+                                  s.Hkv, s.S, s.D, s.R, sizes.T, scalar_kind(q.scalar_type()),
+                                  static_cast<float>(scale), static_cast<int>(policy), clamp_to_int(budget),
+                                  clamp_to_int(recent), clamp_to_int(sinks)};
+  const cuda::DecodePlan plan = cuda::plan_decode_step(args, sm_count(q.device().index()), 0, 0);
+  check_launch_shape(s, plan, "decode_step_");
+  at::Tensor workspace = workspace_for(cuda::decode_step_workspace_bytes(args, plan), q);
+  C10_CUDA_CHECK(cuda::launch_decode_step(args, plan, workspace.defined() ? workspace.data_ptr() : nullptr,
+                                          c10::cuda::getCurrentCUDAStream()));
+  return out;
 }
 
 at::Tensor score_and_evict_cuda(at::Tensor& scores, at::Tensor& pos, const at::Tensor& probs, int64_t policy,
@@ -124,4 +164,5 @@ TORCH_LIBRARY_IMPL(less_cuda, CUDA, m) {
   m.impl("score_and_evict_", &less_cuda::score_and_evict_cuda);
   m.impl("state_fold", &less_cuda::state_fold_cuda);
   m.impl("state_update_", &less_cuda::state_update_cuda);
+  m.impl("decode_step_", &less_cuda::decode_step_cuda);
 }

@@ -1,6 +1,7 @@
 // Device helpers shared by the LESS kernels: element conversions, 16-byte vector unpacking, warp reductions and
-// the dtype / head_dim dispatch macros. The attention numerics themselves (online softmax, state merge,
-// eviction order) are in csrc/less_numerics.h, shared with the CPU kernels.
+// the dtype dispatch macro (the head_dim dispatch is attention_block.cuh's LESS_DISPATCH_ROW_LAYOUT). The attention
+// numerics themselves (online softmax, state merge, eviction order) are in csrc/less_numerics.h, shared with the
+// CPU kernels.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -99,22 +100,4 @@ __device__ __forceinline__ float warp_max(float x) {
       __VA_ARGS__;                                                           \
     }                                                                        \
   }                                                                          \
-  return cudaErrorInvalidValue
-
-// Instantiates the body, which must return, once per supported head_dim, with the constant `D` naming it.
-#define LESS_DISPATCH_HEAD_DIM(dim, D, ...) \
-  switch (dim) {                            \
-    case 64: {                              \
-      constexpr int D = 64;                 \
-      __VA_ARGS__;                          \
-    }                                       \
-    case 128: {                             \
-      constexpr int D = 128;                \
-      __VA_ARGS__;                          \
-    }                                       \
-    case 256: {                             \
-      constexpr int D = 256;                \
-      __VA_ARGS__;                          \
-    }                                       \
-  }                                         \
   return cudaErrorInvalidValue

@@ -13,7 +13,7 @@
 namespace less_cuda {
 namespace cuda {
 
-// Element type of q, k, v (and out) in decode_attention, of v in state_fold.
+// Element type of q, k, v (and out) in decode_attention and decode_step, of v in state_fold.
 enum class ScalarKind : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -34,25 +34,77 @@ struct DecodeAttentionArgs {
   float scale;
 };
 
-// How the slots of one (batch, KV head) are split between blocks. One chunk: the block finishes everything
-// itself. Several (or query groups wider than one block handles): every block writes a partial state and a
-// second kernel merges them (split-KV). The heuristic is described in docs/cuda_design.md.
+// How the slots of one (batch, KV head) are split between blocks (decode_attention and decode_step). A block
+// attends over a chunk of slots for up to 8 query heads of a group, walking the chunk in tiles whose logits fit
+// shared memory (an online softmax across tiles), so a chunk's length is not bounded by shared memory. One chunk
+// and one head tile: the block finishes everything itself. Several (split-KV): every block writes a partial state
+// and a second kernel merges them. The heuristic is described in docs/cuda_design.md.
 struct DecodePlan {
   int64_t heads_per_block;  // query heads of a group handled by one block (<= 8)
   int64_t head_tiles;       // blocks across one group: ceil(G / heads_per_block)
-  int64_t chunk;            // slots per block
+  int64_t tile;             // slots per shared-memory tile
+  int64_t tiles;            // ceil(S / tile), at least 1
+  int64_t chunk;            // slots per block, a multiple of tile
   int64_t chunks;           // ceil(S / chunk), at least 1
   bool split;               // chunks > 1 || head_tiles > 1: partial states merged by a second kernel
+  bool p_in_workspace;      // split || S > tile: per-slot p and tile maxima go through the workspace
+  bool vectorized;          // 16-byte row loads (head_dim 64 / 128 / 256, aligned K and V); else the generic path
 };
 
-bool decode_attention_supports_head_dim(int64_t D);  // 64, 128 or 256
-// `chunk` > 0 forces that chunk length (tests use it to reach the split path with small shapes); 0 lets the
-// heuristic choose from the shape and the device's SM count.
-DecodePlan plan_decode_attention(const DecodeAttentionArgs& args, int num_sms, int64_t chunk);
+// Any head_dim from 1 to 256: 64, 128 and 256 (16-byte aligned K, V) take the vectorised kernels, the others a
+// generic instance with element loads.
+bool decode_attention_supports_head_dim(int64_t D);
+// `chunk` / `tile` > 0 force those lengths (tests use them to reach the split and multi-tile paths with small
+// shapes); 0 lets the heuristic choose from the shape and the device's SM count.
+DecodePlan plan_decode_attention(const DecodeAttentionArgs& args, int num_sms, int64_t chunk, int64_t tile);
 size_t decode_attention_workspace_bytes(const DecodeAttentionArgs& args, const DecodePlan& plan);
-// `workspace`: decode_attention_workspace_bytes of device memory (none when the plan does not split).
+// `workspace`: decode_attention_workspace_bytes of device memory (none when the plan needs none).
+// Launches: 1 (one chunk per row), 2 (split-KV: chunk kernel + combine kernel).
 cudaError_t launch_decode_attention(const DecodeAttentionArgs& args, const DecodePlan& plan, void* workspace,
                                     cudaStream_t stream);
+// The first kernel of the split form alone, shared with decode_step: each block writes its chunk's partial state
+// (o, m, l) and p to the workspace. `exclude`: a slot never attended (-1: none); `q_stride`: elements between
+// the rows of consecutive query heads in args.q (D when q is [B, Hq, D]). Needs plan.split; out, probs, phi_q, H
+// and z of `args` are not used.
+cudaError_t launch_decode_attention_partials(const DecodeAttentionArgs& args, const DecodePlan& plan,
+                                             void* workspace, int64_t exclude, int64_t q_stride,
+                                             cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------------------------
+// The fused decode step: decode_step_
+// ---------------------------------------------------------------------------------------------------------------
+struct DecodeStepArgs {
+  void* k_slots;            // [B, Hkv, S, D], q's type, in place
+  void* v_slots;            // [B, Hkv, S, D], in place
+  float* psi_slots;         // [B, Hkv, S, R], in place
+  int32_t* pos;             // [B, Hkv, S], in place; < 0 for a free slot
+  float* scores;            // [B, Hkv, S], in place
+  float* H;                 // [B, Hkv, R, D], in place
+  float* z;                 // [B, Hkv, R], in place
+  int32_t* next_position;   // [B], in place: the position the next real token gets; advanced by the real tokens
+  const void* q;            // [B, Hq, T, D]: T new tokens, stepped in turn
+  const void* k;            // [B, Hkv, T, D]
+  const void* v;            // [B, Hkv, T, D]
+  const float* phi_q;       // [B, Hq, T, R], null when R = 0
+  const float* psi_k;       // [B, Hkv, T, R], null when R = 0
+  const bool* valid;        // [B, T]: false for a pad token; null when every token is real
+  void* out;                // [B, Hq, T, D], q's type
+  int64_t B, Hq, Hkv, S, D, R, T;  // R may be 0 (sparse policy only: phi_q, psi_k, psi_slots, H, z unused)
+  ScalarKind dtype;
+  float scale;
+  int policy, budget, recent, sinks;
+};
+
+constexpr int64_t kMaxStepKvHeads = 128;  // decode_step's limit (next_position's tickets, decode_step.cu)
+
+// Same planner as decode_attention's (same chunk / tile overrides).
+DecodePlan plan_decode_step(const DecodeStepArgs& args, int num_sms, int64_t chunk, int64_t tile);
+size_t decode_step_workspace_bytes(const DecodeStepArgs& args, const DecodePlan& plan);
+// Launches per token (T tokens: T times that): 1 when the plan does not split (one block per (batch, KV head) does
+// everything), 2 otherwise (the shared chunk kernel, then one finishing block per (batch, KV head) that merges,
+// inserts, scores, evicts, folds). Needs Hkv <= kMaxStepKvHeads and positions below 2^24 (decode_step.cu).
+cudaError_t launch_decode_step(const DecodeStepArgs& args, const DecodePlan& plan, void* workspace,
+                               cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------------------------
 // (a) score_and_evict_

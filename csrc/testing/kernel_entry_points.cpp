@@ -10,20 +10,47 @@ using namespace less_cuda::cuda;
 
 #define LESS_HARNESS_EXPORT extern "C" __attribute__((visibility("default")))
 
-// chunk: 0 for the heuristic (with `num_sms` standing for the device), > 0 to force a chunk length.
-// Writes the plan's chunk count and head tiles to plan_out[0..1].
+namespace {
+
+// What the tests check about a plan: plan_out[0..6] = chunks, head tiles, tile, tiles, split, p in workspace,
+// vectorised.
+void report(const DecodePlan& plan, int64_t* plan_out) {
+  const int64_t values[] = {plan.chunks, plan.head_tiles, plan.tile, plan.tiles, plan.split, plan.p_in_workspace,
+                            plan.vectorized};
+  for (int i = 0; i < 7; ++i) plan_out[i] = values[i];
+}
+
+}  // namespace
+
+// chunk, tile: 0 for the heuristic (with `num_sms` standing for the device), > 0 to force a length.
 LESS_HARNESS_EXPORT int less_harness_decode_attention(const void* q, const void* k, const void* v, const int32_t* pos,
                                                       const float* phi_q, const float* H, const float* z, void* out,
                                                       float* probs, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
                                                       int64_t D, int64_t R, int dtype, float scale, int num_sms,
-                                                      int64_t chunk, int64_t* plan_out) {
+                                                      int64_t chunk, int64_t tile, int64_t* plan_out) {
   const DecodeAttentionArgs args{q, k, v, pos, phi_q, H, z, out, probs, B, Hq, Hkv, S, D, R,
                                  static_cast<ScalarKind>(dtype), scale};
-  const DecodePlan plan = plan_decode_attention(args, num_sms, chunk);
-  plan_out[0] = plan.chunks;
-  plan_out[1] = plan.head_tiles;
+  const DecodePlan plan = plan_decode_attention(args, num_sms, chunk, tile);
+  report(plan, plan_out);
   std::vector<unsigned char> workspace(decode_attention_workspace_bytes(args, plan), 0xff);
   return launch_decode_attention(args, plan, workspace.data(), nullptr);
+}
+
+// In place on the slot tensors (and next_position), like the op; q [B, Hq, T, D] etc.
+LESS_HARNESS_EXPORT int less_harness_decode_step(void* k_slots, void* v_slots, float* psi_slots, int32_t* pos,
+                                                 float* scores, float* H, float* z, int32_t* next_position,
+                                                 const void* q, const void* k, const void* v, const float* phi_q,
+                                                 const float* psi_k, const bool* valid, void* out, int64_t B,
+                                                 int64_t Hq, int64_t Hkv, int64_t S, int64_t D, int64_t R, int64_t T,
+                                                 int dtype, float scale, int policy, int budget, int recent, int sinks,
+                                                 int num_sms, int64_t chunk, int64_t tile, int64_t* plan_out) {
+  const DecodeStepArgs args{k_slots, v_slots, psi_slots, pos, scores, H, z, next_position, q, k, v, phi_q, psi_k,
+                            valid, out, B, Hq, Hkv, S, D, R, T, static_cast<ScalarKind>(dtype), scale, policy, budget,
+                            recent, sinks};
+  const DecodePlan plan = plan_decode_step(args, num_sms, chunk, tile);
+  report(plan, plan_out);
+  std::vector<unsigned char> workspace(decode_step_workspace_bytes(args, plan), 0xff);
+  return launch_decode_step(args, plan, workspace.data(), nullptr);
 }
 
 LESS_HARNESS_EXPORT int less_harness_score_and_evict(float* scores, int32_t* pos, const float* probs, int64_t* victim,

@@ -1,0 +1,328 @@
+// decode_step_: one layer's decode step for T new tokens in turn, in place on its slots (reference.decode_step per
+// token). For token t, per (batch b, KV head):
+//   1. insert: slot = the lowest free slot (0 if none is free); k_slots, v_slots, psi_slots [slot] = k, v, psi_k;
+//      pos[slot] = the token's position, next_position[b] plus the real tokens before it in the call, or -1 for a
+//      pad token (valid false: the slot stays free); scores[slot] = 0;
+//   2. attend over the occupied slots (the new token included unless it is a pad) and the low-rank state (H, z
+//      before this token's fold): out = merge(sparse softmax state, (phi(q)H / phi(q)z, log phi(q)z)), q's dtype;
+//   3. probs[j] = sum over the G query heads of the sparse softmax probability of slot j (none for a pad token);
+//   4. H2O: scores += probs on occupied slots; if more than `budget` slots are occupied, evict the smallest
+//      (eviction_key, slot): pos = -1, score = 0 (slot_row::score_and_evict, as score_and_evict.cu);
+//   5. fold the victim: H[r, :] += psi_slots[victim, r] * v_slots[victim, :], z[r] += psi_slots[victim, r].
+// After the last token next_position[b] has advanced by the call's real tokens.
+// Layout: k_slots, v_slots [B, Hkv, S, D] (fp32 / fp16 / bf16; D 64/128/256 vectorised, any other D up to 256
+// generic); psi_slots [B, Hkv, S, R], scores [B, Hkv, S], H [B, Hkv, R, D], z [B, Hkv, R] fp32; pos [B, Hkv, S],
+// next_position [B] int32; q, out [B, Hq, T, D]; k, v [B, Hkv, T, D]; phi_q [B, Hq, T, R], psi_k [B, Hkv, T, R]
+// fp32 (R may be 0); valid [B, T] bool or none.
+//
+// How the attention is split so that it can be spread over blocks: the chunk pass (attention::attend_chunk) attends
+// over the slots occupied BEFORE the insert, leaving out slot 0 (the one slot the new token may overwrite, when no
+// slot is free). The finishing block then merges in two single-slot states, slot 0 (unless the token takes it) and
+// the new token (q . k computed from the input k), writes the token into its slot, builds probs (each single slot's
+// probability lands in its slot), scores, evicts and folds. Nothing a block reads is written by another block of
+// the same launch, except next_position (see token_position).
+//
+// Thread mapping and launches per layer and token (T tokens: T times these, stream-ordered):
+//   - plan not split (B * Hkv blocks fill the GPU, G <= 8): ONE launch, decode_step_kernel: a block of 4 warps per
+//     (b, KV head) runs attend_chunk over all S slots (tiles with an online softmax, p in shared memory when S fits
+//     one tile), then finish_step on the same block.
+//   - split: TWO launches. decode_attention's chunk kernel (launch_decode_attention_partials, shared, slot 0 left
+//     out) writes each chunk's partial state and p; decode_step_finish_kernel, one block of 256 threads per
+//     (b, KV head), merges the chunks (per-(head, chunk) and per-(head, tile) weights computed once, in place in
+//     the workspace) and runs finish_step.
+// finish_step: warps over heads (final state, weights, phi(q) . z), threads over G x D (out), over slots (probs,
+// two score/evict passes, both reductions lanes then warps), over R x D (fold: one writer per element).
+//
+// Bytes per token: K and V once (2 * B * Hkv * S * D * sizeof(T)); pos (4 * B * Hkv * S, read three times: the
+// free slot and two eviction passes, the last two from L1/L2), scores read and written (8 * B * Hkv * S); q, out,
+// the new token (k, v, psi) and its slot's row; phi_q, z, H read once per group; on eviction the victim's v and psi
+// and H, z read and written (8 * B * Hkv * R * (D + 1)). With more than one tile per row, p goes through the
+// workspace (8 * B * Hq * S written and read back); split-KV adds the partial states (4 * B * Hq * chunks * (D + 2)).
+#include "cuda/attention_block.cuh"
+#include "cuda/slot_row.cuh"
+
+namespace less_cuda {
+namespace cuda {
+namespace {
+
+using namespace attention;
+
+constexpr int kFinishThreads = 256;
+constexpr size_t kFinishSmemBudget = 48 * 1024;
+
+// The sparse state of a row split over chunks (decode_step_finish_kernel): the chunks' partial states in the
+// workspace. The weights against the final state overwrite the chunk and tile maxima in place: one block owns
+// the row, and each value is read by the lane that overwrites it.
+struct ChunksInWorkspace {
+  float* chunk_ml;    // [G][chunks][2] of the row's first head
+  const float* o;     // [G][chunks][dim]
+  float* tile_m;      // [G][tiles]
+  const float* p;     // [G][S]
+  int64_t chunks, tiles, tile, S, dim;
+
+  __device__ __forceinline__ OnlineSoftmax state(int64_t g) const {
+    return reduce_chunk_states(chunk_ml + g * chunks * 2, chunks);
+  }
+  __device__ __forceinline__ void set_reference(int64_t g, float M, float L) {
+    for (int64_t c = threadIdx.x % 32; c < chunks; c += 32) {
+      float* m = chunk_ml + (g * chunks + c) * 2;
+      *m = chunk_weight(*m, M);
+    }
+    for (int64_t t = threadIdx.x % 32; t < tiles; t += 32)
+      tile_m[g * tiles + t] = tile_weight(tile_m[g * tiles + t], M, L);
+  }
+  __device__ __forceinline__ float o_sum(int64_t g, int64_t d) const {
+    float sum = 0.f;
+    for (int64_t c = 0; c < chunks; ++c) sum += o[(g * chunks + c) * dim + d] * chunk_ml[(g * chunks + c) * 2];
+    return sum;
+  }
+  template <int kBlock>
+  __device__ __forceinline__ void probs(int64_t heads, int64_t slots, float* out) const {
+    row_probs<kBlock>(p, S, tile_m, tiles, 0, tile, heads, 0, slots, out);
+  }
+};
+
+// The position of token t of batch row b: next_position[b] plus the real tokens before it in the call, or -1 for a
+// pad token. Blocks of the call's last token also advance next_position[b] by the call's real tokens, without any
+// block waiting for another: each of the row's Hkv blocks takes a ticket (adds kPositionTicket, above the position
+// bits) and reads the position from the bits below; the block that arrives last writes the advanced value. So
+// positions must stay below 2^24 (as eviction_key's float comparison needs anyway) and Hkv <= 128.
+constexpr unsigned kPositionTicket = 1u << 24;
+static_assert(kMaxStepKvHeads * uint64_t{kPositionTicket} <= uint64_t{1} << 32, "tickets must fit 32 bits");
+
+__device__ int token_position(const DecodeStepArgs& a, int64_t b, int64_t t) {
+  const bool* valid = a.valid != nullptr ? a.valid + b * a.T : nullptr;
+  int before = 0, real_tokens = 0;
+  for (int64_t i = 0; i < a.T; ++i) {
+    const int real = valid == nullptr || valid[i] ? 1 : 0;
+    before += i < t ? real : 0;
+    real_tokens += real;
+  }
+  int base;
+  if (t + 1 < a.T) {
+    base = a.next_position[b];  // nobody writes it before the last token's launch
+  } else {
+    unsigned* next = reinterpret_cast<unsigned*>(a.next_position + b);
+    const unsigned ticket = atomicAdd(next, kPositionTicket);
+    base = static_cast<int>(ticket % kPositionTicket);
+    if (ticket / kPositionTicket == static_cast<unsigned>(a.Hkv - 1))
+      atomicExch(next, static_cast<unsigned>(base + real_tokens));
+  }
+  return valid == nullptr || valid[t] ? base + before : kEmptySlot;
+}
+
+// Steps 1-5 of token t for row bh, once the chunk pass is done. `sparse`: the row's chunk state (ChunkInShared or
+// ChunksInWorkspace); hs: [G][kHeadScalars] shared memory; probs: where the row's probs are built (p's head-0 row,
+// overwritten). Every thread of the block calls it.
+template <typename T, int kBlock, typename Sparse>
+__device__ void finish_step(const DecodeStepArgs& a, int64_t bh, int64_t t, Sparse& sparse, float* hs, float* probs) {
+  constexpr int kBlockWarps = kBlock / 32;
+  const int64_t G = a.Hq / a.Hkv, S = a.S, dim = a.D, R = a.R;
+  const int64_t b = bh / a.Hkv;
+  const int64_t head0 = bh * G;  // b * Hq + kv head * G
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  T* k_slots = static_cast<T*>(a.k_slots) + bh * S * dim;
+  T* v_slots = static_cast<T*>(a.v_slots) + bh * S * dim;
+  int32_t* pos = a.pos + bh * S;
+  float* scores = a.scores + bh * S;
+  // Token t's rows: q, out, phi_q [B, Hq, T, *] and k, v, psi_k [B, Hkv, T, *].
+  const T* q_t = static_cast<const T*>(a.q) + (head0 * a.T + t) * dim;
+  T* out_t = static_cast<T*>(a.out) + (head0 * a.T + t) * dim;
+  const float* phi_t = R > 0 ? a.phi_q + (head0 * a.T + t) * R : nullptr;
+  const T* k_new = static_cast<const T*>(a.k) + (bh * a.T + t) * dim;
+  const T* v_new = static_cast<const T*>(a.v) + (bh * a.T + t) * dim;
+  const float* psi_new = R > 0 ? a.psi_k + (bh * a.T + t) * R : nullptr;
+  __shared__ int position_shared;
+  if (threadIdx.x == 0) position_shared = token_position(a, b, t);
+
+  // Where the token goes; which single slots join the chunk state: slot 0 unless the token takes it (the chunk
+  // pass left it out), and the token itself unless it is a pad.
+  const int slot = slot_row::first_free_slot<kBlock>(pos, S);  // its barriers also publish position_shared
+  const int position = position_shared;
+  const bool slot0 = slot != 0;  // then slot 0 is occupied: a free slot 0 would have been the first free one
+  const bool fresh = position >= 0;
+
+  for (int64_t g = warp; g < G; g += kBlockWarps) {
+    OnlineSoftmax st = sparse.state(g);
+    const T* q = q_t + g * a.T * dim;
+    const float s0 = slot0 ? warp_logit(q, k_slots, dim, a.scale) : -INFINITY;
+    const float sn = fresh ? warp_logit(q, k_new, dim, a.scale) : -INFINITY;
+    if (slot0) st.combine(OnlineSoftmax{s0, 1.f});
+    if (fresh) st.combine(OnlineSoftmax{sn, 1.f});
+    const float den = R > 0 ? lowrank_den(phi_t + g * a.T * R, a.z + bh * R, R) : 0.f;
+    sparse.set_reference(g, st.m, st.l);
+    if (lane == 0) {
+      float* h = hs + g * kHeadScalars;
+      h[kHeadTotalM] = st.m;
+      h[kHeadTotalL] = st.l;
+      h[kHeadDen] = den;
+      h[kHeadLogit0] = s0;
+      h[kHeadLogitNew] = sn;
+    }
+  }
+  __syncthreads();
+
+  // out, with H and z as they were before this step's fold.
+  for (int64_t idx = threadIdx.x; idx < G * dim; idx += kBlock) {
+    const int64_t g = idx / dim, d = idx % dim;
+    const float* h = hs + g * kHeadScalars;
+    const float M = h[kHeadTotalM];
+    float o = sparse.o_sum(g, d);
+    if (slot0) o += chunk_weight(h[kHeadLogit0], M) * to_float(v_slots[d]);
+    if (fresh) o += chunk_weight(h[kHeadLogitNew], M) * to_float(v_new[d]);
+    const float* phi_row = R > 0 ? phi_t + g * a.T * R : nullptr;
+    const float* H_bh = R > 0 ? a.H + bh * R * dim : nullptr;
+    out_t[g * a.T * dim + d] =
+        from_float<T>(finish_output(o, M, h[kHeadTotalL], h[kHeadDen], phi_row, H_bh, d, R, dim));
+  }
+
+  // probs; a pad token's attention is no evidence, so then none are built and no score changes.
+  if (fresh) {
+    sparse.template probs<kBlock>(G, S, probs);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float p_new = 0.f, p0 = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* h = hs + g * kHeadScalars;
+        p_new += tile_weight(h[kHeadLogitNew], h[kHeadTotalM], h[kHeadTotalL]);
+        p0 += tile_weight(h[kHeadLogit0], h[kHeadTotalM], h[kHeadTotalL]);
+      }
+      probs[slot] = p_new;
+      if (slot0) probs[0] = p0;
+    }
+  }
+
+  // Insert (slot 0's row, read above, is not the one written unless the token takes slot 0).
+  for (int64_t d = threadIdx.x; d < dim; d += kBlock) {
+    k_slots[slot * dim + d] = k_new[d];
+    v_slots[slot * dim + d] = v_new[d];
+  }
+  for (int64_t r = threadIdx.x; r < R; r += kBlock) a.psi_slots[(bh * S + slot) * R + r] = psi_new[r];
+  if (threadIdx.x == 0) {
+    pos[slot] = position;
+    scores[slot] = 0.f;
+  }
+  __syncthreads();
+
+  const int victim = slot_row::score_and_evict<kBlock>(scores, pos, fresh ? probs : nullptr, S, a.policy, a.budget,
+                                                       a.recent, a.sinks);
+
+  // Fold the victim (its row is intact: eviction only marks the slot free). One writer per element of H and z.
+  if (victim >= 0 && R > 0) {
+    const float* psi = a.psi_slots + (bh * S + victim) * R;
+    const T* v_victim = v_slots + victim * dim;
+    float* H = a.H + bh * R * dim;
+    for (int64_t idx = threadIdx.x; idx < R * dim; idx += kBlock)
+      H[idx] += psi[idx / dim] * to_float(v_victim[idx % dim]);
+    for (int64_t r = threadIdx.x; r < R; r += kBlock) a.z[bh * R + r] += psi[r];
+  }
+}
+
+// One launch for token t's whole step: a block per (b, KV head) attends over all its slots, then finishes.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+    decode_step_kernel(DecodeStepArgs a, DecodePlan plan, Workspace ws, int64_t t) {
+  const int64_t G = a.Hq / a.Hkv, S = a.S, dim = a.D;
+  const int64_t bh = blockIdx.x;
+  const int64_t head0 = bh * G;
+  __shared__ float hs[kMaxHeads * kHeadScalars];
+  LESS_DYNAMIC_SHARED(float, smem);
+
+  ChunkView view{};
+  view.q = static_cast<const T*>(a.q) + (head0 * a.T + t) * dim;
+  view.q_stride = a.T * dim;
+  view.k = static_cast<const T*>(a.k_slots) + bh * S * dim;
+  view.v = static_cast<const T*>(a.v_slots) + bh * S * dim;
+  view.pos = a.pos + bh * S;
+  view.heads = static_cast<int>(G);
+  view.rows = static_cast<int>(S);
+  view.dim = static_cast<int>(dim);
+  view.exclude = 0;
+  view.tile = static_cast<int>(plan.tile);
+  view.scale = a.scale;
+  if (plan.p_in_workspace) {
+    view.p_out = ws.p + head0 * S;
+    view.p_stride = S;
+    view.tile_m_out = ws.tile_m + head0 * plan.tiles;
+    view.tile_m_stride = plan.tiles;
+  }
+  const float* o = attend_chunk<T, D>(view, hs, smem);
+  float* p = plan.p_in_workspace ? ws.p + head0 * S : smem;
+  ChunkInShared sparse{o, hs, p, plan.p_in_workspace ? S : plan.tile,
+                       plan.p_in_workspace ? ws.tile_m + head0 * plan.tiles : nullptr, plan.tiles, plan.tile, dim};
+  finish_step<T, kThreads>(a, bh, t, sparse, hs, p);
+}
+
+// Split form, second launch: one block per (b, KV head) merges the chunk partials and finishes token t's step.
+template <typename T>
+__global__ void __launch_bounds__(kFinishThreads)
+    decode_step_finish_kernel(DecodeStepArgs a, DecodePlan plan, Workspace ws, int64_t t) {
+  const int64_t G = a.Hq / a.Hkv, S = a.S, dim = a.D;
+  const int64_t bh = blockIdx.x;
+  const int64_t head0 = bh * G;
+  LESS_DYNAMIC_SHARED(float, hs);  // [G][kHeadScalars]
+  ChunksInWorkspace sparse{ws.chunk_ml + head0 * plan.chunks * 2, ws.o + head0 * plan.chunks * dim,
+                           ws.tile_m + head0 * plan.tiles, ws.p + head0 * S, plan.chunks, plan.tiles, plan.tile,
+                           S, dim};
+  finish_step<T, kFinishThreads>(a, bh, t, sparse, hs, ws.p + head0 * S);
+}
+
+template <typename T, int D>
+cudaError_t launch_single(const DecodeStepArgs& a, const DecodePlan& plan, const Workspace& ws, cudaStream_t stream) {
+  const auto kernel = decode_step_kernel<T, D>;
+  const size_t smem = chunk_smem_bytes(plan, a.D);
+  for (int64_t t = 0; t < a.T; ++t) {
+    LESS_LAUNCH(kernel, static_cast<unsigned>(a.B * a.Hkv), kThreads, smem, stream)(a, plan, ws, t);
+    const cudaError_t error = cudaGetLastError();
+    if (error != cudaSuccess) return error;
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t launch_split(const DecodeStepArgs& a, const DecodePlan& plan, void* workspace, cudaStream_t stream) {
+  const Workspace ws = carve_workspace(workspace, a.B, a.Hq, a.S, a.D, plan);
+  const size_t smem = sizeof(float) * kHeadScalars * static_cast<size_t>(a.Hq / a.Hkv);
+  if (smem > kFinishSmemBudget) return cudaErrorInvalidValue;  // G beyond any model's (over a thousand)
+  const auto kernel = decode_step_finish_kernel<T>;
+  for (int64_t t = 0; t < a.T; ++t) {
+    // Token t's queries: rows T * D apart in q [B, Hq, T, D].
+    const DecodeAttentionArgs chunks{static_cast<const T*>(a.q) + t * a.D, a.k_slots, a.v_slots, a.pos, nullptr,
+                                     nullptr, nullptr, nullptr, nullptr, a.B, a.Hq, a.Hkv, a.S, a.D, 0, a.dtype,
+                                     a.scale};
+    cudaError_t error = launch_decode_attention_partials(chunks, plan, workspace, /*exclude=*/0, a.T * a.D, stream);
+    if (error != cudaSuccess) return error;
+    LESS_LAUNCH(kernel, static_cast<unsigned>(a.B * a.Hkv), kFinishThreads, smem, stream)(a, plan, ws, t);
+    error = cudaGetLastError();
+    if (error != cudaSuccess) return error;
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t launch_for_type(const DecodeStepArgs& a, const DecodePlan& plan, void* workspace, cudaStream_t stream) {
+  if (plan.split) return launch_split<T>(a, plan, workspace, stream);
+  const Workspace ws = carve_workspace(workspace, a.B, a.Hq, a.S, a.D, plan);
+  LESS_DISPATCH_ROW_LAYOUT(plan.vectorized, a.D, D, return launch_single<T, D>(a, plan, ws, stream));
+}
+
+}  // namespace
+
+DecodePlan plan_decode_step(const DecodeStepArgs& a, int num_sms, int64_t chunk, int64_t tile) {
+  return plan_slots(a.B, a.Hq, a.Hkv, a.S, a.D, is_aligned16(a.k_slots) && is_aligned16(a.v_slots), num_sms, chunk,
+                    tile);
+}
+
+size_t decode_step_workspace_bytes(const DecodeStepArgs& a, const DecodePlan& plan) {
+  return sizeof(float) * workspace_layout(a.B, a.Hq, a.S, a.D, plan, nullptr, nullptr);
+}
+
+cudaError_t launch_decode_step(const DecodeStepArgs& a, const DecodePlan& plan, void* workspace,
+                               cudaStream_t stream) {
+  if (a.B == 0 || a.Hkv == 0 || a.Hq == 0 || a.T == 0) return cudaSuccess;
+  if (!decode_attention_supports_head_dim(a.D) || a.S < 1 || a.Hkv > kMaxStepKvHeads) return cudaErrorInvalidValue;
+  LESS_DISPATCH_SCALAR(a.dtype, T, return launch_for_type<T>(a, plan, workspace, stream));
+}
+
+}  // namespace cuda
+}  // namespace less_cuda
