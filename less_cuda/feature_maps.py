@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .ops import less_feature_maps
+
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "kernels.safetensors"
@@ -70,8 +72,9 @@ class HeadMLP(nn.Module):
         self.w2 = _uniform(heads, hidden, rank, fan=hidden + rank)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.gelu(torch.einsum("bhtd,hde->bhte", x.float(), self.w1))
-        return F.gelu(torch.einsum("bhte,her->bhtr", h, self.w2))
+        # Batched matmuls broadcast the per-head weights over the batch: half the dispatcher calls of einsum, which
+        # matters in decode, where this runs once per layer and token on tiny tensors.
+        return F.gelu(F.gelu(x.float() @ self.w1) @ self.w2)
 
 
 class LayerKernels(nn.Module):
@@ -92,7 +95,19 @@ class LayerKernels(nn.Module):
     def psi(self, k: Tensor) -> Tensor:
         """k [B, Hkv, T, D] -> psi(k) [B, Hkv, T, R] fp32, non-negative."""
         a = self.psi_scale.abs() * self.psi_mlp(k)
-        return (a + torch.einsum("bhtr,hrs->bhts", a, self.psi_interaction) * self.psi_interaction_scale).abs()
+        return (a + (a @ self.psi_interaction) * self.psi_interaction_scale).abs()
+
+    def inference_weights(self) -> tuple[Tensor, ...]:
+        """The weights in the order of `ops.less_feature_maps`."""
+        return (self.phi_mlp.w1, self.phi_mlp.w2, self.psi_mlp.w1, self.psi_mlp.w2, self.psi_scale,
+                self.psi_interaction, self.psi_interaction_scale)  # fmt: skip
+
+    def features(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """(phi(q), psi(k)). Without gradients on CPU one fused op computes both (decode runs this per layer and
+        token, where a chain of small ops would cost more than the arithmetic); otherwise the differentiable form."""
+        if not torch.is_grad_enabled() and q.device.type == "cpu":
+            return less_feature_maps(q, k, *self.inference_weights())
+        return self.phi(q), self.psi(k)
 
 
 class LessKernels(nn.Module):
@@ -122,6 +137,10 @@ class LessKernels(nn.Module):
 
     def psi(self, layer: int, k: Tensor) -> Tensor:
         return self.layer_kernels[str(layer)].psi(k)
+
+    def features(self, layer: int, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """(phi(q), psi(k)) of one layer; see `LayerKernels.features`."""
+        return self.layer_kernels[str(layer)].features(q, k)
 
     def save_pretrained(self, directory: Union[str, Path], dtype: torch.dtype = torch.float16) -> None:
         """Write config.json and kernels.safetensors into `directory`, the tensors in `dtype` (fp16 halves the size;

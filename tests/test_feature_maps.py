@@ -33,6 +33,35 @@ def test_phi_and_psi_are_nonnegative_fp32_with_the_documented_shapes():
     assert kernels.has_layer(2) and not kernels.has_layer(1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7)], ids=["decode", "multi-token"])
+def test_fused_features_match_the_differentiable_form(dtype, shape):
+    """The inference op (one call for phi and psi) against LayerKernels.phi / .psi, with trained-like weights."""
+    from helpers import assert_close_ratio
+
+    kernels = LessKernels(tiny_config(kernel_hidden=24, rank=8))
+    layer = kernels.layer_kernels["0"]
+    with torch.no_grad():
+        layer.psi_scale.uniform_(-1.0, 1.0)  # negative scales too: psi takes their absolute value
+        layer.psi_interaction_scale.uniform_(-1.0, 1.0)
+    B, T = shape
+    q, k = torch.randn(B, 4, T, 16).to(dtype), torch.randn(B, 2, T, 16).to(dtype)
+    expected = kernels.phi(0, q), kernels.psi(0, k)
+    with torch.no_grad():
+        phi, psi = kernels.features(0, q, k)
+    assert_close_ratio(phi, expected[0], torch.float32, what="phi")
+    assert_close_ratio(psi, expected[1], torch.float32, what="psi")
+    torch.library.opcheck(torch.ops.less_cuda.feature_maps.default, (q, k, *layer.inference_weights()),
+                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+
+
+def test_features_keep_gradients_when_they_are_needed():
+    kernels = LessKernels(tiny_config())
+    phi, psi = kernels.features(0, torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16))
+    (phi.sum() + psi.sum()).backward()
+    assert kernels.layer_kernels["0"].phi_mlp.w1.grad is not None
+
+
 def test_untrained_psi_folds_almost_nothing():
     kernels = LessKernels(tiny_config())
     phi, psi = kernels.phi(0, torch.randn(1, 4, 64, 16)), kernels.psi(0, torch.randn(1, 2, 64, 16))
