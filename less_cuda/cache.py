@@ -6,7 +6,7 @@ rank-R state H, z: its size stops growing once the budget is reached. The sparse
 machinery with R = 0 (no feature maps, an empty state that attention ignores exactly).
 
 Positions given to the policy are each real token's index among the real tokens of its row
-(`reference.token_positions`), so left padding shifts nothing; pad tokens are never attended, scored, kept or folded.
+(`slots.token_positions`), so left padding shifts nothing; pad tokens are never attended, scored, kept or folded.
 
 A prompt fed to a fresh cache in one forward call is compressed at once (exact attention, H2O column sums, keep
 the recent and top-scoring tokens, fold the rest). Chunked prefill in that sense is not offered: the selection needs
@@ -25,11 +25,12 @@ from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
-from . import reference
+from . import reference, slots
 from .attention import announce, use_less_attention
 from .feature_maps import LessKernels
-from .ops import less_decode_attention, less_score_and_evict_, less_state_update_
+from .ops import less_decode_step_, less_state_update_
 from .policy import Policy, ResolvedPolicy
+from .prefill import prefill_attention
 
 
 def model_layout(config: PretrainedConfig) -> dict:
@@ -47,15 +48,11 @@ def model_layout(config: PretrainedConfig) -> dict:
 class LessLayer(CacheLayerMixin):
     """One full-attention layer under LESS (H2O or Λ, with or without the low-rank state).
 
-    State (a `reference.SlotCache`), S = budget + 1 slots per (batch row, KV head):
-        k, v [B, Hkv, S, D] in the model's dtype; psi [B, Hkv, S, R] fp32 (psi(k) of each slot, so an evicted token
-        is folded without recomputing it); pos [B, Hkv, S] int32 (EMPTY for a free slot); scores [B, Hkv, S] fp32
-        (H2O's accumulated attention); H [B, Hkv, R, D] and z [B, Hkv, R] fp32. R = 0 without feature maps.
-    next_position [B] int32: real tokens seen per row, the position the next real token gets.
+    State: a `slots.SlotCache` with S = budget + 1 slots per (batch row, KV head) and R = 0 without feature maps.
 
     transformers' protocol: `update` receives the new tokens' k/v and returns them unchanged (a compressed layer
     cannot hand back the full history); the "less" attention function then calls `prefill` (first call) or
-    `decode`, which insert, attend, evict and fold through the ops.
+    `decode`, which runs the fused decode step (`ops.less_decode_step_`): one op call per layer and forward.
     """
 
     is_compileable = False
@@ -69,8 +66,7 @@ class LessLayer(CacheLayerMixin):
         self.policy = policy
         self.kernels = kernels
         self.resolved: Optional[ResolvedPolicy] = None
-        self.slots: Optional[reference.SlotCache] = None
-        self.next_position: Optional[Tensor] = None
+        self.slots: Optional[slots.SlotCache] = None
         self.seen = 0  # columns seen, padding included: what transformers counts for masks and positions
         self.awaiting_attention = False
 
@@ -96,10 +92,6 @@ class LessLayer(CacheLayerMixin):
         announce(self, key_states)
         return key_states, value_states
 
-    def _phi(self, q: Tensor) -> Optional[Tensor]:
-        """phi(q) [B, Hq, T, R], or None without feature maps."""
-        return None if self.kernels is None else self.kernels.phi(self.layer_idx, q)
-
     def _psi(self, k: Tensor) -> Tensor:
         """psi(k) [B, Hkv, T, R]; R = 0 without feature maps."""
         if self.kernels is None:
@@ -107,24 +99,29 @@ class LessLayer(CacheLayerMixin):
         return self.kernels.psi(self.layer_idx, k)
 
     @torch.no_grad()
-    def prefill(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float) -> None:
+    def prefill(
+        self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float, scores: Optional[Tensor] = None
+    ) -> None:
         """Compress a prompt into the slots and the state. q [B, Hq, T, D]; k, v [B, Hkv, T, D]; valid [B, T] bool.
 
-        H2O scores are the column sums of the prompt's causal attention; the policy keeps `budget` tokens per row
-        and KV head; every other real token is folded into H, z in one call.
+        H2O scores are the column sums of the prompt's causal attention, scores [B, Hkv, T] fp32: the attention
+        function passes those of its own pass (`prefill.prefill_attention`); without them they are computed here.
+        Λ needs none. The policy keeps `budget` tokens per row and KV head; every other real token is folded into
+        H, z in one call.
         """
         self.awaiting_attention = False
         B, Hkv, T, D = k.shape
         lengths = valid.sum(dim=-1)
         self.resolved = self.policy.resolve(int(lengths.max()))
         if self.resolved.policy_id == reference.H2O:
-            scores = reference.prefill_scores(q, k, valid, scale)
+            if scores is None:
+                scores = prefill_attention(q, k, v, valid, scale)[1]
         else:  # Λ orders evictions by position alone
             scores = torch.zeros(B, Hkv, T, dtype=torch.float32, device=k.device)
-        keep = reference.prefill_keep(scores, valid, *self.resolved.as_args())
-        positions = reference.token_positions(valid)[:, None, :].expand(B, Hkv, T)
+        keep = slots.prefill_keep(scores, valid, *self.resolved.as_args())
+        positions = slots.token_positions(valid)[:, None, :].expand(B, Hkv, T)
         psi = self._psi(k)
-        slot_k, slot_v, slot_psi, slot_scores, slot_pos, index = reference.gather_tokens(
+        slot_k, slot_v, slot_psi, slot_scores, slot_pos, index = slots.gather_tokens(
             keep, self.resolved.num_slots, k, v, psi, scores, positions
         )
         R = psi.shape[-1]
@@ -133,36 +130,18 @@ class LessLayer(CacheLayerMixin):
         if R:
             less_state_update_(H, z, psi.contiguous(), v.contiguous(), valid[:, None, :] & ~keep)
         pos = torch.where(index >= 0, slot_pos, reference.EMPTY).to(torch.int32)
-        self.slots = reference.SlotCache(slot_k, slot_v, slot_psi, pos, slot_scores, H, z)
-        self.next_position = lengths.to(torch.int32)
+        self.slots = slots.SlotCache(slot_k, slot_v, slot_psi, pos, slot_scores, H, z, lengths.to(torch.int32))
 
     @torch.no_grad()
     def decode(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float) -> Tensor:
-        """The decode step for each of T new tokens in turn. q [B, Hq, T, D]; k, v [B, Hkv, T, D]; valid [B, T].
-        Returns out [B, Hq, T, D]. A pad token takes no slot, adds no score and evicts nothing."""
+        """The decode step for each of T new tokens in turn, in one fused op call.
+        q [B, Hq, T, D]; k, v [B, Hkv, T, D]; valid [B, T]. Returns out [B, Hq, T, D].
+        A pad token takes no slot, adds no score and evicts nothing."""
         self.awaiting_attention = False
-        s, (policy, budget, recent, sinks) = self.slots, self.resolved.as_args()
-        phi, psi = self._phi(q), self._psi(k)
-        outs = []
-        for t in range(q.shape[2]):
-            real = valid[:, t]
-            # A pad token is written with position EMPTY, so its slot stays free.
-            position = torch.where(real, self.next_position, reference.EMPTY)
-            reference.insert_token(s, k[:, :, t], v[:, :, t], psi[:, :, t], position)
-            self.next_position += real.to(torch.int32)
-            # The ops take contiguous tensors, and the slice of a multi-token call is strided.
-            state = (phi[:, :, t].contiguous(), s.H, s.z) if phi is not None else (None, None, None)
-            out, probs = less_decode_attention(q[:, :, t].contiguous(), s.k, s.v, s.pos, *state, scale=scale)
-            probs = probs * real[:, None, None]  # a pad query's attention is no evidence for H2O
-            victim = less_score_and_evict_(s.scores, s.pos, probs, policy, budget, recent, sinks)
-            if phi is not None:
-                self._fold(victim)
-            outs.append(out)
-        return torch.stack(outs, dim=2)
-
-    def _fold(self, victim: Tensor) -> None:
-        """Fold each (b, h)'s freed slot (victim [B, Hkv], -1 for none) into H, z; eviction left its psi, v there."""
-        less_state_update_(self.slots.H, self.slots.z, *reference.victim_tokens(self.slots, victim))
+        phi = psi = None
+        if self.kernels is not None:  # phi(q), psi(k) once for all of the call's tokens
+            phi, psi = self.kernels.features(self.layer_idx, q, k)
+        return less_decode_step_(self.slots, q, k, v, phi, psi, valid, *self.resolved.as_args(), scale=scale)
 
     def get_seq_length(self) -> int:
         """Tokens seen (columns, padding included), not slots kept: transformers derives positions from it."""
@@ -179,7 +158,7 @@ class LessLayer(CacheLayerMixin):
         """Bytes held: k, v, psi, pos, scores, H, z and next_position."""
         if self.slots is None:
             return 0
-        return sum(t.nelement() * t.element_size() for t in (*vars(self.slots).values(), self.next_position))
+        return sum(t.nelement() * t.element_size() for t in vars(self.slots).values())
 
     def full_nbytes(self) -> int:
         """Bytes a full cache (transformers' DynamicLayer) would hold for the same tokens: K and V of every column."""
@@ -192,7 +171,6 @@ class LessLayer(CacheLayerMixin):
         """Apply a batch-dimension selection to every per-row tensor."""
         if self.slots is not None:
             self.slots = replace(self.slots, **{name: fn(t) for name, t in vars(self.slots).items()})
-            self.next_position = fn(self.next_position)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row i takes the state of row beam_idx[i]."""
@@ -208,7 +186,7 @@ class LessLayer(CacheLayerMixin):
         raise NotImplementedError("a LessCache cannot be cropped: evicted tokens are folded into the state for good")
 
     def reset(self) -> None:
-        self.resolved = self.slots = self.next_position = None
+        self.resolved = self.slots = None
         self.seen = 0
         self.awaiting_attention = self.is_initialized = False
 

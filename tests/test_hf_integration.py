@@ -10,6 +10,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from helpers import assert_close_ratio
 from less_cuda import reference as ref
+from less_cuda import slots
 from less_cuda.attention import less_attention
 from less_cuda.cache import LessCache, LessLayer, model_layout
 from less_cuda.feature_maps import LessKernels, LessKernelsConfig
@@ -142,7 +143,7 @@ def test_a_pad_token_in_a_later_call_changes_nothing():
         new = getattr(layer.slots, name)
         assert torch.equal(new[1], old[1]), f"padding changed {name}"
         assert not torch.equal(new[0], old[0]), f"a real token left {name} unchanged"
-    assert layer.next_position.tolist() == [9, 8]
+    assert layer.slots.next_position.tolist() == [9, 8]
 
 
 @pytest.mark.parametrize("policy", ["h2o", "lambda"])
@@ -169,14 +170,15 @@ def test_slots_state_and_outputs_follow_the_reference_stream(policy, monkeypatch
         (_, q, k, v, _, scale), *steps = [c for c in calls if c[0] == layer.layer_idx]
         args = layer.resolved.as_args()
         scores = ref.prefill_scores(q, k, valid, scale) if policy == "h2o" else torch.zeros(k.shape[:3])
-        keep = ref.prefill_keep(scores, valid, *args)
+        keep = slots.prefill_keep(scores, valid, *args)
         phi, psi = kernels.phi(layer.layer_idx, q), kernels.psi(layer.layer_idx, k)
-        positions = ref.token_positions(valid)[:, None].expand(k.shape[:3])
-        slot_k, slot_v, slot_psi, slot_scores, slot_pos, index = ref.gather_tokens(
+        positions = slots.token_positions(valid)[:, None].expand(k.shape[:3])
+        slot_k, slot_v, slot_psi, slot_scores, slot_pos, index = slots.gather_tokens(
             keep, args[1] + 1, k, v, psi, scores, positions
         )
         H, z = ref.state_fold(psi, v, valid[:, None] & ~keep)
-        stream = ref.SlotCache(slot_k, slot_v, slot_psi, torch.where(index >= 0, slot_pos, -1).int(), slot_scores, H, z)
+        stream = slots.SlotCache(slot_k, slot_v, slot_psi, torch.where(index >= 0, slot_pos, -1).int(), slot_scores,
+                                 H, z, valid.sum(-1).int())
         position = valid.sum(-1)
         for _, q, k, v, out, _ in steps:
             expected = ref.decode_step(
@@ -313,3 +315,63 @@ def test_a_cache_without_the_less_attention_is_refused():
     model.set_attn_implementation("sdpa")
     with pytest.raises(RuntimeError, match="attention implementation must be 'less'"):
         generate(model, ids, mask, 3, past_key_values=cache)
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that reach the dispatcher's backends (after autograd and composite decompositions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _decode_ops(model, cache, ids, mask) -> list[str]:
+    """The ops of one decode step (one new token per row) after a prefill."""
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        step_mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        with _CountOps() as counter:
+            model(input_ids=ids[:, -1:], attention_mask=step_mask, past_key_values=cache)
+    return counter.calls
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_decode_step_adds_few_dispatcher_calls_to_the_full_cache(padded):
+    """The sparse-only LessCache's decode step costs at most 5 dispatcher calls per layer and token more than the
+    full cache's: the step is one fused op, not a chain of small ones."""
+    from transformers import DynamicCache
+
+    model = tiny_llama()
+    ids, mask = left_padded(prompts(20, 14 if padded else 20))
+    full = _decode_ops(model, DynamicCache(config=model.config), ids, mask)
+    less = _decode_ops(model, LessCache(model, None, Policy("h2o", budget=8)), ids, mask)
+    assert less.count("less_cuda.decode_step_.default") == model.config.num_hidden_layers
+    extra = (len(less) - len(full)) / model.config.num_hidden_layers
+    assert extra <= 5, f"{extra:.1f} extra calls per layer: {sorted(set(less) - set(full))}"
+
+
+@pytest.mark.parametrize("lowrank", [True, False], ids=["less", "sparse"])
+def test_layer_decode_compiles_as_one_graph(lowrank):
+    """torch.compile(fullgraph=True) of a LessLayer's decode step, φ/ψ included, has no graph break, and steps the
+    slots exactly as the eager call does."""
+    import copy
+
+    model = tiny_llama()
+    cache = LessCache(model, random_kernels(model) if lowrank else None, Policy("h2o", budget=8))
+    ids, mask = left_padded(prompts(20, 14))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    eager, compiled = cache.layers[0], copy.deepcopy(cache.layers[0])
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 1, 16, generator=g)
+    k, v = torch.randn(2, 2, 1, 16, generator=g), torch.randn(2, 2, 1, 16, generator=g)
+    valid = torch.tensor([[True], [False]])
+    expected = eager.decode(q, k, v, valid, 0.25)
+    out = torch.compile(compiled.decode, fullgraph=True, backend="aot_eager")(q, k, v, valid, 0.25)
+    assert_close_ratio(out, expected, what="compiled decode")
+    for name, tensor in vars(eager.slots).items():
+        assert torch.allclose(getattr(compiled.slots, name), tensor), f"slots.{name} differ"

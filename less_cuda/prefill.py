@@ -1,0 +1,135 @@
+"""Prompt attention and H2O scores in one pass: what a LessLayer needs when it first sees a prompt.
+
+`prefill_attention` computes exact causal attention over the prompt and, from the very same probabilities, the H2O
+column sums that `reference.prefill_scores` defines, so compression costs no second attention pass.
+
+Layout (one layer): q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv]; the G = Hq // Hkv query heads of KV head
+h are q[:, h*G:(h+1)*G] (transformers' `repeat_kv` convention), so their rows stack into one plain matrix per
+(b, h) and each step is a batched matmul over (b, h).
+
+The work is split into steps of `chunk` query rows and a group of batch rows. A step meets only the key columns its
+rows can see (0 .. end of the chunk), so the probability block is at most [nb, Hq, chunk, T] and small enough that
+logits, softmax, probs @ v and the column sums run on cached data (`_batch_rows_per_step` sizes the group).
+Per step: 1 matmul for the logits, 1 mask of the causal corner, 1 in-place softmax, 1 matmul for the output and
+1 reduction for the column sums.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+DEFAULT_CHUNK = 64
+"""Query rows per step on CPU. Measured on SmolLM2's shape (9 / 3 heads, D 64; B 8 x 2k and B 1 x 1k tokens):
+64 rows (192 per matmul with G = 3) beat 32 (smaller matmuls, twice the steps) and 128 or more (blocks that
+leave the cache)."""
+CUDA_CHUNK = 256
+"""Query rows per step elsewhere: a GPU wants big matmuls, and its memory holds the larger block."""
+BLOCK_ELEMS = 1 << 23
+"""Largest probability block per step, in elements (32 MiB fp32): caps the batch rows of one step."""
+
+
+def prefill_attention(
+    q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float, chunk: Optional[int] = None
+) -> tuple[Tensor, Tensor]:
+    """Causal attention over a prompt and the H2O column sums of its probabilities, in one pass.
+
+    q [B, Hq, T, D]; k [B, Hkv, T, D]; v [B, Hkv, T, Dv]; valid [B, T] bool (False on padding); scale the logit
+    scale; chunk query rows per step (None: a per-device default).
+    Returns out [B, Hq, T, Dv] in q's dtype (a transposed view of a contiguous [B, T, Hq, Dv] tensor, the layout
+    transformers wants back) and scores [B, Hkv, T] fp32.
+    out: real query rows attend to the real keys at or before them (as sdpa with the causal and padding mask);
+    pad query rows are 0. scores: the column sums of those probabilities over query rows and the G query heads of
+    each KV head, 0 on padding (`reference.prefill_scores`). Math in fp32 whatever q's dtype.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    G = Hq // Hkv
+    if chunk is None:
+        chunk = DEFAULT_CHUNK if q.device.type == "cpu" else CUDA_CHUNK
+    chunk = max(1, min(chunk, T))
+    nb = _batch_rows_per_step(B, Hkv, Hq * chunk * T, q.device)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    # One copy each, in the layouts the matmuls read: k^T per (b, h) and contiguous v (transformers hands both over
+    # as strided views of the projections).
+    kt = k.to(torch.float32).transpose(-1, -2).contiguous()
+    vf = v.to(torch.float32).contiguous()
+    out = torch.empty(B, T, Hq, Dv, dtype=q.dtype, device=q.device)
+    scores = torch.zeros(B, Hkv, T, **f32)
+    # Buffers for the largest step, reused by every step (sliced to the step's shape).
+    probs_buf = torch.empty(nb * Hq * chunk * T, **f32)
+    q_buf = torch.empty(nb * Hq * chunk * D, **f32)
+    o_buf = torch.empty(nb * Hq * chunk * Dv, **f32)
+    upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu_(1)
+    in_place = q.device.type == "cpu"  # the CPU softmax kernel is verified safe in place (tests/test_prefill.py)
+    padded = not bool(valid.all())
+
+    for b0 in range(0, B, nb):
+        b1 = min(b0 + nb, B)
+        n_b = b1 - b0
+        bh = n_b * Hkv
+        kt_g = kt[b0:b1].view(bh, D, T)
+        v_g = vf[b0:b1].view(bh, T, Dv)
+        scores_g = scores[b0:b1].view(bh, 1, T)
+        if padded:
+            valid_g = valid[b0:b1]
+            pad = (~valid_g).any(dim=0)  # a pad row or column in some row of the group
+            pad_list = pad.tolist()  # one host sync per group, none per step
+            pad_end = T - pad_list[::-1].index(True) if any(pad_list) else 0
+        for s in range(0, T, chunk):
+            e = min(s + chunk, T)
+            n = e - s
+            rows = G * n
+            qc = q_buf[: bh * rows * D].view(n_b, Hkv, G, n, D)
+            qc.copy_(q[b0:b1, :, s:e].view(n_b, Hkv, G, n, D))
+            logits = probs_buf[: bh * rows * e].view(bh, rows, e)
+            # beta=0: the buffer's stale contents are never read.
+            torch.baddbmm(logits, qc.view(bh, rows, D), kt_g[:, :, :e], beta=0, alpha=scale, out=logits)
+            blocks = logits.view(n_b, Hkv, G, n, e)
+            blocks[..., s:e].masked_fill_(upper[:n, :n], -math.inf)  # causal: only this corner sees the future
+            if padded:
+                _mask_padding(blocks, valid_g, s, e, e if any(pad_list[s:e]) else min(e, pad_end))
+            probs = torch.ops.aten._softmax.out(logits, -1, False, out=logits) if in_place else logits.softmax(-1)
+            oc = o_buf[: bh * rows * Dv].view(bh, rows, Dv)
+            torch.bmm(probs, v_g[:, :e], out=oc)
+            scores_g[..., :e] += probs.sum(dim=1, keepdim=True)
+            out[b0:b1, s:e].view(n_b, n, Hkv, G, Dv).copy_(oc.view(n_b, Hkv, G, n, Dv).permute(0, 3, 1, 2, 4))
+    if padded:
+        # Pad rows attended to themselves only (see _mask_padding): clear what that left.
+        out.masked_fill_(~valid[:, :, None, None], 0.0)
+        scores.masked_fill_(~valid[:, None, :], 0.0)
+    return out.transpose(1, 2), scores
+
+
+def _batch_rows_per_step(B: int, Hkv: int, elems_per_row: int, device: torch.device) -> int:
+    """How many batch rows one step takes, given the probability elements one batch row adds to the block.
+
+    On CPU each matmul splits its nb * Hkv (b, h) matrices over the threads, so nb is the fewest rows that make
+    that count a multiple of the thread count: 3 KV heads on 2 threads took 1.5x as long as 6 (SmolLM2, B 8 x 2k
+    and 4k), and more rows than that only push the block out of cache. Elsewhere: as many as fit the block cap.
+    """
+    fit = max(1, BLOCK_ELEMS // max(1, elems_per_row))
+    if device.type != "cpu":
+        return min(B, fit)
+    threads = torch.get_num_threads()
+    return max(1, min(B, fit, threads // math.gcd(Hkv, threads)))
+
+
+def _mask_padding(blocks: Tensor, valid: Tensor, s: int, e: int, width: int) -> None:
+    """Mask the padding of one step's logits in place: blocks [nb, Hkv, G, n, e] for query rows s..e-1.
+
+    A real row must not see pad columns. A pad row is left its own diagonal alone rather than nothing, so that no
+    softmax row is all -inf (NaN) and its one-hot probability lands on a pad column, whose score is cleared at the
+    end. Only the first `width` columns can need a mask: all of them when the step has pad rows, else those up to
+    the last pad column of the group.
+    """
+    if width == 0:
+        return
+    rows = torch.arange(s, e, device=valid.device)[:, None]
+    cols = torch.arange(width, device=valid.device)
+    row_real = valid[:, s:e, None]
+    visible = (row_real & valid[:, None, :width]) | (~row_real & (cols == rows))  # [nb, n, width]
+    blocks[..., :width].masked_fill_(~visible[:, None, None], -math.inf)
