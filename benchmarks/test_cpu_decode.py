@@ -1,71 +1,101 @@
-"""CPU decode-step cost: the compiled LESS step against the pure-PyTorch reference step and against full-cache
-attention over the whole context, in one run. pytest-benchmark groups each setting, so its table shows the ratios
-(the multiple in brackets) of the three measured side by side; the header names the machine.
+"""Op-level CPU decode-step cost, measured side by side in one run (ratios in benchmarks/results/ratios.md):
+
+- the fused step (`less_decode_step_`) against the eager PyTorch reference step (`reference.decode_step`);
+- the fused step's K/V read rate against a plain read of the same bytes (a `sum` over them viewed as fp32: torch's
+  bf16 `sum` is several times slower than memory, which would flatter the step);
+- the LESS step over a 5% budget against full-cache SDPA decode attention over the whole 16k-token context.
+
+Every step starts from a full steady state (budget held plus one free slot), so each call inserts, attends, scores,
+evicts and folds, and leaves the same state shape for the next call.
 
 Run: make bench  (or .venv/bin/python -m pytest benchmarks/test_cpu_decode.py --benchmark-only)
 """
 
+from __future__ import annotations
+
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import RATIOS, Ratio
 
-from less_cuda import less_decode_attention, less_score_and_evict_, less_state_update_
+from less_cuda import less_decode_step_
 from less_cuda import reference as ref
+from less_cuda.slots import SlotCache
 
 HEADS = {"smollm2": (9, 3, 64), "llama": (32, 8, 128)}
-CONTEXT = 4096  # tokens seen; the full cache attends to all of them, LESS to budget + 1 slots
+RANK = 8
+FUSED_VS_REFERENCE = "B=8 smollm2 heads 9/3/64, 512 slots, bf16"
+BANDWIDTH = "B=8 llama heads 32/8/128, 2048 slots, bf16"
+LONG_CONTEXT = "B=8 llama heads 32/8/128, 16k context, LESS at 5% (819 tokens), bf16"
+CONTEXT_16K = 16384
+
+RATIOS += [
+    Ratio("fused step vs eager reference step", FUSED_VS_REFERENCE, "reference step", "fused step", 5.0),
+    Ratio("K/V read rate vs a plain read of the same bytes", BANDWIDTH, "plain read", "fused step", 0.5),
+    Ratio("LESS step vs full-cache SDPA decode", LONG_CONTEXT, "full-cache sdpa", "fused step", 15.0),
+]
 
 
-def _setting(model, B, budget):
+def steady_cache(model: str, B: int, S: int, dtype=torch.bfloat16) -> tuple[SlotCache, tuple]:
+    """S - 1 slots held (the budget) and one free; the new token's q, k, v, phi(q), psi(k)."""
     Hq, Hkv, D = HEADS[model]
-    R, S = 8, budget + 1
     g = torch.Generator().manual_seed(0)
-    cache = ref.SlotCache.empty(B, Hkv, S, D, R, torch.bfloat16)
-    cache.k.normal_(generator=g)
-    cache.v.normal_(generator=g)
+    cache = SlotCache.empty(B, Hkv, S, D, RANK, dtype)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
     cache.psi.uniform_(generator=g)
-    cache.pos.copy_(torch.arange(S, dtype=torch.int32))  # budget + 1 held: every step evicts one
-    q = torch.randn(B, Hq, D, generator=g).to(torch.bfloat16)
-    phi = torch.rand(B, Hq, R, generator=g)
-    return cache, q, phi
+    cache.pos.copy_(torch.arange(S, dtype=torch.int32))
+    cache.pos[..., -1] = ref.EMPTY
+    cache.next_position.fill_(S)
+    token = (
+        torch.randn(B, Hq, D, generator=g).to(dtype),
+        torch.randn(B, Hkv, D, generator=g).to(dtype),
+        torch.randn(B, Hkv, D, generator=g).to(dtype),
+        torch.rand(B, Hq, RANK, generator=g),
+        torch.rand(B, Hkv, RANK, generator=g),
+    )
+    return cache, token
 
 
-def _less_step(cache, q, phi, budget):
-    """The compiled ops of one decode step: attention, score + eviction, folding the victim."""
-    out, probs = less_decode_attention(q, cache.k, cache.v, cache.pos, phi, cache.H, cache.z)
-    victim = less_score_and_evict_(cache.scores, cache.pos, probs, "h2o", budget, recent=budget // 2)
-    less_state_update_(cache.H, cache.z, *ref.victim_tokens(cache, victim))
-    _refill(cache)
+def fused_step(cache: SlotCache, token: tuple, budget: int) -> torch.Tensor:
+    return less_decode_step_(cache, *token, None, "h2o", budget, budget // 2)
+
+
+def reference_step(cache: SlotCache, token: tuple, budget: int) -> torch.Tensor:
+    q = token[0]
+    out = ref.decode_step(cache, *token, cache.next_position, q.shape[-1] ** -0.5, ref.H2O, budget, budget // 2, 0)
+    cache.next_position += 1
     return out
 
 
-def _refill(cache):
-    """Refill the freed slot so the next round evicts again (a small copy, paid by every implementation)."""
-    cache.pos.copy_(torch.arange(cache.pos.shape[-1], dtype=torch.int32))
+@pytest.mark.parametrize("impl", ["fused step", "reference step"])
+def test_fused_vs_reference(timed, impl):
+    cache, token = steady_cache("smollm2", 8, 512)
+    step = fused_step if impl == "fused step" else reference_step
+    timed(FUSED_VS_REFERENCE, impl, step, cache, token, 511)
 
 
-def _reference_step(cache, q, phi, budget):
-    out, probs = ref.decode_attention(q, cache.k, cache.v, cache.pos, phi, cache.H, cache.z, q.shape[-1] ** -0.5)
-    victim = ref.score_and_evict_(cache.scores, cache.pos, probs, ref.H2O, budget, budget // 2, 0)
-    dH, dz = ref.state_fold(*ref.victim_tokens(cache, victim))
-    cache.H += dH
-    cache.z += dz
-    _refill(cache)
-    return out
-
-
-@pytest.mark.parametrize("model", list(HEADS))
-@pytest.mark.parametrize("B", [1, 8])
-@pytest.mark.parametrize("budget", [128, 512, 2048])
-@pytest.mark.parametrize("impl", ["less_ops", "reference", "full_cache_sdpa"])
-def test_decode_step(benchmark, model, B, budget, impl):
-    benchmark.group = f"{model} B={B} budget={budget} context={CONTEXT}"
-    cache, q, phi = _setting(model, B, budget)
-    if impl == "less_ops":
-        benchmark(_less_step, cache, q, phi, budget)
-    elif impl == "reference":
-        benchmark(_reference_step, cache, q, phi, budget)
+@pytest.mark.parametrize("impl", ["fused step", "plain read"])
+def test_bandwidth(timed, impl):
+    cache, token = steady_cache("llama", 8, 2048)
+    if impl == "fused step":
+        timed(BANDWIDTH, impl, fused_step, cache, token, 2047)
     else:
-        Hq, Hkv, D = HEADS[model]
-        k = torch.randn(B, Hkv, CONTEXT, D).to(torch.bfloat16)
-        benchmark(F.scaled_dot_product_attention, q[:, :, None], k, k, enable_gqa=True)
+        kv = torch.stack([cache.k, cache.v]).view(torch.float32)  # the same bytes, read at fp32 sum speed
+        timed(BANDWIDTH, impl, torch.sum, kv)
+
+
+@pytest.mark.parametrize("impl", ["fused step", "full-cache sdpa"])
+def test_long_context(timed, impl):
+    budget = round(0.05 * CONTEXT_16K)
+    if impl == "fused step":
+        cache, token = steady_cache("llama", 8, budget + 1)
+        timed(LONG_CONTEXT, impl, fused_step, cache, token, budget)
+    else:
+        Hq, Hkv, D = HEADS["llama"]
+        g = torch.Generator().manual_seed(1)
+        k, v = (torch.randn(8, Hkv, CONTEXT_16K, D, generator=g).to(torch.bfloat16) for _ in range(2))
+        q = torch.randn(8, Hq, 1, D, generator=g).to(torch.bfloat16)
+        timed(LONG_CONTEXT, impl, partial(F.scaled_dot_product_attention, enable_gqa=True), q, k, v)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
+from less_cuda.generation_timing import kv_cache_bytes, timed_generate
 from less_cuda.integration import apply, load_kernels
-from less_cuda.cache import LessCache
 from less_cuda.models import load_smollm2
 
 BUDGET = 128  # tokens kept per layer and KV head
@@ -54,38 +53,6 @@ def town_notes() -> str:
 QUESTION = "Answer from the notes: who is the lighthouse keeper, and in which year was the stone bridge finished?"
 
 
-class StepClock(StoppingCriteria):
-    """Timestamps each generation step (never stops generation): the first comes right after the prefill."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.times.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-def run(model, inputs, tokenizer) -> tuple[str, object, float, float]:
-    """Greedy generation; returns (text, cache, prefill seconds, decode tokens/s)."""
-    clock = StepClock()
-    start = time.perf_counter()
-    out = model.generate(
-        **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-        stopping_criteria=StoppingCriteriaList([clock]), return_dict_in_generate=True,
-    )
-    text = tokenizer.decode(out.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    decode_rate = (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
-    return text.strip(), out.past_key_values, clock.times[0] - start, decode_rate
-
-
-def kv_bytes(cache) -> int:
-    """Bytes held by a cache: a LessCache reports its own; a DynamicCache holds K and V of every token."""
-    if isinstance(cache, LessCache):
-        return cache.memory_report().total
-    assert isinstance(cache, DynamicCache)
-    return sum(t.nelement() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-
-
 def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
@@ -107,14 +74,14 @@ def main() -> None:
 
     for name, settings in runs.items():
         if settings is None:
-            result = run(model, inputs, tokenizer)
+            result = timed_generate(model, inputs, NEW_TOKENS)
         else:
             with apply(model, policy="h2o", budget=BUDGET, **settings):
-                result = run(model, inputs, tokenizer)
-        answer, cache, prefill_s, rate = result
+                result = timed_generate(model, inputs, NEW_TOKENS)
+        answer = tokenizer.decode(result.tokens[0], skip_special_tokens=True).strip()
         print(f"== {name}")
-        print(f"   KV cache: {kv_bytes(cache) / 2**20:.2f} MiB   prefill: {prefill_s:.2f} s   "
-              f"decode: {rate:.1f} tokens/s")
+        print(f"   KV cache: {kv_cache_bytes(result.cache) / 2**20:.2f} MiB   prefill: {result.prefill_s:.2f} s   "
+              f"decode: {result.decode_tokens_per_s:.1f} tokens/s")
         print(f"   answer: {answer!r}\n")
     print(f"total {time.perf_counter() - t0:.0f} s")
 

@@ -1,0 +1,94 @@
+"""The benchmarks' ratio table: each benchmark records what it measured under (setting, what), each module declares
+the ratios it is judged by, and at the end of the run the ratios of everything measured in that run are printed
+and written, with the machine, to benchmarks/results/ratios.md (pytest-benchmark's own JSON goes beside it when
+`make bench` passes --benchmark-json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+MEASURED: dict[tuple[str, str], float] = {}
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """value = measured[(setting, numerator)] / measured[(setting, denominator)]; met when value >= target."""
+
+    label: str
+    setting: str
+    numerator: str
+    denominator: str
+    target: float
+
+
+RATIOS: list[Ratio] = []
+
+
+def record(setting: str, what: str, value: float) -> None:
+    MEASURED[(setting, what)] = value
+
+
+@pytest.fixture
+def timed(benchmark):
+    """timed(setting, what, fn, *args, rounds=0): benchmark fn(*args) in the group `setting` and record its mean
+    seconds as `what`. rounds > 0 runs that many pedantic rounds (for slow calls) instead of calibrating."""
+
+    def run(setting: str, what: str, fn, *args, rounds: int = 0):
+        benchmark.group = setting
+        benchmark.name = what
+        if rounds:
+            result = benchmark.pedantic(fn, args, rounds=rounds, iterations=1, warmup_rounds=1)
+        else:
+            result = benchmark(fn, *args)
+        if benchmark.stats is not None:  # None under --benchmark-disable
+            record(setting, what, benchmark.stats.stats.mean)
+        return result
+
+    return run
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"Python {platform.python_version()}")  # fmt: skip
+
+
+def pytest_sessionfinish(session, exitstatus):
+    rows = []
+    for r in RATIOS:
+        num, den = MEASURED.get((r.setting, r.numerator)), MEASURED.get((r.setting, r.denominator))
+        if num is None or den is None:
+            continue
+        value = num / den
+        rows.append({"label": r.label, "setting": r.setting, "ratio": f"{r.numerator} / {r.denominator}",
+                     "value": value, "target": r.target, "met": value >= r.target})  # fmt: skip
+    if not rows:
+        return
+    lines = [f"Machine: {machine()}", "", "| measure | ratio | value | target | met |",
+             "| --- | --- | ---: | ---: | :-: |"]
+    for row in rows:
+        lines.append(f"| {row['label']} | {row['ratio']} | {row['value']:.2f} | >= {row['target']:g} | "
+                     f"{'yes' if row['met'] else 'NO'} |")  # fmt: skip
+    table = "\n".join(lines)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / "ratios.md").write_text(table + "\n")
+    measured = [{"setting": s, "what": w, "value": v} for (s, w), v in MEASURED.items()]
+    (RESULTS_DIR / "ratios.json").write_text(json.dumps({"machine": machine(), "ratios": rows, "measured": measured},
+                                                        indent=1))  # fmt: skip
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("\nLESS benchmark ratios (measured side by side in this run):\n" + table)

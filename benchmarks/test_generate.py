@@ -1,0 +1,80 @@
+"""End-to-end: SmolLM2-135M-Instruct `generate` as a user runs it (fp32, greedy), full cache against the sparse H2O
+baseline and LESS (H2O + the shipped low-rank checkpoint) at a 5% budget, side by side in one run.
+
+Per setting and method: prefill seconds (until the first new token), decode tokens/s per row timed from the first
+new token, and the KV bytes held at the end. Prompts are WikiText-2 validation text (../shared/data) when present,
+random tokens otherwise. The ratios (benchmarks/results/ratios.md) are the issue's targets: LESS decodes at least
+as fast as the full cache at batch 1 and 2.0x / 3.4x as fast at batch 8 with 2k / 4k prompts, stays within 10% of
+sparse H2O at batch 1, holds at most 10% of the full cache's bytes, and prefills in at most 1.15x the time.
+
+Run: make bench (about ten minutes on 2 cores; the batch-8 4k prefills dominate).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import RATIOS, Ratio, record
+
+from less_cuda.generation_timing import kv_cache_bytes, timed_generate
+from less_cuda.integration import apply
+
+WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+SETTINGS = {"batch 1, 1k prompt": (1, 1024), "batch 8, 2k prompts": (8, 2048), "batch 8, 4k prompts": (8, 4096)}
+METHODS = {"full": None, "sparse H2O": False, "LESS": True}  # apply()'s lowrank, None for no LESS at all
+NEW_TOKENS = 32
+DECODE_TARGET = {"batch 1, 1k prompt": 1.0, "batch 8, 2k prompts": 2.0, "batch 8, 4k prompts": 3.4}
+
+for _setting, _target in DECODE_TARGET.items():
+    RATIOS += [
+        Ratio("decode tokens/s, LESS vs full cache", _setting, "LESS decode tok/s", "full decode tok/s", _target),
+        Ratio("KV bytes, full cache vs LESS (>= 10: LESS <= 10%)", _setting, "full KV bytes", "LESS KV bytes", 10.0),
+        Ratio("prefill, full cache vs LESS (>= 0.87: LESS <= 1.15x)", _setting, "full prefill s", "LESS prefill s",
+              1 / 1.15),
+    ]  # fmt: skip
+RATIOS.append(Ratio("decode tokens/s, LESS vs sparse H2O (within 10%)", "batch 1, 1k prompt", "LESS decode tok/s",
+                    "sparse H2O decode tok/s", 0.9))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from less_cuda.models import load_smollm2
+
+    return load_smollm2(torch.float32)
+
+
+def prompts(tokenizer, batch: int, length: int) -> dict:
+    """`batch` different prompts of exactly `length` tokens."""
+    if WIKITEXT.is_file():
+        ids = tokenizer(WIKITEXT.read_text(), return_tensors="pt")["input_ids"][0]
+        if ids.numel() < batch * length:
+            raise ValueError(f"{WIKITEXT} has {ids.numel()} tokens, fewer than {batch} x {length}")
+        input_ids = ids[: batch * length].view(batch, length)
+    else:
+        generator = torch.Generator().manual_seed(0)
+        input_ids = torch.randint(100, tokenizer.vocab_size, (batch, length), generator=generator)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_generate(benchmark, smollm2, setting, method):
+    model, tokenizer = smollm2
+    inputs = prompts(tokenizer, *SETTINGS[setting])
+    lowrank = METHODS[method]
+
+    def run():
+        if lowrank is None:
+            return timed_generate(model, inputs, NEW_TOKENS)
+        with apply(model, policy="h2o", budget=0.05, lowrank=lowrank):
+            return timed_generate(model, inputs, NEW_TOKENS)
+
+    benchmark.group = setting
+    benchmark.name = method
+    result = benchmark.pedantic(run, rounds=1, iterations=1)
+    record(setting, f"{method} prefill s", result.prefill_s)
+    record(setting, f"{method} decode tok/s", result.decode_tokens_per_s)
+    record(setting, f"{method} KV bytes", kv_cache_bytes(result.cache))
+    benchmark.extra_info.update(prefill_s=result.prefill_s, decode_tokens_per_s=result.decode_tokens_per_s)
