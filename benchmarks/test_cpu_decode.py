@@ -3,7 +3,8 @@
 - the fused step (`less_decode_step_`) against the eager PyTorch reference step (`reference.decode_step`);
 - the fused step's K/V read rate against a plain read of the same bytes (a `sum` over them viewed as fp32: torch's
   bf16 `sum` is several times slower than memory, which would flatter the step);
-- the LESS step over a 5% budget against full-cache SDPA decode attention over the whole 16k-token context.
+- the LESS step over a 5% budget against full-cache SDPA decode attention over the whole 16k-token context, in
+  bf16 and fp32.
 
 Every step starts from a full steady state (budget held plus one free slot), so each call inserts, attends, scores,
 evicts and folds, and leaves the same state shape for the next call.
@@ -28,13 +29,15 @@ HEADS = {"smollm2": (9, 3, 64), "llama": (32, 8, 128)}
 RANK = 8
 FUSED_VS_REFERENCE = "B=8 smollm2 heads 9/3/64, 512 slots, bf16"
 BANDWIDTH = "B=8 llama heads 32/8/128, 2048 slots, bf16"
-LONG_CONTEXT = "B=8 llama heads 32/8/128, 16k context, LESS at 5% (819 tokens), bf16"
+LONG_CONTEXT = {dtype: f"B=8 llama heads 32/8/128, 16k context, LESS at 5% (819 tokens), {name}"
+                for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32"))}
 CONTEXT_16K = 16384
 
 RATIOS += [
     Ratio("fused step vs eager reference step", FUSED_VS_REFERENCE, "reference step", "fused step", 5.0),
     Ratio("K/V read rate vs a plain read of the same bytes", BANDWIDTH, "plain read", "fused step", 0.5),
-    Ratio("LESS step vs full-cache SDPA decode", LONG_CONTEXT, "full-cache sdpa", "fused step", 15.0),
+    *(Ratio("LESS step vs full-cache SDPA decode", setting, "full-cache sdpa", "fused step", 15.0)
+      for setting in LONG_CONTEXT.values()),
 ]
 
 
@@ -87,15 +90,17 @@ def test_bandwidth(timed, impl):
         timed(BANDWIDTH, impl, torch.sum, kv)
 
 
+@pytest.mark.parametrize("dtype", list(LONG_CONTEXT), ids=str)
 @pytest.mark.parametrize("impl", ["fused step", "full-cache sdpa"])
-def test_long_context(timed, impl):
+def test_long_context(timed, impl, dtype):
+    """fp32 too: torch's CPU SDPA reads bf16 K/V far below memory speed, which flatters the bf16 ratio."""
     budget = round(0.05 * CONTEXT_16K)
     if impl == "fused step":
-        cache, token = steady_cache("llama", 8, budget + 1)
-        timed(LONG_CONTEXT, impl, fused_step, cache, token, budget)
+        cache, token = steady_cache("llama", 8, budget + 1, dtype)
+        timed(LONG_CONTEXT[dtype], impl, fused_step, cache, token, budget)
     else:
         Hq, Hkv, D = HEADS["llama"]
         g = torch.Generator().manual_seed(1)
-        k, v = (torch.randn(8, Hkv, CONTEXT_16K, D, generator=g).to(torch.bfloat16) for _ in range(2))
-        q = torch.randn(8, Hq, 1, D, generator=g).to(torch.bfloat16)
-        timed(LONG_CONTEXT, impl, partial(F.scaled_dot_product_attention, enable_gqa=True), q, k, v)
+        k, v = (torch.randn(8, Hkv, CONTEXT_16K, D, generator=g).to(dtype) for _ in range(2))
+        q = torch.randn(8, Hq, 1, D, generator=g).to(dtype)
+        timed(LONG_CONTEXT[dtype], impl, partial(F.scaled_dot_product_attention, enable_gqa=True), q, k, v)

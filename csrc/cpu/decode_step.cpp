@@ -39,6 +39,7 @@ namespace {
 
 using simd::f8;
 constexpr int kHeadTile = 4;  // query heads per sweep over two K rows: eight independent FMA chains
+constexpr int kVRows = 4;     // V rows per sweep of the V pass (8 runs out of vector registers)
 
 struct StepPointers {
   void* k_slots;
@@ -75,27 +76,31 @@ struct Scratch {
     if (static_cast<int64_t>(logits.size()) < G * S) logits.resize(G * S);
     if (static_cast<int64_t>(o.size()) < G * D) o.resize(G * D);
     if (static_cast<int64_t>(lse.size()) < G) lse.resize(G);
-    if (static_cast<int64_t>(weights.size()) < 4 * G) weights.resize(4 * G);
+    if (static_cast<int64_t>(weights.size()) < kVRows * G) weights.resize(kVRows * G);
   }
 };
 
-// Logits of two K rows against kHeadTile query heads (q: pre-scaled fp32 rows of D, zero past the group):
-// eight independent FMA chains, reduced together. Returns [head t of k0 for t < 4, head t of k1 for t < 4].
+// Logits of two K rows against kHeadTile query heads (q: pre-scaled fp32 rows of D in load16's order, zero past
+// the group): eight independent FMA chains, reduced together. Returns [head t of k0 for t < 4, head t of k1].
 template <typename T>
 LESS_INLINE f8 logits_2x4(const float* q, const T* k0, const T* k1, int64_t D) {
   f8 acc[2 * kHeadTile] = {};
   int64_t d = 0;
-  for (; d + simd::kWidth <= D; d += simd::kWidth) {
-    const f8 a = simd::load8(k0 + d), b = simd::load8(k1 + d);
+  for (; d + simd::kBlock <= D; d += simd::kBlock) {
+    f8 a_lo, a_hi, b_lo, b_hi;
+    simd::load16(k0 + d, a_lo, a_hi);
+    simd::load16(k1 + d, b_lo, b_hi);
 #pragma GCC unroll 4
     for (int t = 0; t < kHeadTile; ++t) {
-      const f8 qv = simd::load(q + t * D + d);
-      acc[t] += qv * a;
-      acc[kHeadTile + t] += qv * b;
+      const f8 q_lo = simd::load(q + t * D + d), q_hi = simd::load(q + t * D + d + simd::kWidth);
+      acc[t] += q_lo * a_lo;  // one multiply-add per statement, so that each contracts to an FMA
+      acc[t] += q_hi * a_hi;
+      acc[kHeadTile + t] += q_lo * b_lo;
+      acc[kHeadTile + t] += q_hi * b_hi;
     }
   }
   f8 r = simd::hsum8(acc);
-  for (; d < D; ++d)  // head_dim not a multiple of 8
+  for (; d < D; ++d)  // head_dim not a multiple of 16: the tail is in natural order
     for (int t = 0; t < kHeadTile; ++t) {
       r[t] += q[t * D + d] * static_cast<float>(k0[d]);
       r[kHeadTile + t] += q[t * D + d] * static_cast<float>(k1[d]);
@@ -103,21 +108,29 @@ LESS_INLINE f8 logits_2x4(const float* q, const T* k0, const T* k1, int64_t D) {
   return r;
 }
 
-// o[g] += sum_u w[g * 4 + u] * v_u for four V rows and all G heads; each V block is loaded once for the group.
+// o[g] += sum_u w[g * kVRows + u] * v_u for kVRows V rows and all G heads (o in load16's order): each V block is
+// loaded once for the group, and each accumulator load and store is shared by kVRows multiply-adds.
 template <typename T>
-LESS_INLINE void accumulate_4(const T* const* v, const float* w, float* o, int64_t G, int64_t D) {
+LESS_INLINE void accumulate_rows(const T* const* v, const float* w, float* o, int64_t G, int64_t D) {
   int64_t d = 0;
-  for (; d + simd::kWidth <= D; d += simd::kWidth) {
-    const f8 v0 = simd::load8(v[0] + d), v1 = simd::load8(v[1] + d), v2 = simd::load8(v[2] + d),
-             v3 = simd::load8(v[3] + d);
+  for (; d + simd::kBlock <= D; d += simd::kBlock) {
+    f8 lo[kVRows], hi[kVRows];
+    for (int u = 0; u < kVRows; ++u) simd::load16(v[u] + d, lo[u], hi[u]);
     for (int64_t g = 0; g < G; ++g) {
-      const float* wg = w + g * 4;
-      simd::store(o + g * D + d, simd::load(o + g * D + d) + wg[0] * v0 + wg[1] * v1 + wg[2] * v2 + wg[3] * v3);
+      const float* wg = w + g * kVRows;
+      float* og = o + g * D + d;
+      f8 o_lo = simd::load(og), o_hi = simd::load(og + simd::kWidth);
+      for (int u = 0; u < kVRows; ++u) {
+        o_lo += wg[u] * lo[u];
+        o_hi += wg[u] * hi[u];
+      }
+      simd::store(og, o_lo);
+      simd::store(og + simd::kWidth, o_hi);
     }
   }
   for (; d < D; ++d)
     for (int64_t g = 0; g < G; ++g)
-      for (int u = 0; u < 4; ++u) o[g * D + d] += w[g * 4 + u] * static_cast<float>(v[u][d]);
+      for (int u = 0; u < kVRows; ++u) o[g * D + d] += w[g * kVRows + u] * static_cast<float>(v[u][d]);
 }
 
 // Rows are streamed once; a hardware prefetcher alone leaves one thread waiting on memory, so each pass asks for
@@ -201,6 +214,7 @@ LESS_INLINE void step_row(const StepPointers& a, int64_t bh, Scratch& w) {
   float* q = w.q.data();
   for (int64_t g = 0; g < G; ++g)
     simd::to_float(static_cast<const T*>(a.q) + ((bh * G + g) * tokens + t) * D, q + g * D, D);
+  for (int64_t g = 0; g < G; ++g) simd::permute16<T>(q + g * D, D, /*inverse=*/false);
   for (int64_t i = 0; i < G * D; ++i) q[i] *= a.scale;
   std::fill(q + G * D, q + padded_heads * D, 0.f);
   int32_t* occupied = w.occupied.data();
@@ -224,21 +238,21 @@ LESS_INLINE void step_row(const StepPointers& a, int64_t bh, Scratch& w) {
   float* lse = w.lse.data();
   for (int64_t g = 0; g < G; ++g) lse[g] = softmax_in_place(logits + g * S, S);
 
-  // 3. V pass: o_g = sum_j p_gj v_j (normalised sparse state), four slots at a time.
+  // 3. V pass: o_g = sum_j p_gj v_j (normalised sparse state), kVRows slots at a time.
   float* o = w.o.data();
   float* weights = w.weights.data();
   std::fill(o, o + G * D, 0.f);
-  for (int64_t i = 0; i < n; i += 4) {
-    const T* v_rows[4];
-    for (int64_t u = i + kPrefetchAhead; u < std::min(n, i + kPrefetchAhead + 4); ++u)
+  for (int64_t i = 0; i < n; i += kVRows) {
+    const T* v_rows[kVRows];
+    for (int64_t u = i + kPrefetchAhead; u < std::min(n, i + kPrefetchAhead + kVRows); ++u)
       prefetch_row(v_slots + occupied[u] * D, D);
-    for (int u = 0; u < 4; ++u) {
+    for (int u = 0; u < kVRows; ++u) {
       const bool live = i + u < n;  // past the end: weight 0 on a real row, so nothing stale is read
       const int64_t j = occupied[live ? i + u : i];
       v_rows[u] = v_slots + j * D;
-      for (int64_t g = 0; g < G; ++g) weights[g * 4 + u] = live ? logits[g * S + j] : 0.f;
+      for (int64_t g = 0; g < G; ++g) weights[g * kVRows + u] = live ? logits[g * S + j] : 0.f;
     }
-    accumulate_4(v_rows, weights, o, G, D);
+    accumulate_rows(v_rows, weights, o, G, D);
   }
   float* row = w.row.data();
 
@@ -248,6 +262,7 @@ LESS_INLINE void step_row(const StepPointers& a, int64_t bh, Scratch& w) {
   const float* z = a.z + bh * R;
   for (int64_t g = 0; g < G; ++g) {
     float* og = o + g * D;
+    simd::permute16<T>(og, D, /*inverse=*/true);
     if (R > 0) {
       const float* phi = a.phi_q + ((bh * G + g) * tokens + t) * R;
       float den = 0.f;

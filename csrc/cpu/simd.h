@@ -78,20 +78,51 @@ LESS_INLINE f8 exp(f8 x) {
   return x < lo ? f8{} : y * scale;
 }
 
-// Eight elements widened to fp32, straight from K/V memory.
-LESS_INLINE f8 load8(const float* p) { return load(p); }
-LESS_INLINE f8 load8(const c10::BFloat16* p) {
-  typedef uint16_t u8x16 __attribute__((vector_size(16), aligned(2)));
-  typedef uint32_t u8x32 __attribute__((vector_size(32)));
-  const u8x32 wide = __builtin_convertvector(*reinterpret_cast<const u8x16*>(p), u8x32) << 16;
-  f8 x;
-  std::memcpy(&x, &wide, sizeof(x));
-  return x;
+// Sixteen elements widened to fp32 straight from K/V memory, as two vectors (lo, hi). bf16 comes de-interleaved
+// (lo: elements 0, 2, ..., 14; hi: 1, 3, ..., 15): one 32-byte load, a shift and a mask, where widening in order
+// takes two zero-extends and a lane insert per eight. Operands that meet K or V (q rows, the output accumulators)
+// use the same order within each 16-element block: see permute16.
+constexpr int kBlock = 2 * kWidth;
+template <typename T>
+constexpr bool kDeinterleaved = false;
+template <>
+constexpr bool kDeinterleaved<c10::BFloat16> = true;
+
+LESS_INLINE void load16(const float* p, f8& lo, f8& hi) {
+  lo = load(p);
+  hi = load(p + kWidth);
 }
-LESS_INLINE f8 load8(const c10::Half* p) {
-  f8 x;
-  for (int i = 0; i < kWidth; ++i) x[i] = static_cast<float>(p[i]);
-  return x;
+LESS_INLINE void load16(const c10::BFloat16* p, f8& lo, f8& hi) {
+  typedef uint32_t u32x8 __attribute__((vector_size(32), aligned(2)));
+  const u32x8 words = *reinterpret_cast<const u32x8*>(p);  // word i = element 2i (low half) | element 2i+1 (high)
+  const u32x8 even = words << 16, odd = words & 0xffff0000u;
+  std::memcpy(&lo, &even, sizeof(lo));
+  std::memcpy(&hi, &odd, sizeof(hi));
+}
+LESS_INLINE void load16(const c10::Half* p, f8& lo, f8& hi) {
+  for (int i = 0; i < kWidth; ++i) {
+    lo[i] = static_cast<float>(p[i]);
+    hi[i] = static_cast<float>(p[kWidth + i]);
+  }
+}
+
+// Puts the whole 16-element blocks of x [n] into (or, with inverse, back from) load16's order for T.
+template <typename T>
+LESS_INLINE void permute16(float* x, int64_t n, bool inverse) {
+  if (!kDeinterleaved<T>) return;
+  float block[kBlock];
+  for (int64_t b = 0; b + kBlock <= n; b += kBlock) {
+    std::memcpy(block, x + b, sizeof(block));
+    for (int i = 0; i < kWidth; ++i) {
+      if (inverse) {
+        x[b + 2 * i] = block[i];
+        x[b + 2 * i + 1] = block[kWidth + i];
+      } else {
+        x[b + i] = block[2 * i];
+        x[b + kWidth + i] = block[2 * i + 1];
+      }
+    }
+  }
 }
 
 // Widen n elements to fp32 / narrow them back (round to nearest even, as torch does).
