@@ -78,11 +78,11 @@ def pytest_sessionfinish(session, exitstatus):
                      "value": value, "target": r.target, "met": value >= r.target})  # fmt: skip
     if not rows:
         return
-    lines = [f"Machine: {machine()}", "", "| measure | ratio | value | target | met |",
-             "| --- | --- | ---: | ---: | :-: |"]
+    lines = [f"Machine: {machine()}", "", "| setting | measure | ratio | value | target | met |",
+             "| --- | --- | --- | ---: | ---: | :-: |"]
     for row in rows:
-        lines.append(f"| {row['label']} | {row['ratio']} | {row['value']:.2f} | >= {row['target']:g} | "
-                     f"{'yes' if row['met'] else 'NO'} |")  # fmt: skip
+        lines.append(f"| {row['setting']} | {row['label']} | {row['ratio']} | {row['value']:.2f} | "
+                     f">= {row['target']:.3g} | {'yes' if row['met'] else 'NO'} |")  # fmt: skip
     table = "\n".join(lines)
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "ratios.md").write_text(table + "\n")
