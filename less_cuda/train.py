@@ -41,7 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from . import ops, reference, slots
+from . import ops, slots
 from .cache import model_layout
 from .data import tokenizer_splits
 from .evaluate import attention_function, baseline_plus
