@@ -2,10 +2,16 @@
 // is an error message and never a crash or silently wrong numbers. Returns the sizes the kernels need.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+
+// Instantiates the body once per K/V element type the checks admit (fp32, bf16, fp16), with `scalar_t` naming it.
+#define LESS_DISPATCH_KV_TYPES(type, name, ...)                 \
+  AT_DISPATCH_SWITCH(type, name, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 namespace less_cuda {
 

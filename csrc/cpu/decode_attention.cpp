@@ -13,7 +13,6 @@
 // Bytes per call: reads 2*B*Hkv*S_occupied*D*sizeof(T) of K/V (the bulk), B*Hq*D*sizeof(T) of q, 4*B*Hkv*S of pos
 // and, with a state, 4*(B*Hq*R + B*Hkv*R*(D+1)); writes B*Hq*D*sizeof(T) + 4*B*Hkv*S.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -22,15 +21,11 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/simd.h"
 #include "less_numerics.h"
 
 namespace less_cuda {
 namespace {
-
-template <typename T>
-void to_float(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
 
 float dot(const float* a, const float* b, int64_t n) {
   float acc = 0.f;
@@ -38,10 +33,6 @@ float dot(const float* a, const float* b, int64_t n) {
 #pragma omp simd reduction(+ : acc)
   for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
   return acc;
-}
-
-void axpy(float a, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
 template <typename T>
@@ -55,11 +46,11 @@ void decode_rows(const DecodeSizes& s, float scale, const T* q, const T* k, cons
       const int32_t* slot_pos = pos + bh * S;
       const T* k_row = k + bh * S * D;
       const T* v_row = v + bh * S * D;
-      to_float(q + bh * G * D, qf.data(), G * D);
+      simd::to_float(q + bh * G * D, qf.data(), G * D);
 
       for (int64_t j = 0; j < S; ++j) {
         if (slot_pos[j] < 0) continue;  // free slots are never read: their K/V may be stale
-        to_float(k_row + j * D, row.data(), D);
+        simd::to_float(k_row + j * D, row.data(), D);
         for (int64_t g = 0; g < G; ++g) p[g * S + j] = scale * dot(qf.data() + g * D, row.data(), D);
       }
       // Softmax per query head, in the reference's form p = exp(s - lse); a row with no slot keeps lse = -inf.
@@ -86,8 +77,8 @@ void decode_rows(const DecodeSizes& s, float scale, const T* q, const T* k, cons
       std::fill(o.begin(), o.end(), 0.f);
       for (int64_t j = 0; j < S; ++j) {
         if (slot_pos[j] < 0) continue;
-        to_float(v_row + j * D, row.data(), D);
-        for (int64_t g = 0; g < G; ++g) axpy(p[g * S + j], row.data(), o.data() + g * D, D);
+        simd::to_float(v_row + j * D, row.data(), D);
+        for (int64_t g = 0; g < G; ++g) simd::axpy(p[g * S + j], row.data(), o.data() + g * D, D);
       }
 
       T* out_row = out + bh * G * D;
@@ -101,7 +92,7 @@ void decode_rows(const DecodeSizes& s, float scale, const T* q, const T* k, cons
         const float* phi = phi_q + (bh * G + g) * R;
         const float den = dot(phi, z + bh * R, R);
         std::fill(row.begin(), row.end(), 0.f);
-        for (int64_t r = 0; r < R; ++r) axpy(phi[r], H + (bh * R + r) * D, row.data(), D);
+        for (int64_t r = 0; r < R; ++r) simd::axpy(phi[r], H + (bh * R + r) * D, row.data(), D);
         const MergeWeights w = merge_weights(lse[g], normaliser_lse(den));
         const float lr_scale = w.b * normaliser_inv(den);
         for (int64_t d = 0; d < D; ++d) out_row[g * D + d] = static_cast<T>(w.a * og[d] + lr_scale * row[d]);
@@ -121,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, con
   const float* phi_ptr = s.R ? phi_q->data_ptr<float>() : nullptr;
   const float* H_ptr = s.R ? H->data_ptr<float>() : nullptr;
   const float* z_ptr = s.R ? z->data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "less_cuda::decode_attention", [&] {
+  LESS_DISPATCH_KV_TYPES(q.scalar_type(), "less_cuda::decode_attention", [&] {
     decode_rows<scalar_t>(s, static_cast<float>(scale), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                           v.data_ptr<scalar_t>(), pos.data_ptr<int32_t>(), phi_ptr, H_ptr, z_ptr,
                           out.data_ptr<scalar_t>(), probs.data_ptr<float>());

@@ -21,7 +21,6 @@
 // Bytes per call: reads 2*B*Hkv*S_occupied*D*sizeof(T) of K/V (the bulk) and 12*B*Hkv*S of pos, scores; writes
 // one slot per row, scores, out; H, z read and written once per row with a state.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -143,13 +142,6 @@ LESS_INLINE void prefetch_row(const T* row, int64_t D) {
   for (int64_t offset = 0; offset < row_bytes; offset += 64) __builtin_prefetch(bytes + offset);
 }
 
-// y += a * x over n elements.
-LESS_INLINE void axpy(float a, const float* x, float* y, int64_t n) {
-  int64_t i = 0;
-  const f8 av = simd::splat(a);
-  for (; i + simd::kWidth <= n; i += simd::kWidth) simd::store(y + i, simd::load(y + i) + av * simd::load(x + i));
-  for (; i < n; ++i) y[i] += a * x[i];
-}
 
 // Softmax of one head's logits over S slots in place (free slots hold -inf and get 0); returns the log-sum-exp,
 // -inf when no slot is occupied. The exp matches the reference's exp(s - lse) to a few ulp.
@@ -270,30 +262,26 @@ LESS_INLINE void step_row(const StepPointers& a, int64_t bh, Scratch& w) {
       const MergeWeights mw = merge_weights(lse[g], normaliser_lse(den));
       const float lr_scale = mw.b * normaliser_inv(den);
       for (int64_t d = 0; d < D; ++d) og[d] *= mw.a;
-      for (int64_t r = 0; r < R; ++r) axpy(lr_scale * phi[r], H + r * D, og, D);
+      for (int64_t r = 0; r < R; ++r) simd::axpy(lr_scale * phi[r], H + r * D, og, D);
     }
     simd::from_float(og, out + ((bh * G + g) * tokens + t) * D, D);
   }
 
   // 5. Scores (not for a pad token: its attention is no evidence), then at most one eviction.
-  float* probs = w.probs.data();
-  std::fill(probs, probs + S, 0.f);
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t j = 0; j < S; ++j) probs[j] += logits[g * S + j];
-  const int64_t best = score_and_evict_row(scores, pos, real ? probs : nullptr, S, a.policy, a.budget, a.recent,
-                                           a.sinks);
+  float* probs = nullptr;  // Λ and pad tokens add no score
+  if (a.policy == kPolicyH2O && real) {
+    probs = w.probs.data();
+    std::fill(probs, probs + S, 0.f);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = 0; j < S; ++j) probs[j] += logits[g * S + j];
+  }
+  const int64_t best = score_and_evict_row(scores, pos, probs, S, a.policy, a.budget, a.recent, a.sinks);
   if (best < 0) return;
 
   // 6. Fold the victim (its psi and v are still in the freed slot).
   if (R == 0) return;
   simd::to_float(v_slots + best * D, row, D);
-  const float* psi = psi_slots + best * R;
-  float* H_row = a.H + bh * R * D;
-  float* z_row = a.z + bh * R;
-  for (int64_t r = 0; r < R; ++r) {
-    z_row[r] += psi[r];
-    axpy(psi[r], row, H_row + r * D, D);
-  }
+  fold_token(a.H + bh * R * D, a.z + bh * R, psi_slots + best * R, row, R, D);
 }
 
 template <typename T>

@@ -19,6 +19,8 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/simd.h"
+
 namespace less_cuda {
 namespace {
 
@@ -28,13 +30,9 @@ float gelu(float x) { return 0.5f * x * (1.f + std::erf(x * static_cast<float>(M
 void head_mlp_row(const float* x, const float* w1, const float* w2, int64_t D, int64_t E, int64_t R, float* hidden,
                   float* out) {
   std::fill(hidden, hidden + E, 0.f);
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t e = 0; e < E; ++e) hidden[e] += x[d] * w1[d * E + e];
+  for (int64_t d = 0; d < D; ++d) simd::axpy(x[d], w1 + d * E, hidden, E);
   std::fill(out, out + R, 0.f);
-  for (int64_t e = 0; e < E; ++e) {
-    const float h = gelu(hidden[e]);
-    for (int64_t r = 0; r < R; ++r) out[r] += h * w2[e * R + r];
-  }
+  for (int64_t e = 0; e < E; ++e) simd::axpy(gelu(hidden[e]), w2 + e * R, out, R);
   for (int64_t r = 0; r < R; ++r) out[r] = gelu(out[r]);
 }
 

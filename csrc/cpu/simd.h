@@ -125,6 +125,14 @@ LESS_INLINE void permute16(float* x, int64_t n, bool inverse) {
   }
 }
 
+// y += a * x over n elements.
+LESS_INLINE void axpy(float a, const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+  const f8 av = splat(a);
+  for (; i + kWidth <= n; i += kWidth) store(y + i, load(y + i) + av * load(x + i));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
 // Widen n elements to fp32 / narrow them back (round to nearest even, as torch does).
 LESS_INLINE void to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 LESS_INLINE void to_float(const c10::BFloat16* src, float* dst, int64_t n) {

@@ -1,5 +1,8 @@
-// One (batch, KV head) row of H2O score accumulation and eviction on CPU (reference.score_and_evict_), shared by
-// the score_and_evict_ and decode_step_ kernels: add probs to the occupied slots' scores (H2O), then, when more
+// Row operations of the CPU kernels on one (batch, KV head): folding a token into the rank-R state (shared by
+// state_fold / state_update_ and decode_step_), and H2O score accumulation with eviction (shared by
+// score_and_evict_ and decode_step_).
+//
+// score_and_evict_row (reference.score_and_evict_): add probs to the occupied slots' scores (H2O), then, when more
 // than `budget` slots are held, free the first slot in (eviction_key, slot) order. Deterministic: a row's victim
 // is torch.argmin's first-index choice whatever the thread count.
 #pragma once
@@ -9,9 +12,18 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cpu/simd.h"
 #include "less_numerics.h"
 
 namespace less_cuda {
+
+// H [R, D] += psi^T v and z [R] += psi for one token: psi [R], v [D] already widened to fp32.
+LESS_INLINE void fold_token(float* H, float* z, const float* psi, const float* v, int64_t R, int64_t D) {
+  for (int64_t r = 0; r < R; ++r) {
+    z[r] += psi[r];
+    simd::axpy(psi[r], v, H + r * D, D);
+  }
+}
 
 // scores, pos: one row of S slots, updated in place; probs: the step's probabilities per slot, or null to add
 // nothing (Λ, or a pad token's step). Returns the freed slot (now pos -1, score 0), or -1.

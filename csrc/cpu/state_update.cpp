@@ -11,7 +11,6 @@
 //
 // Bytes per call: reads B*Hkv*N*(4R + D*sizeof(T) + 1); reads and writes 4*B*Hkv*R*(D+1) of H, z.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -19,6 +18,8 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/simd.h"
+#include "cpu/slot_row.h"
 
 namespace less_cuda {
 namespace {
@@ -34,13 +35,8 @@ void accumulate_rows(const FoldSizes& s, const float* psi, const T* v, const boo
       float* z_row = z + bh * R;
       for (int64_t n = bh * N; n < (bh + 1) * N; ++n) {
         if (mask && !mask[n]) continue;
-        for (int64_t d = 0; d < D; ++d) v_n[d] = static_cast<float>(v[n * D + d]);
-        const float* psi_n = psi + n * R;
-        for (int64_t r = 0; r < R; ++r) {
-          z_row[r] += psi_n[r];
-          float* H_r = H_row + r * D;
-          for (int64_t d = 0; d < D; ++d) H_r[d] += psi_n[r] * v_n[d];
-        }
+        simd::to_float(v + n * D, v_n.data(), D);
+        fold_token(H_row, z_row, psi + n * R, v_n.data(), R, D);
       }
     }
   });
@@ -49,7 +45,7 @@ void accumulate_rows(const FoldSizes& s, const float* psi, const T* v, const boo
 void accumulate(const FoldSizes& s, const at::Tensor& psi, const at::Tensor& v, const std::optional<at::Tensor>& mask,
                 at::Tensor& H, at::Tensor& z) {
   const bool* mask_ptr = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "less_cuda::state_update", [&] {
+  LESS_DISPATCH_KV_TYPES(v.scalar_type(), "less_cuda::state_update", [&] {
     accumulate_rows<scalar_t>(s, psi.data_ptr<float>(), v.data_ptr<scalar_t>(), mask_ptr, H.data_ptr<float>(),
                               z.data_ptr<float>());
   });
