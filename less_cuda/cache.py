@@ -218,7 +218,8 @@ class MemoryReport:
         return f"{self.total / mib:.2f} MiB vs {self.full_total / mib:.2f} MiB for a full cache ({self.ratio:.1%})"
 
 
-def _layer_nbytes(layer: CacheLayerMixin) -> int:
+def layer_nbytes(layer: CacheLayerMixin) -> int:
+    """Bytes of a transformers cache layer's K and V."""
     return sum(t.nelement() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
 
 
@@ -261,6 +262,6 @@ class LessCache(Cache):
 
     def memory_report(self) -> MemoryReport:
         """Bytes held by each layer and in total, against a full cache of the same tokens."""
-        held = [layer.nbytes() if isinstance(layer, LessLayer) else _layer_nbytes(layer) for layer in self.layers]
-        full = [layer.full_nbytes() if isinstance(layer, LessLayer) else _layer_nbytes(layer) for layer in self.layers]
+        held = [layer.nbytes() if isinstance(layer, LessLayer) else layer_nbytes(layer) for layer in self.layers]
+        full = [layer.full_nbytes() if isinstance(layer, LessLayer) else layer_nbytes(layer) for layer in self.layers]
         return MemoryReport(held, full)

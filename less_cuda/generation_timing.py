@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 
-from .cache import LessCache
+from .cache import LessCache, layer_nbytes
 
 
 class StepClock(StoppingCriteria):
@@ -19,6 +19,8 @@ class StepClock(StoppingCriteria):
         self.times: list[float] = []
 
     def __call__(self, input_ids, scores, **kwargs):
+        if input_ids.device.type == "cuda":  # the step's kernels must have run, not just been queued
+            torch.cuda.synchronize(input_ids.device)
         self.times.append(time.perf_counter())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
@@ -57,4 +59,4 @@ def kv_cache_bytes(cache) -> int:
         return cache.memory_report().total
     if not isinstance(cache, DynamicCache):
         raise TypeError(f"expected a LessCache or a DynamicCache, got {type(cache).__name__}")
-    return sum(t.nelement() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return sum(layer_nbytes(layer) for layer in cache.layers)
