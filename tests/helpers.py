@@ -1,9 +1,13 @@
-"""Test helpers: comparisons that report how far off a result is, not just that it is off."""
+"""Test helpers: comparisons that report how far off a result is, not just that it is off, and the reference side of
+the fused decode step (shared by the CPU-op, CUDA-harness and GPU tests)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from less_cuda import reference
+from less_cuda.slots import SlotCache
 
 # Relative error budget per dtype, as a multiple of the dtype's unit roundoff: fp32 tight, half types loose.
 _EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -24,3 +28,39 @@ def assert_close_ratio(actual: Tensor, expected: Tensor, dtype: torch.dtype | No
     budget = _ULPS.get(dtype, 256) * _EPS.get(dtype, 2.0**-23)
     ratio = error_ratio(actual, expected)
     assert ratio <= budget, f"{what}: relative error {ratio:.3e} exceeds {budget:.3e} ({ratio / budget:.1f}x) for {dtype}"
+
+
+def clone_cache(cache: SlotCache) -> SlotCache:
+    return SlotCache(*(x.clone() for x in vars(cache).values()))
+
+
+def reference_steps(cache, q, k, v, phi_q, psi_k, valid, scale, policy, budget, recent, sinks):
+    """reference.decode_step token by token with the op's bookkeeping: a token's position is next_position, which
+    advances by the real tokens. Shapes as `ops.less_decode_step_` (one token [B, H, D] or T tokens [B, H, T, D])."""
+    single = q.dim() == 3
+    if single:
+        q, k, v = q[:, :, None], k[:, :, None], v[:, :, None]
+        phi_q, psi_k = (None if x is None else x[:, :, None] for x in (phi_q, psi_k))
+        valid = None if valid is None else valid[:, None]
+    outs = []
+    for t in range(q.shape[2]):
+        real = torch.ones(q.shape[0], dtype=torch.bool) if valid is None else valid[:, t]
+        position = torch.where(real, cache.next_position, torch.full_like(cache.next_position, reference.EMPTY))
+        phi_t, psi_t = (None if x is None else x[:, :, t] for x in (phi_q, psi_k))
+        outs.append(reference.decode_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], phi_t, psi_t, position, scale,
+                                          policy, budget, recent, sinks))  # fmt: skip
+        cache.next_position += real.to(torch.int32)
+    return outs[0] if single else torch.stack(outs, dim=2)
+
+
+def assert_same_step(cache: SlotCache, expected: SlotCache, out: Tensor, expected_out: Tensor, what: str = "") -> None:
+    """A fused step against the reference from the same state: bookkeeping and the token's copies exactly equal,
+    the numbers within the dtype's ratio tolerance."""
+    assert torch.equal(cache.pos, expected.pos), f"{what}positions (victims) differ"
+    assert torch.equal(cache.next_position, expected.next_position), f"{what}next positions differ"
+    assert_close_ratio(out, expected_out, what=f"{what}out")
+    for name in ("k", "v", "psi"):  # copies of the token: exact
+        assert torch.equal(getattr(cache, name), getattr(expected, name)), f"{what}{name} slots differ"
+    assert_close_ratio(cache.scores, expected.scores, torch.float32, what=f"{what}scores")
+    assert_close_ratio(cache.H, expected.H, torch.float32, what=f"{what}H")
+    assert_close_ratio(cache.z, expected.z, torch.float32, what=f"{what}z")

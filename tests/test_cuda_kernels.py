@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close_ratio
+from helpers import assert_close_ratio, assert_same_step, clone_cache, reference_steps
 
 from less_cuda import reference, slots
 
@@ -372,7 +372,7 @@ def test_stream_of_decode_steps(ops, policy, dtype, chunk):
         phi_q = torch.rand(B, Hkv * G, R, generator=g)
         psi_k = torch.rand(B, Hkv, R, generator=g)
         position = torch.full((B,), t, dtype=torch.int32)
-        ref_cache = slots.SlotCache(*(x.clone() for x in vars(cache).values()))
+        ref_cache = clone_cache(cache)
         args = (q, k, v, phi_q, psi_k, position, scale, policy, budget, recent, sinks)
         ref_out = reference.decode_step(ref_cache, *args)
         out = harness_decode_step(ops, cache, *args, chunk)
@@ -387,10 +387,6 @@ def test_stream_of_decode_steps(ops, policy, dtype, chunk):
 # ---------------------------------------------------------------------------------------------------------------
 # The fused decode step (decode_step_): one op, one or two launches
 # ---------------------------------------------------------------------------------------------------------------
-def clone_cache(cache):
-    return slots.SlotCache(*(x.clone() for x in vars(cache).values()))
-
-
 def step_inputs(B, Hkv, G, S, D, R, dtype, seed, *, held=None, pad=(), full=(), empty=(), tied_scores=False):
     """A layer's slots mid-stream and its next token. Each (b, h) holds `held` tokens (default S - 1, the steady state:
     inserting one puts it over a budget of S - 1) at distinct random positions in random slots, the rest free with
@@ -422,25 +418,6 @@ def step_inputs(B, Hkv, G, S, D, R, dtype, seed, *, held=None, pad=(), full=(), 
     return cache, q, k, v, phi_q, psi_k, valid
 
 
-def reference_steps(cache, q, k, v, phi_q, psi_k, valid, scale, policy, budget, recent, sinks):
-    """reference.decode_step token by token with the op's bookkeeping: a token's position is next_position, which
-    advances by the real tokens. Shapes as HarnessOps.decode_step_."""
-    single = q.dim() == 3
-    if single:
-        q, k, v = q[:, :, None], k[:, :, None], v[:, :, None]
-        phi_q, psi_k = (None if x is None else x[:, :, None] for x in (phi_q, psi_k))
-        valid = None if valid is None else valid[:, None]
-    outs = []
-    for t in range(q.shape[2]):
-        real = torch.ones(q.shape[0], dtype=torch.bool) if valid is None else valid[:, t]
-        position = torch.where(real, cache.next_position, torch.full_like(cache.next_position, reference.EMPTY))
-        phi_t, psi_t = (None if x is None else x[:, :, t] for x in (phi_q, psi_k))
-        outs.append(reference.decode_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], phi_t, psi_t, position, scale,
-                                          policy, budget, recent, sinks))  # fmt: skip
-        cache.next_position += real.to(torch.int32)
-    return outs[0] if single else torch.stack(outs, dim=2)
-
-
 def check_step(ops, cache, q, k, v, phi_q, psi_k, valid, policy, budget, recent, sinks, what="", **plan):
     """One fused call in the harness and the reference from the same state: everything must match."""
     scale = q.shape[-1] ** -0.5
@@ -448,14 +425,7 @@ def check_step(ops, cache, q, k, v, phi_q, psi_k, valid, policy, budget, recent,
     args = (q, k, v, phi_q, psi_k, valid, scale, policy, budget, recent, sinks)
     ref_out = reference_steps(ref, *args)
     out = ops.decode_step_(cache, *args, **plan)
-    assert torch.equal(cache.pos, ref.pos), f"{what}positions (victims) differ"
-    assert torch.equal(cache.next_position, ref.next_position), f"{what}next positions differ"
-    assert_close_ratio(out, ref_out, what=f"{what}out")
-    for name in ("k", "v", "psi"):  # copies of the token: exact
-        assert torch.equal(getattr(cache, name), getattr(ref, name)), f"{what}{name} slots differ"
-    assert_close_ratio(cache.scores, ref.scores, torch.float32, what=f"{what}scores")
-    assert_close_ratio(cache.H, ref.H, torch.float32, what=f"{what}H")
-    assert_close_ratio(cache.z, ref.z, torch.float32, what=f"{what}z")
+    assert_same_step(cache, ref, out, ref_out, what)
     return out
 
 

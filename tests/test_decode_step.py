@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close_ratio
+from helpers import assert_close_ratio, assert_same_step, clone_cache, reference_steps
 
 from less_cuda import ops
 from less_cuda import reference as ref
@@ -41,34 +41,9 @@ def new_token(B, Hq, Hkv, D, R, dtype, gen):
     return q, k, v, torch.rand(B, Hq, R, generator=gen), torch.rand(B, Hkv, R, generator=gen)
 
 
-def clone(cache: SlotCache) -> SlotCache:
-    return SlotCache(*(t.clone() for t in vars(cache).values()))
-
-
-def assert_same_step(cache, expected, out, ref_out, what):
-    """Bookkeeping exactly equal; numbers within the dtype's ratio tolerance."""
-    assert torch.equal(cache.pos, expected.pos), f"{what}: kept positions differ"
-    assert torch.equal(cache.next_position, expected.next_position), f"{what}: next positions differ"
-    assert torch.equal(cache.k, expected.k) and torch.equal(cache.v, expected.v), f"{what}: slot K/V differ"
-    assert torch.equal(cache.psi, expected.psi), f"{what}: slot psi differs"
-    assert_close_ratio(out, ref_out, what=f"{what} out")
-    assert_close_ratio(cache.scores, expected.scores, torch.float32, what=f"{what} scores")
-    assert_close_ratio(cache.H, expected.H, torch.float32, what=f"{what} H")
-    assert_close_ratio(cache.z, expected.z, torch.float32, what=f"{what} z")
-
-
-def reference_step(cache, q, k, v, phi, psi, valid, policy, budget, recent, sinks, scale):
-    """reference.decode_step with the op's bookkeeping: positions from next_position, advanced by real tokens."""
-    real = torch.ones(q.shape[0], dtype=torch.bool) if valid is None else valid
-    position = torch.where(real, cache.next_position, ref.EMPTY)
-    out = ref.decode_step(cache, q, k, v, phi, psi, position, scale, policy, budget, recent, sinks)
-    cache.next_position += real
-    return out
-
-
 def run_both(cache, q, k, v, phi, psi, valid, policy, budget, recent, sinks, scale):
-    expected = clone(cache)
-    ref_out = reference_step(expected, q, k, v, phi, psi, valid, policy, budget, recent, sinks, scale)
+    expected = clone_cache(cache)
+    ref_out = reference_steps(expected, q, k, v, phi, psi, valid, scale, policy, budget, recent, sinks)
     out = ops.less_decode_step_(cache, q, k, v, phi, psi, valid, policy, budget, recent, sinks, scale=scale)
     return out, ref_out, expected
 
@@ -90,7 +65,7 @@ def test_one_step_matches_reference(dtype, policy, R, Hq, Hkv, D, S, occupied):
     q, k, v, phi, psi = new_token(2, Hq, Hkv, D, R, dtype, gen)
     phi, psi = (phi, psi) if R else (None, None)
     out, ref_out, expected = run_both(cache, q, k, v, phi, psi, None, policy_id, budget, budget // 2, 2, D**-0.5)
-    assert_same_step(cache, expected, out, ref_out, f"{policy} R={R}")
+    assert_same_step(cache, expected, out, ref_out, f"{policy} R={R}: ")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -102,12 +77,12 @@ def test_stream_with_padding_matches_reference(dtype, policy, R):
     B, Hkv, G, D, budget, T = 2, 2, 3, 64, 24, 300
     policy_id = POLICIES[policy]
     cache = SlotCache.empty(B, Hkv, budget + 1, D, R, dtype)
-    expected = clone(cache)
+    expected = clone_cache(cache)
     for t in range(T):
         q, k, v, phi, psi = new_token(B, Hkv * G, Hkv, D, R, dtype, gen)
         phi, psi = (phi, psi) if R else (None, None)
         real = torch.tensor([True, t % 7 != 3])
-        ref_out = reference_step(expected, q, k, v, phi, psi, real, policy_id, budget, 8, 4, D**-0.5)
+        ref_out = reference_steps(expected, q, k, v, phi, psi, real, D**-0.5, policy_id, budget, 8, 4)
         out = ops.less_decode_step_(cache, q, k, v, phi, psi, real, policy, budget, 8, 4)
         assert torch.equal(cache.pos, expected.pos), f"step {t}: kept positions differ"
         assert_close_ratio(out[real], ref_out[real], what=f"step {t} out")
@@ -126,14 +101,14 @@ def test_ties_evict_the_lowest_slot():
     cache.next_position.fill_(5)
     q, k, v = torch.ones(B, 1, D), torch.ones(B, Hkv, D), torch.ones(B, Hkv, D)
     out, ref_out, expected = run_both(cache, q, k, v, None, None, None, ref.H2O, 5, 1, 0, 0.125)
-    assert_same_step(cache, expected, out, ref_out, "ties")
+    assert_same_step(cache, expected, out, ref_out, "ties: ")
     assert cache.pos[0, 0].tolist() == [5, 4, 0, -1, 2, 3]
 
 
 def test_pad_token_takes_no_slot_and_evicts_nothing():
     gen = torch.Generator().manual_seed(3)
     cache = random_cache(1, 2, 9, 64, 4, torch.float32, 8, gen)
-    before = clone(cache)
+    before = clone_cache(cache)
     q, k, v, phi, psi = new_token(1, 4, 2, 64, 4, torch.float32, gen)
     ops.less_decode_step_(cache, q, k, v, phi, psi, torch.tensor([False]), "h2o", 8, 4)
     assert torch.equal(cache.pos, before.pos)
@@ -148,7 +123,7 @@ def test_opcheck():
     q, k, v, phi, psi = new_token(2, 4, 2, 64, 4, torch.float32, gen)
     step = (q[:, :, None], k[:, :, None], v[:, :, None], phi[:, :, None], psi[:, :, None])
     for valid in (None, torch.tensor([[True], [False]])):
-        args = (*vars(clone(cache)).values(), *step, valid, 0.125, ref.H2O, 8, 4, 0)
+        args = (*vars(clone_cache(cache)).values(), *step, valid, 0.125, ref.H2O, 8, 4, 0)
         torch.library.opcheck(torch.ops.less_cuda.decode_step_.default, args)
 
 
@@ -156,15 +131,15 @@ def test_compiles_without_graph_breaks():
     """torch.compile(fullgraph=True) fails on any graph break, so the op traces as one node."""
     gen = torch.Generator().manual_seed(6)
     cache = random_cache(1, 2, 9, 64, 4, torch.float32, 8, gen)
-    expected = clone(cache)
+    expected = clone_cache(cache)
     q, k, v, phi, psi = new_token(1, 4, 2, 64, 4, torch.float32, gen)
 
     def step(cache, q, k, v, phi, psi):
         return ops.less_decode_step_(cache, q, k, v, phi, psi, None, "h2o", 8, 4)
 
     out = torch.compile(step, fullgraph=True, backend="aot_eager")(cache, q, k, v, phi, psi)
-    ref_out = reference_step(expected, q, k, v, phi, psi, None, ref.H2O, 8, 4, 0, 0.125)
-    assert_same_step(cache, expected, out, ref_out, "compiled")
+    ref_out = reference_steps(expected, q, k, v, phi, psi, None, 0.125, ref.H2O, 8, 4, 0)
+    assert_same_step(cache, expected, out, ref_out, "compiled: ")
 
 
 def test_rejects_bad_input():
@@ -201,7 +176,7 @@ def test_multi_token_call_equals_token_by_token(dtype, R):
     gen = torch.Generator().manual_seed(13)
     B, Hkv, G, D, S, T = 2, 2, 3, 64, 17, 6
     cache = random_cache(B, Hkv, S, D, R, dtype, 12, gen)
-    expected = clone(cache)
+    expected = clone_cache(cache)
     q = torch.randn(B, T, Hkv * G, D, generator=gen).to(dtype).transpose(1, 2)
     k, v = (torch.randn(B, T, Hkv, D, generator=gen).to(dtype).transpose(1, 2) for _ in range(2))
     phi, psi = torch.rand(B, Hkv * G, T, R, generator=gen), torch.rand(B, Hkv, T, R, generator=gen)
@@ -210,8 +185,8 @@ def test_multi_token_call_equals_token_by_token(dtype, R):
     out = ops.less_decode_step_(cache, q, k, v, phi, psi, valid, "h2o", S - 1, 4)
     for t in range(T):
         maps = (phi[:, :, t], psi[:, :, t]) if R else (None, None)
-        ref_out = reference_step(expected, q[:, :, t], k[:, :, t], v[:, :, t], *maps, valid[:, t], ref.H2O, S - 1, 4,
-                                 0, D**-0.5)  # fmt: skip
+        ref_out = reference_steps(expected, q[:, :, t], k[:, :, t], v[:, :, t], *maps, valid[:, t], D**-0.5, ref.H2O,
+                                  S - 1, 4, 0)  # fmt: skip
         real = valid[:, t]
         assert_close_ratio(out[:, :, t][real], ref_out[real], what=f"token {t} out")
     assert torch.equal(cache.pos, expected.pos) and torch.equal(cache.next_position, expected.next_position)
