@@ -28,9 +28,9 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLay
 from . import reference, slots
 from .attention import announce, use_less_attention
 from .feature_maps import LessKernels
-from .ops import less_decode_step_, less_state_update_
+from .ops import less_decode_step_
 from .policy import Policy, ResolvedPolicy
-from .prefill import prefill_attention
+from .prefill import compress_prompt, prefill_attention
 
 
 def model_layout(config: PretrainedConfig) -> dict:
@@ -110,27 +110,14 @@ class LessLayer(CacheLayerMixin):
         H, z in one call.
         """
         self.awaiting_attention = False
-        B, Hkv, T, D = k.shape
-        lengths = valid.sum(dim=-1)
-        self.resolved = self.policy.resolve(int(lengths.max()))
+        B, Hkv, T, _ = k.shape
+        self.resolved = self.policy.resolve(int(valid.sum(dim=-1).max()))
         if self.resolved.policy_id == reference.H2O:
             if scores is None:
                 scores = prefill_attention(q, k, v, valid, scale)[1]
         else:  # Λ orders evictions by position alone
             scores = torch.zeros(B, Hkv, T, dtype=torch.float32, device=k.device)
-        keep = slots.prefill_keep(scores, valid, *self.resolved.as_args())
-        positions = slots.token_positions(valid)[:, None, :].expand(B, Hkv, T)
-        psi = self._psi(k)
-        slot_k, slot_v, slot_psi, slot_scores, slot_pos, index = slots.gather_tokens(
-            keep, self.resolved.num_slots, k, v, psi, scores, positions
-        )
-        R = psi.shape[-1]
-        H = torch.zeros(B, Hkv, R, D, dtype=torch.float32, device=k.device)
-        z = torch.zeros(B, Hkv, R, dtype=torch.float32, device=k.device)
-        if R:
-            less_state_update_(H, z, psi.contiguous(), v.contiguous(), valid[:, None, :] & ~keep)
-        pos = torch.where(index >= 0, slot_pos, reference.EMPTY).to(torch.int32)
-        self.slots = slots.SlotCache(slot_k, slot_v, slot_psi, pos, slot_scores, H, z, lengths.to(torch.int32))
+        self.slots = compress_prompt(k, v, self._psi(k), valid, scores, self.resolved)
 
     @torch.no_grad()
     def decode(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float) -> Tensor:

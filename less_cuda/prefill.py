@@ -1,7 +1,10 @@
-"""Prompt attention and H2O scores in one pass: what a LessLayer needs when it first sees a prompt.
+"""What a compressed layer does when it first sees a prompt: exact attention with the H2O scores in one pass, then
+the compression of the prompt into slots and state.
 
 `prefill_attention` computes exact causal attention over the prompt and, from the very same probabilities, the H2O
 column sums that `reference.prefill_scores` defines, so compression costs no second attention pass.
+`compress_prompt` keeps what the policy keeps and folds every other token into H, z; `LessCache` and the vLLM
+plugin both call it.
 
 Layout (one layer): q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv]; the G = Hq // Hkv query heads of KV head
 h are q[:, h*G:(h+1)*G] (transformers' `repeat_kv` convention), so their rows stack into one plain matrix per
@@ -21,6 +24,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from . import reference, slots
+from .ops import less_state_update_
+from .policy import ResolvedPolicy
 
 DEFAULT_CHUNK = 64
 """Query rows per step on CPU. Measured on SmolLM2's shape (9 / 3 heads, D 64; B 8 x 2k and B 1 x 1k tokens):
@@ -133,3 +140,28 @@ def _mask_padding(blocks: Tensor, valid: Tensor, s: int, e: int, width: int) -> 
     row_real = valid[:, s:e, None]
     visible = (row_real & valid[:, None, :width]) | (~row_real & (cols == rows))  # [nb, n, width]
     blocks[..., :width].masked_fill_(~visible[:, None, None], -math.inf)
+
+
+@torch.no_grad()
+def compress_prompt(
+    k: Tensor, v: Tensor, psi: Tensor, valid: Tensor, scores: Tensor, resolved: ResolvedPolicy
+) -> slots.SlotCache:
+    """A prompt's compressed cache. k, v [B, Hkv, T, D]; psi [B, Hkv, T, R] fp32 (R = 0 without feature maps);
+    valid [B, T] bool; scores [B, Hkv, T] fp32, the H2O column sums (zeros under Λ, which orders by position alone).
+
+    The policy keeps `resolved.budget` tokens per row and KV head in `resolved.num_slots` slots, in position order;
+    every other real token is folded into H, z in one call. Positions count real tokens only.
+    """
+    B, Hkv, T, D = k.shape
+    keep = slots.prefill_keep(scores, valid, *resolved.as_args())
+    positions = slots.token_positions(valid)[:, None, :].expand(B, Hkv, T)
+    slot_k, slot_v, slot_psi, slot_scores, slot_pos, index = slots.gather_tokens(
+        keep, resolved.num_slots, k, v, psi, scores, positions
+    )
+    R = psi.shape[-1]
+    H = torch.zeros(B, Hkv, R, D, dtype=torch.float32, device=k.device)
+    z = torch.zeros(B, Hkv, R, dtype=torch.float32, device=k.device)
+    if R:
+        less_state_update_(H, z, psi.contiguous(), v.contiguous(), valid[:, None, :] & ~keep)
+    pos = torch.where(index >= 0, slot_pos, reference.EMPTY).to(torch.int32)
+    return slots.SlotCache(slot_k, slot_v, slot_psi, pos, slot_scores, H, z, valid.sum(dim=-1).to(torch.int32))
