@@ -57,3 +57,25 @@ def load_model(name: str, dtype: torch.dtype = torch.float32):
         tokenizer = AutoTokenizer.from_pretrained(name)
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def export_smollm2(directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write SmolLM2-135M-Instruct as a transformers model directory (config, safetensors weights, tokenizer), the
+    form serving engines such as vLLM load. Returns the directory."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_smollm2(dtype=dtype)
+    # transformers marks a GGUF-loaded model as quantized and refuses save_pretrained, although its weights are
+    # already dequantised: write the config without that mark and the weights with safetensors directly.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(directory)
+    weights = {name: t.contiguous() for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)  # the same tensor as the embedding
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(directory)
+    return directory
