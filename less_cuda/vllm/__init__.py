@@ -1,0 +1,33 @@
+"""LESS in vLLM: an out-of-tree plugin in which every full-attention layer is a constant-size per-request state.
+
+A LESS layer's cache (fixed K/V slots, positions, H2O scores, and the low-rank H, z) does not grow with the
+sequence, which is what vLLM's hybrid allocator manages for Mamba-style layers. The plugin therefore needs no patch
+to vLLM: its layers subclass `MambaBase`, its backend is registered as the custom Mamba backend, and its model
+classes are registered by name.
+
+Installed with `pip install .[vllm]`, vLLM calls `register` through the `vllm.general_plugins` entry point. Choose
+LESS for a model with, e.g.:
+
+    LLM(model_dir, hf_overrides={"architectures": ["LessLlamaForCausalLM"], "less_checkpoint": ckpt_dir,
+                                 "less_budget": 128}, enable_prefix_caching=False)
+
+See `less_cuda.vllm.settings` for every override.
+"""
+
+ARCHITECTURES = {"LessLlamaForCausalLM": "less_cuda.vllm.model:LessLlamaForCausalLM"}
+"""The LESS model classes by name, and what they wrap: Llama-family models (LlamaForCausalLM)."""
+
+
+def register() -> None:
+    """vLLM's plugin hook: register the LESS model classes and the state layer's backend. Safe to call twice."""
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum, register_backend
+
+    from .engine_config import LessStateModelConfig
+
+    for name, path in ARCHITECTURES.items():
+        if name not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(name, path)
+        MODELS_CONFIG_MAP[name] = LessStateModelConfig
+    register_backend(MambaAttentionBackendEnum.CUSTOM, "less_cuda.vllm.backend.LessStateBackend", is_mamba=True)

@@ -1,0 +1,72 @@
+"""LESS model classes for vLLM: the model's own classes with every full-attention layer's `Attention` replaced by a
+`LessStateLayer`. The projections, RoPE and weights are the base model's, loaded unchanged."""
+
+from __future__ import annotations
+
+import torch
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.mamba.mamba_utils import get_temporal_copy_spec
+from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
+from vllm.model_executor.models.llama import LlamaForCausalLM
+
+from .layer import LessStateLayer, state_dtypes, state_shapes
+from .settings import ServingSettings, serving_settings
+
+def settings_for(vllm_config: VllmConfig) -> ServingSettings:
+    model_config = vllm_config.model_config
+    return serving_settings(model_config.hf_config, model_config.max_model_len)
+
+
+def local_kv_heads(vllm_config: VllmConfig) -> int:
+    """KV heads on this tensor-parallel rank. Each rank holds its own heads' slots, H and z."""
+    total = vllm_config.model_config.get_total_num_kv_heads()
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    if total % tp:
+        raise ValueError(f"LESS shards KV heads over tensor-parallel ranks: {total} KV heads do not split over {tp}")
+    return total // tp
+
+
+class LessLlamaForCausalLM(LlamaForCausalLM, HasInnerState, IsHybrid):
+    """Llama-family causal LM (Llama, SmolLM2, ...) under LESS. Settings: `less_cuda.vllm.settings`."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        settings = settings_for(vllm_config)
+        device = self.lm_head.weight.device if hasattr(self.lm_head, "weight") else torch.device("cpu")
+        feature_maps = settings.load_feature_maps(device)
+        tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+        for attention in (getattr(layer, "self_attn", None) for layer in self.model.layers):
+            if attention is None:  # a pipeline stage's missing layer
+                continue
+            if getattr(attention.attn, "sliding_window", None) is not None:
+                continue  # sliding-window layers keep vLLM's own paged cache
+            index = int(attention.attn.layer_name.split(".")[-3])  # "model.layers.<i>.self_attn.attn"
+            maps = None
+            if feature_maps is not None:
+                if not feature_maps.has_layer(index):
+                    raise ValueError(f"the LESS checkpoint has no feature maps for layer {index}; vLLM needs every "
+                                     "full-attention layer covered (one state size for all)")  # fmt: skip
+                maps = feature_maps.layer_kernels[str(index)]
+                if tp_size > 1:
+                    maps = maps.select_heads(tp_rank, tp_size)
+            attention.attn = LessStateLayer(
+                attention.attn.layer_name, attention.num_heads, attention.num_kv_heads, attention.head_dim,
+                attention.scaling, vllm_config.model_config.dtype, settings, maps,
+            )  # fmt: skip
+
+    @classmethod
+    def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig) -> tuple[tuple[int, ...], ...]:
+        shapes = state_shapes(settings_for(vllm_config), local_kv_heads(vllm_config),
+                              vllm_config.model_config.get_head_size())  # fmt: skip
+        return tuple(shapes.values())
+
+    @classmethod
+    def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig) -> tuple[torch.dtype, ...]:
+        return tuple(state_dtypes(settings_for(vllm_config), vllm_config.model_config.dtype).values())
+
+    @classmethod
+    def get_mamba_state_copy_func(cls) -> tuple:
+        # Each state tensor is copied whole (only used by vLLM's prefix caching, which LESS turns off).
+        return (get_temporal_copy_spec,) * 8
+

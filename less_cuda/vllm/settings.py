@@ -1,0 +1,69 @@
+"""What a LESS model in vLLM compresses with, read from the model's hf_config (set through `hf_overrides`).
+
+Overrides (all optional but one of `less_checkpoint` / `less_policy`):
+    less_checkpoint  directory of a feature-map checkpoint (`LessKernels.save_pretrained`); its config gives the policy
+                     kind, budget, recent / sinks and rank. Without one, LESS runs the sparse-only policy.
+    less_policy      "h2o" or "lambda"; must agree with the checkpoint's.
+    less_budget      tokens kept per layer, request and KV head (int). vLLM allocates every request's state at a
+                     fixed size, so a fractional budget (a checkpoint's default, e.g. 0.05) is resolved once against
+                     max_model_len instead of per prompt as `LessCache` does.
+    less_recent      H2O: newest tokens always kept (int or fraction of the budget); default half the budget.
+    less_sinks       Λ: first tokens always kept; default 4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..cache import model_layout
+from ..feature_maps import LessKernels
+from ..policy import Policy, ResolvedPolicy
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """The resolved policy and where the feature maps come from."""
+
+    policy: Policy
+    resolved: ResolvedPolicy
+    checkpoint: Optional[str]
+    rank: int  # 0 without feature maps
+
+    def load_feature_maps(self, device: torch.device) -> Optional[LessKernels]:
+        """The checkpoint's feature maps, fp32 on `device` (None for the sparse-only policy)."""
+        if self.checkpoint is None:
+            return None
+        return LessKernels.from_pretrained(self.checkpoint, device=device).eval().requires_grad_(False)
+
+
+def serving_settings(hf_config: Any, max_model_len: int) -> ServingSettings:
+    """Resolve the `less_*` overrides of `hf_config`; raises ValueError naming the override that is wrong."""
+    checkpoint = getattr(hf_config, "less_checkpoint", None)
+    fitted: dict = {}
+    rank = 0
+    if checkpoint is not None:
+        kernels = LessKernels.from_pretrained(checkpoint)
+        kernels.check_compatible(model_layout(hf_config))
+        fitted, rank = dict(kernels.config.policy), kernels.config.rank
+    kind = getattr(hf_config, "less_policy", None) or fitted.get("kind")
+    if kind is None:
+        raise ValueError("a LESS model needs hf_overrides 'less_checkpoint' (feature maps) or 'less_policy' "
+                         "('h2o' / 'lambda', sparse-only)")
+    if fitted.get("kind") not in (None, kind):
+        raise ValueError(f"less_policy {kind!r} disagrees with the checkpoint's policy {fitted['kind']!r}")
+
+    def setting(name: str, default: Any) -> Any:
+        value = getattr(hf_config, f"less_{name}", None)
+        return fitted.get(name, default) if value is None else value
+
+    budget = setting("budget", 0.05)
+    if isinstance(budget, float):
+        budget = max(2, round(budget * max_model_len))
+    if kind == "h2o":
+        policy = Policy(kind, budget, recent=setting("recent", None))
+    else:
+        policy = Policy(kind, budget, sinks=setting("sinks", 4))
+    return ServingSettings(policy, policy.resolve(budget), checkpoint, rank)
