@@ -1,11 +1,12 @@
 """The `less-cuda` command: `less-cuda train ...` fits feature maps (`less_cuda.train`), `less-cuda eval ...` compares
-perplexities (`less_cuda.evaluate`). `python -m less_cuda.train ...` and torchrun's `-m less_cuda.train` are
+perplexities (`less_cuda.evaluate`), `less-cuda serve ...` starts vLLM's server with LESS (`less_cuda.vllm`). `python -m less_cuda.train ...` and torchrun's `-m less_cuda.train` are
 `less-cuda train ...`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Union
@@ -68,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=1)
     ev.add_argument("--methods", default="full,sparse,baseline_plus,less", help="comma-separated subset")
     ev.add_argument("--output", default=None, help="also write the results to this JSON file")
+
+    srv = commands.add_parser("serve", help="vLLM's OpenAI-compatible server with LESS layers (needs vLLM)",
+                              epilog="Arguments after -- go to `vllm serve` unchanged (e.g. -- --port 8001).")
+    srv.add_argument("model", help="a transformers model directory, or 'smollm2' (converted once from the GGUF)")
+    srv.add_argument("--checkpoint", default=None,
+                     help="LESS feature maps; they give the policy, budget and rank (without: sparse-only --policy)")
+    srv.add_argument("--policy", default=None, choices=["h2o", "lambda"])
+    srv.add_argument("--budget", type=int, default=None,
+                     help="tokens kept per layer, request and KV head (default: the checkpoint's budget, a "
+                          "fraction resolved against vLLM's max_model_len)")
     return parser
 
 
@@ -102,9 +113,19 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed_on = []  # after "--": arguments for the program a command wraps (`vllm serve`)
+    if "--" in argv:
+        argv, passed_on = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     args = build_parser().parse_args(argv)
+    if passed_on and args.command != "serve":
+        raise SystemExit(f"less-cuda {args.command} takes no arguments after --")
     if args.command == "train":
         train(TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}))
+    elif args.command == "serve":
+        from .vllm.serve import serve
+
+        serve(args.model, args.checkpoint, args.policy, args.budget, passed_on)
     else:
         run_eval(args)
 
