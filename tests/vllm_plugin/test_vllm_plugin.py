@@ -1,0 +1,119 @@
+"""vLLM with LESS layers generates what `LessCache` generates: greedy, fp32, SmolLM2 with the shipped feature maps.
+
+The comparison is teacher-forced: `LessCache` reads vLLM's tokens one by one and must predict each of them, so
+end-of-sequence handling (vLLM ignores EOS here) cannot make the two differ.
+"""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from engines import BUDGET, CHECKPOINT, engine
+
+from less_cuda import LessCache, LessKernels, Policy
+
+pytestmark = pytest.mark.vllm
+
+NEW_TOKENS = 24
+
+
+def vllm_greedy(llm, prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+@torch.no_grad()
+def lesscache_predictions(model, policy: str, lowrank: bool, prompt: list[int], tokens: list[int],
+                          chunk: int | None = None) -> list[int]:  # fmt: skip
+    """LessCache's greedy prediction after the prompt and after each of `tokens` but the last. The prompt is fed in
+    one call, or in calls of `chunk` tokens as a chunked prefill feeds it."""
+    kernels = LessKernels.from_pretrained(CHECKPOINT[policy]) if lowrank else None
+    cache = LessCache(model, kernels, Policy(policy, budget=BUDGET))
+    chunk = chunk or len(prompt)
+    for start in range(0, len(prompt), chunk):
+        logits = model(torch.tensor([prompt[start : start + chunk]]), past_key_values=cache).logits
+    predictions = [int(logits[0, -1].argmax())]
+    for token in tokens[:-1]:
+        logits = model(torch.tensor([[token]]), past_key_values=cache).logits
+        predictions.append(int(logits[0, -1].argmax()))
+    return predictions
+
+
+@torch.no_grad()
+def full_cache_predictions(model, prompt: list[int], tokens: list[int]) -> list[int]:
+    logits = model(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1 :]
+    return logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("policy", ["h2o", "lambda"])
+def test_batch_of_prompts_matches_lesscache(model_dir, hf_model, prompts, policy):
+    """Four prompts of different lengths in one engine batch, each prompt compressed in one chunk."""
+    with engine(model_dir, policy) as llm:
+        generated = vllm_greedy(llm, prompts)
+    for prompt, tokens in zip(prompts, generated):
+        assert len(tokens) == NEW_TOKENS
+        assert lesscache_predictions(hf_model[0], policy, True, prompt, tokens) == tokens
+    # ...and compression is at work: with the full cache, some prediction along these tokens differs.
+    assert any(full_cache_predictions(hf_model[0], p, t) != t for p, t in zip(prompts, generated))
+
+
+@pytest.mark.parametrize("policy, lowrank", [("h2o", True), ("lambda", False)])
+def test_chunked_prefill_matches_lesscache(model_dir, hf_model, prompts, policy, lowrank):
+    """A 230-token prompt with at most 64 tokens per engine step: the first chunk is compressed, the others stream
+    through the decode rule, as in a LessCache fed the same chunks."""
+    prompt = prompts[1]
+    with engine(model_dir, policy, lowrank, max_num_batched_tokens=64, enable_chunked_prefill=True) as llm:
+        (tokens,) = vllm_greedy(llm, [prompt])
+    assert lesscache_predictions(hf_model[0], policy, lowrank, prompt, tokens, chunk=64) == tokens
+
+
+def test_server_answers_a_completion(model_dir, tmp_path):
+    """`less-cuda serve` starts vLLM's OpenAI-compatible server on localhost with the plugin; one request."""
+    port = free_port()
+    # The installed console script, run outside the source tree (whose less_cuda/ holds the main venv's build).
+    command = [str(Path(sys.executable).parent / "less-cuda"), "serve", str(model_dir), "--checkpoint", str(CHECKPOINT["h2o"]),
+               "--budget", str(BUDGET), "--", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+               "--max-model-len", "512", "--max-num-seqs", "4", "--distributed-executor-backend", "uni"]  # fmt: skip
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        base = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, f"the server exited: {(tmp_path / 'server.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "the server did not come up in 300 s"
+            try:
+                urllib.request.urlopen(f"{base}/models", timeout=5)
+                break
+            except OSError:
+                time.sleep(1)
+        body = json.dumps({"model": str(model_dir), "prompt": "The capital of France is", "max_tokens": 8,
+                           "temperature": 0, "ignore_eos": True}).encode()  # fmt: skip
+        request = urllib.request.Request(f"{base}/completions", body, {"Content-Type": "application/json"})
+        answer = json.load(urllib.request.urlopen(request, timeout=120))
+        assert answer["usage"]["completion_tokens"] == 8
+        assert answer["choices"][0]["text"].strip()
+        assert "LessLlamaForCausalLM" in (tmp_path / "server.log").read_text()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
