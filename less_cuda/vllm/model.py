@@ -13,6 +13,16 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from .layer import LessStateLayer, state_dtypes, state_shapes
 from .settings import ServingSettings, serving_settings
 
+LLAMA_FAMILY = ("llama", "mistral")
+"""model_type values whose layers are vLLM's Llama layers (SmolLM2 is "llama")."""
+
+
+def check_llama_family(hf_config) -> None:
+    if hf_config.model_type not in LLAMA_FAMILY:
+        raise ValueError(f"LessLlamaForCausalLM serves Llama-family models (model_type {' / '.join(LLAMA_FAMILY)}), "
+                         f"not {hf_config.model_type!r}; LESS has no vLLM model class for that architecture yet")
+
+
 def settings_for(vllm_config: VllmConfig) -> ServingSettings:
     model_config = vllm_config.model_config
     return serving_settings(model_config.hf_config, model_config.max_model_len)
@@ -31,6 +41,7 @@ class LessLlamaForCausalLM(LlamaForCausalLM, HasInnerState, IsHybrid):
     """Llama-family causal LM (Llama, SmolLM2, ...) under LESS. Settings: `less_cuda.vllm.settings`."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        check_llama_family(vllm_config.model_config.hf_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         settings = settings_for(vllm_config)
         device = self.lm_head.weight.device if hasattr(self.lm_head, "weight") else torch.device("cpu")

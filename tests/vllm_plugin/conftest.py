@@ -19,6 +19,17 @@ import torch  # noqa: E402
 from less_cuda.models import export_smollm2  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def outside_the_source_tree(tmp_path_factory):
+    """vLLM inspects model classes in `python -m` subprocesses, which put their working directory first on sys.path:
+    run from the repository root they would import its less_cuda/ (built for the main venv's torch), not the one
+    installed here."""
+    previous = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(previous)
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     """SmolLM2 as a transformers directory (safetensors), converted once from the shipped GGUF."""

@@ -4,6 +4,7 @@ The comparison is teacher-forced: `LessCache` reads vLLM's tokens one by one and
 end-of-sequence handling (vLLM ignores EOS here) cannot make the two differ.
 """
 
+import copy
 import json
 import socket
 import subprocess
@@ -17,6 +18,9 @@ import torch
 from engines import BUDGET, CHECKPOINT, engine
 
 from less_cuda import LessCache, LessKernels, Policy
+from less_cuda.vllm.model import check_llama_family
+from less_cuda.vllm.serve import serve_command
+from less_cuda.vllm.settings import serving_settings
 
 pytestmark = pytest.mark.vllm
 
@@ -117,3 +121,47 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_settings_come_from_the_checkpoint_and_overrides(hf_model):
+    config = copy.deepcopy(hf_model[0].config)
+    config.less_checkpoint = str(CHECKPOINT["lambda"])
+    settings = serving_settings(config, max_model_len=1000)
+    assert (settings.policy.kind, settings.rank) == ("lambda", 8)
+    assert settings.resolved.budget == 50  # the checkpoint's 5%, of max_model_len: a state has one size
+    config.less_budget, config.less_sinks = 40, 2
+    assert serving_settings(config, 1000).resolved.as_args()[1:] == (40, 38, 2)
+    config.less_checkpoint, config.less_policy = None, "h2o"
+    sparse = serving_settings(config, 1000)
+    assert (sparse.rank, sparse.checkpoint, sparse.resolved.recent) == (0, None, 20)
+    assert sparse.load_feature_maps(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({}, "needs hf_overrides 'less_checkpoint'"),
+    ({"less_checkpoint": str(CHECKPOINT["h2o"]), "less_policy": "lambda"}, "disagrees with the checkpoint"),
+    ({"less_policy": "h2o", "less_budget": 8, "less_recent": 8}, "budget > recent"),
+    ({"less_checkpoint": "/nonexistent"}, "no LESS checkpoint"),
+])  # fmt: skip
+def test_bad_settings_fail_clearly(hf_model, overrides, message):
+    config = copy.deepcopy(hf_model[0].config)
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        serving_settings(config, max_model_len=1000)
+
+
+def test_other_architectures_are_refused(hf_model):
+    config = copy.deepcopy(hf_model[0].config)
+    check_llama_family(config)
+    config.model_type = "qwen2"
+    with pytest.raises(ValueError, match="Llama-family models"):
+        check_llama_family(config)
+
+
+def test_serve_command_names_the_plugin_settings(model_dir):
+    command = serve_command(model_dir, str(CHECKPOINT["h2o"]), None, 64, vllm_args=["--port", "9"])
+    overrides = json.loads(command[command.index("--hf-overrides") + 1])
+    assert overrides == {"architectures": ["LessLlamaForCausalLM"], "less_checkpoint": str(CHECKPOINT["h2o"]),
+                         "less_budget": 64}  # fmt: skip
+    assert "--no-enable-prefix-caching" in command and command[-2:] == ["--port", "9"]
