@@ -33,6 +33,21 @@ def test_phi_and_psi_are_nonnegative_fp32_with_the_documented_shapes():
     assert kernels.has_layer(2) and not kernels.has_layer(1)
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_tensor_parallel_share_computes_its_heads_of_the_whole(world):
+    """vLLM splits query and KV heads into equal contiguous blocks per rank; each rank's φ/ψ are those heads'."""
+    layer = LessKernels(tiny_config()).layer_kernels["0"]
+    with torch.no_grad():  # untrained ψ scales are tiny and equal: make every head's weights differ visibly
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p))
+    q, k = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16)
+    for rank in range(world):
+        share = layer.select_heads(rank, world)
+        qs, ks = q.chunk(world, dim=1)[rank], k.chunk(world, dim=1)[rank]
+        torch.testing.assert_close(share.phi(qs), layer.phi(q).chunk(world, dim=1)[rank])
+        torch.testing.assert_close(share.psi(ks), layer.psi(k).chunk(world, dim=1)[rank])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7)], ids=["decode", "multi-token"])
 def test_fused_features_match_the_differentiable_form(dtype, shape):
