@@ -52,6 +52,7 @@ DecodeSizes check_decode_attention(const at::Tensor& q, const at::Tensor& k, con
   check_dtype(v, "v", q.scalar_type());
   check_dtype(pos, "pos", at::kInt);
   DecodeSizes s{q.size(0), q.size(1), k.size(1), 0, k.size(2), q.size(2), 0};
+  TORCH_CHECK(s.D > 0, "less_cuda: head_dim must be positive, got q of shape ", q.sizes());
   TORCH_CHECK(s.Hkv > 0 && s.Hq % s.Hkv == 0, "less_cuda: query heads (", s.Hq,
               ") must be a multiple of KV heads (", s.Hkv, ")");
   s.G = s.Hq / s.Hkv;

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the op registrations)
 from . import reference
-from .policy import POLICY_IDS
+from .policy import policy_id
 from .slots import SlotCache
 
 _ops = torch.ops.less_cuda
@@ -56,6 +56,14 @@ torch.library.register_autograd(
 )
 
 
+def default_scale(q: Tensor, scale: Optional[float]) -> float:
+    """The logit scale: `scale`, or 1 / sqrt(head_dim). head_dim 0 gives NaN, which the ops reject with a message
+    naming the head dim (not a ZeroDivisionError here)."""
+    if scale is not None:
+        return float(scale)
+    return q.shape[-1] ** -0.5 if q.shape[-1] > 0 else math.nan
+
+
 def less_decode_attention(
     q: Tensor,
     k: Tensor,
@@ -81,7 +89,7 @@ def less_decode_attention(
             query heads (what H2O accumulates). Not differentiable.
     Differentiable in q, k, v, phi_q, H and z.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = default_scale(q, scale)
     q, k, v, pos, phi_q, H, z = (None if t is None else t.contiguous() for t in (q, k, v, pos, phi_q, H, z))
     return _ops.decode_attention(q, k, v, pos, phi_q, H, z, scale)
 
@@ -116,8 +124,7 @@ def less_score_and_evict_(
         victim: [B, Hkv] int64 index of the freed slot, or -1 where nothing was evicted. Deterministic: the lowest
         (score, slot) among evictable slots for H2O, the oldest non-sink for Λ.
     """
-    policy_id = POLICY_IDS[policy] if isinstance(policy, str) else int(policy)
-    return _ops.score_and_evict_(scores, pos, probs, policy_id, budget, recent, sinks)
+    return _ops.score_and_evict_(scores, pos, probs, policy_id(policy), budget, recent, sinks)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -217,13 +224,11 @@ def less_decode_step_(
         q, k, v = q[:, :, None], k[:, :, None], v[:, :, None]
         phi_q, psi_k = (None if t is None else t[:, :, None] for t in (phi_q, psi_k))
         valid = None if valid is None else valid[:, None]
-    if scale is None:
-        scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else math.nan  # the op rejects head_dim 0 with a message
-    policy_id = POLICY_IDS[policy] if isinstance(policy, str) else int(policy)
+    scale = default_scale(q, scale)
     q, k, v, phi_q, psi_k, valid = (None if t is None else t.contiguous() for t in (q, k, v, phi_q, psi_k, valid))
     out = _ops.decode_step_(
         cache.k, cache.v, cache.psi, cache.pos, cache.scores, cache.H, cache.z, cache.next_position, q, k, v, phi_q,
-        psi_k, valid, scale, policy_id, budget, recent, sinks,
+        psi_k, valid, scale, policy_id(policy), budget, recent, sinks,
     )  # fmt: skip
     return out[:, :, 0] if single else out
 

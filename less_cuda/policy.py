@@ -10,6 +10,15 @@ from .reference import H2O, LAMBDA
 POLICY_IDS = {"h2o": H2O, "lambda": LAMBDA}
 
 
+def policy_id(policy: Union[int, str]) -> int:
+    """The op-level id of a policy given by name (any case: "h2o", "H2O", "lambda") or by id (the ops check ids)."""
+    if not isinstance(policy, str):
+        return int(policy)
+    if policy.lower() not in POLICY_IDS:
+        raise ValueError(f"policy must be one of {sorted(POLICY_IDS)} (any case) or their ids, got {policy!r}")
+    return POLICY_IDS[policy.lower()]
+
+
 @dataclass(frozen=True)
 class Policy:
     """Which tokens keep their K/V in the slots; every other token is folded into the low-rank state.

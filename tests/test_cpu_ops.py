@@ -13,7 +13,7 @@ import torch
 import less_cuda._C  # noqa: F401  (registers torch.ops.less_cuda)
 from helpers import assert_close_ratio
 from less_cuda import reference as ref
-from less_cuda import slots
+from less_cuda import less_decode_attention, less_score_and_evict_, slots
 
 ops = torch.ops.less_cuda
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -268,6 +268,21 @@ def test_decode_attention_rejects_bad_input():
         ops.decode_attention(q, k, v, pos, phi, H, None, scale)
     with pytest.raises(RuntimeError, match="contiguous"):
         ops.decode_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, pos, None, None, None, scale)
+
+
+def test_head_dim_zero_and_policy_names_fail_clearly():
+    """Through the public wrappers: head_dim 0 is the op's message (no ZeroDivisionError), and a policy name is taken
+    in any case, an unknown one naming the choices (no bare KeyError)."""
+    q, k, pos = torch.zeros(1, 2, 0), torch.zeros(1, 1, 4, 0), torch.zeros(1, 1, 4, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="head_dim must be positive"):
+        less_decode_attention(q, k, k, pos)
+    scores, probs = torch.zeros(1, 1, 4), torch.rand(1, 1, 4)
+    lower, upper = scores.clone(), scores.clone()
+    victims = [less_score_and_evict_(s, torch.arange(4, dtype=torch.int32).view(1, 1, 4), probs, name, 3, 1)
+               for s, name in ((lower, "h2o"), (upper, "H2O"))]  # fmt: skip
+    assert torch.equal(victims[0], victims[1]) and torch.equal(lower, upper)
+    with pytest.raises(ValueError, match=r"policy must be one of \['h2o', 'lambda'\]"):
+        less_score_and_evict_(scores, torch.zeros(1, 1, 4, dtype=torch.int32), probs, "heavy", 3, 1)
 
 
 def test_score_and_evict_rejects_bad_input():
