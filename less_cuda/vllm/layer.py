@@ -79,6 +79,7 @@ class LessStateLayer(MambaBase, nn.Module):
         context.pop(prefix, None)  # the Attention this layer replaces registered itself under the same name
         context[prefix] = self
         self.kv_cache = (torch.tensor([]),)
+        self.stored_fields = tuple(state_shapes(settings, num_kv_heads, head_dim))  # names of the kv_cache tensors
 
     # MambaBase: what vLLM allocates per request, and which backend builds the step metadata.
     def get_state_shape(self) -> tuple[tuple[int, ...], ...]:
@@ -93,8 +94,7 @@ class LessStateLayer(MambaBase, nn.Module):
 
     def _rows(self, rows: Tensor) -> SlotCache:
         """The SlotCache of the requests whose state rows are `rows` (a copy, [len(rows), ...] per field)."""
-        stored = dict(zip(state_shapes(self.settings, 1, 1), self.kv_cache))
-        cache = {name: t[rows] for name, t in stored.items()}
+        cache = {name: t[rows] for name, t in zip(self.stored_fields, self.kv_cache)}
         cache["next_position"] = cache["next_position"].view(-1)
         if not self.settings.rank:
             B, Hkv, S, D = cache["k"].shape
@@ -104,7 +104,7 @@ class LessStateLayer(MambaBase, nn.Module):
         return SlotCache(**cache)
 
     def _store(self, rows: Tensor, cache: SlotCache) -> None:
-        for name, t in zip(state_shapes(self.settings, 1, 1), self.kv_cache):
+        for name, t in zip(self.stored_fields, self.kv_cache):
             t[rows] = getattr(cache, name).view(-1, *t.shape[1:])
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
