@@ -74,7 +74,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=2048)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/less_cuda_bench_smollm2"))
+    parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "smollm2-135m-instruct",
+                        help="SmolLM2 as a transformers directory; converted from the GGUF when missing")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "vllm.json")
     args = parser.parse_args()
     # vLLM's `python -m` subprocesses put the working directory first on sys.path: from the repository root they
