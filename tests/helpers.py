@@ -3,11 +3,28 @@ the fused decode step (shared by the CPU-op, CUDA-harness and GPU tests)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
 import torch
 from torch import Tensor
 
 from less_cuda import reference
 from less_cuda.slots import SlotCache
+
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt"
+"""Real text for the tests that need it: beside the repository, as the project's machines and CI lay it out."""
+
+
+def missing_input(what: str) -> NoReturn:
+    """A test input from outside the repository is missing (the WikiText-2 text beside it, the SmolLM2 wheel that
+    `make test` installs). Outside CI that is a skip with the reason; under CI, which must provide both, a failure,
+    so that no test is skipped there silently."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} (CI must provide it)")
+    pytest.skip(what)
 
 # Relative error budget per dtype, as a multiple of the dtype's unit roundoff: fp32 tight, half types loose.
 _EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}

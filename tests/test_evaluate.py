@@ -20,7 +20,8 @@ from less_cuda.evaluate import (
 from less_cuda.feature_maps import LessKernels, LessKernelsConfig
 from less_cuda.models import load_model
 from less_cuda.policy import Policy
-from test_train import WIKITEXT, tiny_model_dir  # noqa: F401  (a fixture)
+from helpers import WIKITEXT, missing_input
+from test_train import tiny_model_dir  # noqa: F401  (a fixture)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -107,7 +108,7 @@ def smollm2_held_out():
     from less_cuda.data import tokenizer_splits
 
     if not WIKITEXT.is_file():
-        pytest.skip(f"WikiText-2 validation text not found at {WIKITEXT}")
+        missing_input(f"WikiText-2 validation text not found at {WIKITEXT}")
     model, tokenizer = load_model("smollm2", torch.float32)
     return model, tokenizer_splits(WIKITEXT, tokenizer, 1024, 0.1).validation[-1:]
 

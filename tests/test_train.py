@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import assert_close_ratio
+from helpers import WIKITEXT, assert_close_ratio, missing_input
 from less_cuda import cli, ops, reference, slots
 from less_cuda import train as training
 from less_cuda.data import load_splits, pack, read_text, split_articles
@@ -22,7 +22,6 @@ from less_cuda.models import load_model
 from less_cuda.policy import Policy
 
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = REPO.parent / "shared/data/wikitext-2/valid.txt"
 WORDS = "the of lobster river season army song album road church game team city league storm ship".split()
 
 
@@ -113,8 +112,9 @@ def test_dataset_names_need_the_datasets_package(monkeypatch):
         read_text("wikitext:wikitext-2-raw-v1")
 
 
-@pytest.mark.skipif(not WIKITEXT.is_file(), reason=f"WikiText-2 validation text not found at {WIKITEXT}")
 def test_wikitext_splits_by_articles():
+    if not WIKITEXT.is_file():
+        missing_input(f"WikiText-2 validation text not found at {WIKITEXT}")
     splits = load_splits(WIKITEXT, lambda text: list(text.encode()), seq_len=1024, validation_fraction=0.1)
     assert len(split_articles(read_text(WIKITEXT))) == 60
     assert len(splits.train) > 8 * len(splits.validation) > 0
