@@ -160,15 +160,26 @@ def check_decode(ops, q, k, v, pos, lowrank, **plan):
     return out, probs
 
 
+def kernel_grid(paths: dict):
+    """The grid both attention kernels are checked over: GQA groups G up to a block's 8 heads and beyond (12),
+    head dims with a specialised path (64, 128, 256) and the generic one (96), every dtype, and each launch path."""
+    grid = [pytest.mark.parametrize("G", [1, 3, 4, 8, 12]), pytest.mark.parametrize("D", [64, 128, 256, 96]),
+            pytest.mark.parametrize("dtype", DTYPES, ids=str), pytest.mark.parametrize("path", list(paths))]
+
+    def decorate(test):
+        for mark in grid:  # innermost first, as stacked decorators apply
+            test = mark(test)
+        return test
+
+    return decorate
+
+
 # Plan overrides that reach each path with small shapes: one block per row and one shared-memory tile; one block
 # walking several tiles (p through the workspace); several chunks merged by the combine kernel.
 PATHS = {"one chunk": dict(chunk=0, num_sms=1), "tiles": dict(chunk=0, tile=8, num_sms=1), "split": dict(chunk=16)}
 
 
-@pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("D", [64, 128, 256, 96])
-@pytest.mark.parametrize("G", [1, 3, 4, 8, 12])
+@kernel_grid(PATHS)
 def test_decode_attention_matches_reference(ops, G, D, dtype, path):
     """GQA groups up to a block's 8 heads and beyond (12: two head tiles, always the split path); head_dim 96 on the
     generic path; free slots and one (b, h) with none occupied (the output is then the low-rank state alone)."""
@@ -432,10 +443,7 @@ def check_step(ops, cache, q, k, v, phi_q, psi_k, valid, policy, budget, recent,
 STEP_PATHS = {"single": dict(chunk=0, num_sms=1), "tiles": dict(chunk=0, tile=8, num_sms=1), "split": dict(chunk=8)}
 
 
-@pytest.mark.parametrize("path", list(STEP_PATHS))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("D", [64, 128, 256, 96])
-@pytest.mark.parametrize("G", [1, 3, 4, 8, 12])
+@kernel_grid(STEP_PATHS)
 def test_decode_step_matches_reference(ops, G, D, dtype, path):
     """Groups up to a block's 8 heads and beyond (12: always two launches), head_dim 96 generic; row (0, 0) has no
     slot held, row (1, 1) no slot free, batch row 1's token is a pad."""
