@@ -12,7 +12,7 @@ import time
 import torch
 
 from less_cuda.generation_timing import kv_cache_bytes, timed_generate
-from less_cuda.integration import apply, load_kernels
+from less_cuda.integration import apply, load_feature_maps
 from less_cuda.models import load_smollm2
 
 BUDGET = 128  # tokens kept per layer and KV head
@@ -67,7 +67,7 @@ def main() -> None:
 
     runs = {"full cache": None, "H2O (sparse only)": dict(lowrank=False), "LESS (H2O + low-rank)": dict()}
     try:
-        load_kernels(model, None, "h2o")
+        load_feature_maps(model, None, "h2o")
     except ValueError as error:
         del runs["LESS (H2O + low-rank)"]
         print(f"LESS skipped: {error}\n")

@@ -3,7 +3,7 @@ with C++ CPU and CUDA kernels."""
 
 from importlib import import_module
 
-from .feature_maps import LessKernels, LessKernelsConfig
+from .feature_maps import FeatureMaps, FeatureMapsConfig
 from .ops import (
     less_decode_attention,
     less_decode_step_,
@@ -18,7 +18,7 @@ from .slots import SlotCache
 # The transformers integration is imported on first use, so the ops work without transformers installed.
 _LAZY = {
     "apply": ".integration",
-    "load_kernels": ".integration",
+    "load_feature_maps": ".integration",
     "LessCache": ".cache",
     "LessLayer": ".cache",
     "MemoryReport": ".cache",
@@ -37,8 +37,8 @@ __all__ = [
     "H2O",
     "LAMBDA",
     "LessCache",
-    "LessKernels",
-    "LessKernelsConfig",
+    "FeatureMaps",
+    "FeatureMapsConfig",
     "LessLayer",
     "MemoryReport",
     "Policy",
@@ -50,6 +50,6 @@ __all__ = [
     "less_score_and_evict_",
     "less_state_fold",
     "less_state_update_",
-    "load_kernels",
+    "load_feature_maps",
     "model_layout",
 ]

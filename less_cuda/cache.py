@@ -27,14 +27,14 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLay
 
 from . import reference, slots
 from .attention import announce, use_less_attention
-from .feature_maps import LessKernels
+from .feature_maps import FeatureMaps
 from .ops import less_decode_step_
 from .policy import Policy, ResolvedPolicy
 from .prefill import compress_prompt, prefill_attention
 
 
 def model_layout(config: PretrainedConfig) -> dict:
-    """The model facts a feature-map checkpoint must agree with (keys of `LessKernelsConfig.layout`)."""
+    """The model facts a feature-map checkpoint must agree with (keys of `FeatureMapsConfig.layout`)."""
     config = config.get_text_config(decoder=True)
     return {
         "num_layers": config.num_hidden_layers,
@@ -60,11 +60,11 @@ class LessLayer(CacheLayerMixin):
     is_croppable = False  # evicted tokens are folded into H, z for good: there is no rolling back
     supports_early_init = False  # slot count depends on the prompt (fractional budgets)
 
-    def __init__(self, layer_idx: int, policy: Policy, kernels: Optional[LessKernels]):
+    def __init__(self, layer_idx: int, policy: Policy, feature_maps: Optional[FeatureMaps]):
         super().__init__()
         self.layer_idx = layer_idx
         self.policy = policy
-        self.kernels = kernels
+        self.feature_maps = feature_maps
         self.resolved: Optional[ResolvedPolicy] = None
         self.slots: Optional[slots.SlotCache] = None
         self.seen = 0  # columns seen, padding included: what transformers counts for masks and positions
@@ -94,9 +94,9 @@ class LessLayer(CacheLayerMixin):
 
     def _psi(self, k: Tensor) -> Tensor:
         """psi(k) [B, Hkv, T, R]; R = 0 without feature maps."""
-        if self.kernels is None:
+        if self.feature_maps is None:
             return k.new_zeros(*k.shape[:3], 0, dtype=torch.float32)
-        return self.kernels.psi(self.layer_idx, k)
+        return self.feature_maps.psi(self.layer_idx, k)
 
     @torch.no_grad()
     def prefill(
@@ -126,8 +126,8 @@ class LessLayer(CacheLayerMixin):
         A pad token takes no slot, adds no score and evicts nothing."""
         self.awaiting_attention = False
         phi = psi = None
-        if self.kernels is not None:  # phi(q), psi(k) once for all of the call's tokens
-            phi, psi = self.kernels.features(self.layer_idx, q, k)
+        if self.feature_maps is not None:  # phi(q), psi(k) once for all of the call's tokens
+            phi, psi = self.feature_maps.features(self.layer_idx, q, k)
         return less_decode_step_(self.slots, q, k, v, phi, psi, valid, *self.resolved.as_args(), scale=scale)
 
     def get_seq_length(self) -> int:
@@ -215,36 +215,37 @@ class LessCache(Cache):
 
     Full-attention layers get a `LessLayer`; other layer kinds (e.g. sliding-window) the layer class transformers
     would use. Constructing one switches `model` to the "less" attention implementation, which is exact sdpa for any
-    other cache, so `model.generate(..., past_key_values=LessCache(model, kernels, policy))` just works.
+    other cache, so `model.generate(..., past_key_values=LessCache(model, feature_maps, policy))` just works.
     A cache holds one batch of sequences: use a fresh one for each new prompt. Passing it to a later `generate` call
     continues its sequences, the new tokens streaming through the decode rule.
 
     Args:
         model: the causal LM (its config gives the layer kinds and layout).
-        kernels: feature maps fitted for this model and policy kind, on the model's device; None for the sparse-only
+        feature_maps: φ/ψ fitted for this model and policy kind, on the model's device; None for the sparse-only
             baseline of the same policy (real eviction, no low-rank state). A layer the feature maps do not cover
-            (`LessKernelsConfig.layers`) runs the sparse policy alone, as in `less_cuda.evaluate`.
+            (`FeatureMapsConfig.layers`) runs the sparse policy alone, as in `less_cuda.evaluate`.
         policy: a `Policy`, or its kind ("h2o" / "lambda") with the default budget.
     """
 
     def __init__(
-        self, model: PreTrainedModel, kernels: Optional[LessKernels] = None, policy: Union[Policy, str] = "h2o"
+        self, model: PreTrainedModel, feature_maps: Optional[FeatureMaps] = None, policy: Union[Policy, str] = "h2o"
     ):
         policy = Policy(kind=policy) if isinstance(policy, str) else policy
         if isinstance(policy.budget, int):
             policy.resolve(policy.budget)  # token counts do not depend on the prompt: reject bad ones now
-        if kernels is not None:
-            kernels.check_compatible(model_layout(model.config), policy.kind)
+        if feature_maps is not None:
+            feature_maps.check_compatible(model_layout(model.config), policy.kind)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
         layers = []
         for i, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
             if kind == "full_attention":
-                layers.append(LessLayer(i, policy, kernels if kernels is not None and kernels.has_layer(i) else None))
+                covered = feature_maps is not None and feature_maps.has_layer(i)
+                layers.append(LessLayer(i, policy, feature_maps if covered else None))
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
         super().__init__(layers=layers)
         self.policy = policy
-        self.kernels = kernels
+        self.feature_maps = feature_maps
         use_less_attention(model)
 
     def memory_report(self) -> MemoryReport:

@@ -87,7 +87,7 @@ def run_eval(args: argparse.Namespace) -> None:
     from .checkpoints import find_checkpoint
     from .data import tokenizer_splits
     from .evaluate import METHODS, compare
-    from .integration import load_kernels
+    from .integration import load_feature_maps
 
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
@@ -97,10 +97,10 @@ def run_eval(args: argparse.Namespace) -> None:
     checkpoint = args.checkpoint or find_checkpoint(model_layout(model.config), args.policy)  # named in the output
     if checkpoint is None:
         raise SystemExit(f"no LESS checkpoint is shipped for this model and policy {args.policy!r}: pass --checkpoint")
-    kernels = load_kernels(model, checkpoint, args.policy)
+    feature_maps = load_feature_maps(model, checkpoint, args.policy)
     splits = tokenizer_splits(args.data, tokenizer, args.seq_len, args.val_fraction)
     sequences = splits.validation[args.skip : args.skip + args.sequences]
-    result = compare(model, sequences, policy, kernels, args.batch_size, tuple(args.methods.split(",")))
+    result = compare(model, sequences, policy, feature_maps, args.batch_size, tuple(args.methods.split(",")))
     print(f"{len(sequences)} held-out sequences of {args.seq_len} tokens (held-out #{args.skip} on); "
           f"feature maps from {checkpoint}")
     print(result.table())

@@ -25,7 +25,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import ops, reference, slots
-from .feature_maps import LessKernels
+from .feature_maps import FeatureMaps
 from .policy import Policy
 
 ATTENTION = "less_parallel"
@@ -50,8 +50,8 @@ def baseline_plus(policy: Policy, length: int, head_dim: int, rank: int, dtype: 
     return replace(policy, budget=resolved.budget + extra)
 
 
-def parallel_attention_function(policy: Policy, kernels: Optional[LessKernels]) -> Callable:
-    """A transformers attention function applying `policy` (and LESS when `kernels` is given) at every layer.
+def parallel_attention_function(policy: Policy, feature_maps: Optional[FeatureMaps]) -> Callable:
+    """A transformers attention function applying `policy` (and LESS when `feature_maps` is given) at every layer.
 
     transformers calls it as f(module, query [B, Hq, T, D], key, value [B, Hkv, T, D], attention_mask, scaling=...)
     with post-RoPE query/key; `module.layer_idx` names the layer. Returns (out [B, T, Hq, D], None). The sequences
@@ -69,9 +69,9 @@ def parallel_attention_function(policy: Policy, kernels: Optional[LessKernels]) 
             query, key, scale, *resolved.as_args(), attend=ops.less_decode_attention, evict_=ops.less_score_and_evict_
         )
         layer = module.layer_idx
-        lowrank = kernels is not None and kernels.has_layer(layer)
-        phi = kernels.phi(layer, query) if lowrank else None
-        psi = kernels.psi(layer, key) if lowrank else None
+        lowrank = feature_maps is not None and feature_maps.has_layer(layer)
+        phi = feature_maps.phi(layer, query) if lowrank else None
+        psi = feature_maps.psi(layer, key) if lowrank else None
         return reference.parallel_attention(query, key, value, kept, phi, psi, scale).transpose(1, 2), None
 
     return attend
@@ -133,16 +133,16 @@ class Comparison:
         return "\n".join(lines)
 
 
-def compare(model, sequences: Tensor, policy: Policy, kernels: LessKernels, batch_size: int = 1,
+def compare(model, sequences: Tensor, policy: Policy, feature_maps: FeatureMaps, batch_size: int = 1,
             methods: tuple[str, ...] = METHODS) -> Comparison:
     """Perplexity of `model` over sequences [N, T] with full attention, `policy` alone, Baseline+ and LESS."""
     dtype = next(model.parameters()).dtype
-    plus = baseline_plus(policy, sequences.shape[1], kernels.config.head_dim, kernels.rank, dtype)
+    plus = baseline_plus(policy, sequences.shape[1], feature_maps.config.head_dim, feature_maps.rank, dtype)
     functions = {
         "full": None,
         "sparse": parallel_attention_function(policy, None),
         "baseline_plus": parallel_attention_function(plus, None),
-        "less": parallel_attention_function(policy, kernels),
+        "less": parallel_attention_function(policy, feature_maps),
     }
     ppl = {m: perplexity(model, sequences, functions[m], batch_size, desc=m) for m in methods}
     return Comparison(policy, plus, sequences.shape[1], ppl)

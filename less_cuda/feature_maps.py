@@ -38,7 +38,7 @@ WEIGHTS_NAME = "kernels.safetensors"
 
 
 @dataclass
-class LessKernelsConfig:
+class FeatureMapsConfig:
     """What a set of feature maps was fitted for. `layers` lists the layers that have feature maps."""
 
     base_model: str
@@ -78,7 +78,7 @@ class HeadMLP(nn.Module):
         return F.gelu(F.gelu(x.float() @ self.w1) @ self.w2)
 
 
-class LayerKernels(nn.Module):
+class LayerFeatureMaps(nn.Module):
     """phi and psi of one attention layer."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, hidden: int, rank: int):
@@ -103,7 +103,7 @@ class LayerKernels(nn.Module):
         return (self.phi_mlp.w1, self.phi_mlp.w2, self.psi_mlp.w1, self.psi_mlp.w2, self.psi_scale,
                 self.psi_interaction, self.psi_interaction_scale)  # fmt: skip
 
-    def select_heads(self, rank: int, world: int) -> "LayerKernels":
+    def select_heads(self, rank: int, world: int) -> "LayerFeatureMaps":
         """A copy with tensor-parallel rank `rank`'s share of the heads: every weight's first dimension is the head,
         split into `world` equal contiguous blocks as vLLM splits query and KV heads."""
         part = copy.deepcopy(self)
@@ -119,19 +119,21 @@ class LayerKernels(nn.Module):
         return self.phi(q), self.psi(k)
 
 
-class LessKernels(nn.Module):
+class FeatureMaps(nn.Module):
     """Feature maps for every full-attention layer of one model.
 
     `phi(layer, q)` and `psi(layer, k)` take the layer's post-RoPE queries / keys in transformers' layout
     ([B, heads, T, D]) and return fp32 features [B, heads, T, R].
     """
 
-    def __init__(self, config: LessKernelsConfig):
+    def __init__(self, config: FeatureMapsConfig):
         super().__init__()
         self.config = config
         c = config
+        # "layer_kernels" (like kernels.safetensors) is the name format version 1 stores the weights under.
         self.layer_kernels = nn.ModuleDict(
-            {str(i): LayerKernels(c.num_heads, c.num_kv_heads, c.head_dim, c.kernel_hidden, c.rank) for i in c.layers}
+            {str(i): LayerFeatureMaps(c.num_heads, c.num_kv_heads, c.head_dim, c.kernel_hidden, c.rank)
+             for i in c.layers}
         )
 
     @property
@@ -148,7 +150,7 @@ class LessKernels(nn.Module):
         return self.layer_kernels[str(layer)].psi(k)
 
     def features(self, layer: int, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """(phi(q), psi(k)) of one layer; see `LayerKernels.features`."""
+        """(phi(q), psi(k)) of one layer; see `LayerFeatureMaps.features`."""
         return self.layer_kernels[str(layer)].features(q, k)
 
     def save_pretrained(self, directory: Union[str, Path], dtype: torch.dtype = torch.float16) -> None:
@@ -161,7 +163,7 @@ class LessKernels(nn.Module):
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format_version": str(FORMAT_VERSION)})
 
     @classmethod
-    def from_pretrained(cls, directory: Union[str, Path], device: Optional[torch.device] = None) -> "LessKernels":
+    def from_pretrained(cls, directory: Union[str, Path], device: Optional[torch.device] = None) -> "FeatureMaps":
         """Load a checkpoint written by `save_pretrained` (safetensors only, never pickle)."""
         directory = Path(directory)
         config_path = directory / CONFIG_NAME
@@ -172,9 +174,9 @@ class LessKernels(nn.Module):
             raise ValueError(
                 f"{config_path} has format_version {raw.get('format_version')}, this less_cuda reads {FORMAT_VERSION}"
             )
-        kernels = cls(LessKernelsConfig(**raw))
-        kernels.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))  # copies into the fp32 parameters
-        return kernels.to(device) if device is not None else kernels
+        feature_maps = cls(FeatureMapsConfig(**raw))
+        feature_maps.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))  # copies into the fp32 parameters
+        return feature_maps.to(device) if device is not None else feature_maps
 
     def check_compatible(self, layout: dict, policy_kind: Optional[str] = None, rank: Optional[int] = None) -> None:
         """Raise a clear ValueError if these feature maps were fitted for another model layout, policy or rank."""

@@ -5,7 +5,7 @@
 
 or, with an explicit cache (one per generate call):
 
-    cache = less_cuda.LessCache(model, kernels, less_cuda.Policy("lambda", budget=256, sinks=4))
+    cache = less_cuda.LessCache(model, feature_maps, less_cuda.Policy("lambda", budget=256, sinks=4))
     out = model.generate(**inputs, max_new_tokens=64, past_key_values=cache)
 """
 
@@ -20,41 +20,41 @@ from transformers import PreTrainedModel
 
 from .cache import LessCache, model_layout
 from .checkpoints import find_checkpoint
-from .feature_maps import LessKernels
+from .feature_maps import FeatureMaps
 from .policy import Policy
 
 
-def load_kernels(
+def load_feature_maps(
     model: PreTrainedModel,
-    kernels: Union[LessKernels, str, Path, None],
+    feature_maps: Union[FeatureMaps, str, Path, None],
     policy_kind: str,
     rank: Optional[int] = None,
-) -> LessKernels:
+) -> FeatureMaps:
     """The feature maps for `model` and a policy kind, on the model's device.
 
-    kernels: a `LessKernels`, a checkpoint directory, or None for the checkpoint shipped with less_cuda for this
+    feature_maps: a `FeatureMaps`, a checkpoint directory, or None for the checkpoint shipped with less_cuda for this
     model layout and policy kind. Raises ValueError when none is shipped, or when the feature maps were fitted for
     another model layout, policy kind or rank.
     """
     layout = model_layout(model.config)
-    if kernels is None:
-        kernels = find_checkpoint(layout, policy_kind)
-        if kernels is None:
+    if feature_maps is None:
+        feature_maps = find_checkpoint(layout, policy_kind)
+        if feature_maps is None:
             raise ValueError(
                 f"no LESS checkpoint is shipped for {model.config.name_or_path or type(model).__name__} {layout} with "
-                f"policy {policy_kind!r}: pass kernels=LessKernels.from_pretrained(path) (or the path), or "
+                f"policy {policy_kind!r}: pass feature_maps=FeatureMaps.from_pretrained(path) (or the path), or "
                 f"lowrank=False for the sparse-only {policy_kind} baseline"
             )
-    if isinstance(kernels, (str, Path)):
-        kernels = LessKernels.from_pretrained(kernels)
-    kernels.check_compatible(layout, policy_kind, rank)
-    return kernels.to(model.device).eval()
+    if isinstance(feature_maps, (str, Path)):
+        feature_maps = FeatureMaps.from_pretrained(feature_maps)
+    feature_maps.check_compatible(layout, policy_kind, rank)
+    return feature_maps.to(model.device).eval()
 
 
 @contextmanager
 def apply(
     model: PreTrainedModel,
-    kernels: Union[LessKernels, str, Path, None] = None,
+    feature_maps: Union[FeatureMaps, str, Path, None] = None,
     policy: str = "h2o",
     budget: Union[int, float] = 0.05,
     recent: Optional[Union[int, float]] = None,
@@ -66,7 +66,7 @@ def apply(
 
     Args:
         model: a transformers causal LM (Llama-style attention: GQA and MQA included).
-        kernels: feature maps φ/ψ: a `LessKernels`, a checkpoint directory, or None for the checkpoint shipped for
+        feature_maps: φ/ψ: a `FeatureMaps`, a checkpoint directory, or None for the checkpoint shipped for
             this model and policy kind (there must be one unless lowrank=False).
         policy: "h2o" (heavy hitters + recent tokens) or "lambda" (Λ: first `sinks` tokens + recent tokens).
         budget: tokens whose K/V stay in the cache between decode steps, per layer, batch row and KV head (the incoming
@@ -85,11 +85,11 @@ def apply(
     """
     settings = Policy(kind=policy, budget=budget, recent=recent, sinks=sinks)
     if lowrank:
-        kernels = load_kernels(model, kernels, settings.kind, rank)
-    elif kernels is not None:
-        raise ValueError("kernels were given with lowrank=False, which asks for the sparse-only baseline")
+        feature_maps = load_feature_maps(model, feature_maps, settings.kind, rank)
+    elif feature_maps is not None:
+        raise ValueError("feature_maps were given with lowrank=False, which asks for the sparse-only baseline")
     previous_attention = model.config._attn_implementation
-    LessCache(model, kernels, settings)  # validates now, allocates nothing; also switches the attention to "less"
+    LessCache(model, feature_maps, settings)  # validates now, allocates nothing; also switches the attention to "less"
 
     had_own_generate = "generate" in vars(model)
     original_generate = model.generate
@@ -97,7 +97,7 @@ def apply(
     @functools.wraps(original_generate)
     def generate(*args, **kwargs):
         if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
-            kwargs["past_key_values"] = LessCache(model, kernels, settings)
+            kwargs["past_key_values"] = LessCache(model, feature_maps, settings)
         return original_generate(*args, **kwargs)
 
     model.generate = generate

@@ -244,6 +244,6 @@ def _feature_maps_fake(q, k, phi_w1, phi_w2, psi_w1, psi_w2, psi_scale, psi_inte
 
 def less_feature_maps(q: Tensor, k: Tensor, *weights: Tensor) -> tuple[Tensor, Tensor]:
     """phi(q) [B, Hq, T, R] and psi(k) [B, Hkv, T, R] fp32 of one layer in one call, without gradients: the form
-    `feature_maps.LayerKernels.features` uses at decode on CPU. q [B, Hq, T, D], k [B, Hkv, T, D]; weights: phi_w1,
-    phi_w2, psi_w1, psi_w2, psi_scale, psi_interaction, psi_interaction_scale (`LayerKernels.inference_weights`)."""
+    `feature_maps.LayerFeatureMaps.features` uses at decode on CPU. q [B, Hq, T, D], k [B, Hkv, T, D]; weights: phi_w1,
+    phi_w2, psi_w1, psi_w2, psi_scale, psi_interaction, psi_interaction_scale (`LayerFeatureMaps.inference_weights`)."""
     return _ops.feature_maps(q.contiguous(), k.contiguous(), *weights)

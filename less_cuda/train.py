@@ -15,7 +15,7 @@ costs O((S + R) D) instead of the O(T D) per row of the masked parallel form (`r
 the tests check it against, together with a literal token-by-token decode loop. A training step scores a random
 subset of a sequence's decode steps (`--positions`); validation scores all of them.
 
-Outputs: `<output>/config.json` + `kernels.safetensors` (`LessKernels.save_pretrained`) and `report.json` (per-layer
+Outputs: `<output>/config.json` + `kernels.safetensors` (`FeatureMaps.save_pretrained`) and `report.json` (per-layer
 validation MSE of the sparse policy alone, of Baseline+ and of LESS). Progress for resuming lives in
 `<output>/progress` until the run completes.
 """
@@ -45,7 +45,7 @@ from . import ops, slots
 from .cache import model_layout
 from .data import tokenizer_splits
 from .evaluate import attention_function, baseline_plus
-from .feature_maps import LayerKernels, LessKernels, LessKernelsConfig
+from .feature_maps import LayerFeatureMaps, FeatureMaps, FeatureMapsConfig
 from .models import load_model
 from .policy import Policy, ResolvedPolicy
 
@@ -303,22 +303,22 @@ class LayerData:
         return replace(self, q=self.q[index], k=self.k[index], v=self.v[index], steps=self.steps.select(index),
                        target=self.target[index])
 
-    def mse(self, kernels: Optional[LayerKernels], at: Optional[Tensor] = None) -> Tensor:
-        """The loss: output MSE of LESS with `kernels` (or of the sparse policy alone, None) at the steps `at`
+    def mse(self, feature_maps: Optional[LayerFeatureMaps], at: Optional[Tensor] = None) -> Tensor:
+        """The loss: output MSE of LESS with `feature_maps` (or of the sparse policy alone, None) at the steps `at`
         (increasing, all >= start), or at every step from `start` on."""
         q, target = (self.q, self.target) if at is None else (self.q[:, :, at], self.target[:, :, at])
-        features = (kernels.phi(q), kernels.psi(self.k)) if kernels is not None else (None, None)
+        features = (feature_maps.phi(q), feature_maps.psi(self.k)) if feature_maps is not None else (None, None)
         out = step_attention(q, self.k, self.v, self.steps, *features, self.scale, at)
         return output_mse(out, target, self.o_proj, self.start if at is None else 0)
 
 
 @torch.no_grad()
-def validation_mse(data: LayerData, kernels: Optional[LayerKernels], batch_size: int) -> float:
+def validation_mse(data: LayerData, feature_maps: Optional[LayerFeatureMaps], batch_size: int) -> float:
     """`LayerData.mse` over all of `data`, every step from `start` on, `batch_size` sequences at a time."""
     total = 0.0
     for first in range(0, len(data), batch_size):
         index = torch.arange(first, min(first + batch_size, len(data)), device=data.q.device)
-        total += float(data.select(index).mse(kernels)) * len(index)
+        total += float(data.select(index).mse(feature_maps)) * len(index)
     return total / len(data)
 
 
@@ -346,21 +346,22 @@ class LayerTrainer:
     """Trains one layer's φ/ψ with AdamW, keeping the best epoch by validation MSE; after every epoch its whole
     state (weights, best weights, optimizer moments, epoch) goes to `<progress>/layer_<i>.partial.safetensors`."""
 
-    def __init__(self, cfg: TrainConfig, kcfg: LessKernelsConfig, layer: int, progress_dir: Path,
+    def __init__(self, cfg: TrainConfig, kcfg: FeatureMapsConfig, layer: int, progress_dir: Path,
                  device: torch.device):
         self.cfg, self.layer = cfg, layer
         with torch.random.fork_rng():  # the layer's init depends on its index only, not on the rank that trains it
             torch.manual_seed(cfg.seed * 100_003 + layer)
-            kernels = LayerKernels(kcfg.num_heads, kcfg.num_kv_heads, kcfg.head_dim, kcfg.kernel_hidden, kcfg.rank)
-        self.kernels = kernels.to(device)
-        self.optimizer = torch.optim.AdamW(self.kernels.parameters(), lr=cfg.lr, weight_decay=0.0)
+            feature_maps = LayerFeatureMaps(kcfg.num_heads, kcfg.num_kv_heads, kcfg.head_dim, kcfg.kernel_hidden,
+                                            kcfg.rank)
+        self.feature_maps = feature_maps.to(device)
+        self.optimizer = torch.optim.AdamW(self.feature_maps.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.partial = progress_dir / f"layer_{layer}.partial.safetensors"
         self.epoch = 0
         self.best_val = math.inf
-        self.best_state = {k: v.detach().clone() for k, v in self.kernels.state_dict().items()}
+        self.best_state = {k: v.detach().clone() for k, v in self.feature_maps.state_dict().items()}
 
     def save_partial(self) -> None:
-        tensors = {f"kernels.{k}": v for k, v in self.kernels.state_dict().items()}
+        tensors = {f"feature_maps.{k}": v for k, v in self.feature_maps.state_dict().items()}
         tensors |= {f"best.{k}": v for k, v in self.best_state.items()}
         for i, state in self.optimizer.state_dict()["state"].items():
             tensors |= {f"optimizer.{i}.{k}": v for k, v in state.items()}
@@ -368,11 +369,12 @@ class LayerTrainer:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.partial), metadata=meta)
 
     def load_partial(self) -> None:
-        device = next(self.kernels.parameters()).device
+        device = next(self.feature_maps.parameters()).device
         tensors = load_file(str(self.partial), device=str(device))
         with safe_open(str(self.partial), "pt") as f:
             meta = f.metadata()
-        self.kernels.load_state_dict({k[len("kernels."):]: v for k, v in tensors.items() if k.startswith("kernels.")})
+        prefix = "feature_maps."
+        self.feature_maps.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         self.best_state = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
         state = self.optimizer.state_dict()
         for key, value in tensors.items():
@@ -396,7 +398,7 @@ class LayerTrainer:
             # Seeded by (layer, epoch) alone, so a resumed or sharded run draws exactly the same batches.
             generator = torch.Generator().manual_seed(cfg.seed * 100_003 + self.layer * 1_009 + self.epoch)
             order = torch.randperm(len(train), generator=generator).to(train.q.device)
-            self.kernels.train()
+            self.feature_maps.train()
             for i in range(steps_per_epoch):
                 for group in self.optimizer.param_groups:
                     group["lr"] = learning_rate(cfg, self.epoch * steps_per_epoch + i, total)
@@ -404,17 +406,17 @@ class LayerTrainer:
                 # training step costs in proportion to the decode steps it computes.
                 at = (train.start + torch.randperm(T - train.start, generator=generator)[: cfg.positions]).sort()
                 batch = train.select(order[i * cfg.batch_size : (i + 1) * cfg.batch_size])
-                loss = batch.mse(self.kernels, at.values.to(train.q.device))
+                loss = batch.mse(self.feature_maps, at.values.to(train.q.device))
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.3e}", best_val=f"{self.best_val:.3e}")
-            self.kernels.eval()
-            val_mse = validation_mse(val, self.kernels, cfg.batch_size)
+            self.feature_maps.eval()
+            val_mse = validation_mse(val, self.feature_maps, cfg.batch_size)
             if val_mse < self.best_val:
                 self.best_val = val_mse
-                self.best_state = {k: v.detach().clone() for k, v in self.kernels.state_dict().items()}
+                self.best_state = {k: v.detach().clone() for k, v in self.feature_maps.state_dict().items()}
             self.epoch += 1
             self.save_partial()
         bar.close()
@@ -422,7 +424,7 @@ class LayerTrainer:
 
 def train_layer(
     cfg: TrainConfig,
-    kcfg: LessKernelsConfig,
+    kcfg: FeatureMapsConfig,
     layer: int,
     train_cap: Optional[LayerCapture],
     val_cap: Optional[LayerCapture],
@@ -444,11 +446,11 @@ def train_layer(
     trainer.fit(train, val, position)
     plus = baseline_plus(cfg.policy_spec(), cfg.seq_len, kcfg.head_dim, kcfg.rank, DTYPES[cfg.dtype])
     val_plus = val.with_policy(plus.resolve(cfg.seq_len), desc)
-    trainer.kernels.load_state_dict(trainer.best_state)
+    trainer.feature_maps.load_state_dict(trainer.best_state)
     mse = {
         "sparse": validation_mse(val, None, cfg.batch_size),
         "baseline_plus": validation_mse(val_plus, None, cfg.batch_size),
-        "less": validation_mse(val, trainer.kernels, cfg.batch_size),
+        "less": validation_mse(val, trainer.feature_maps, cfg.batch_size),
     }
     state = {k: v.detach().cpu().contiguous() for k, v in trainer.best_state.items()}
     save_file(state, str(done), metadata={"mse": json.dumps(mse)})
@@ -476,7 +478,7 @@ def _distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, device
 
 
-def _share_results(results: dict[int, LayerResult], layers: list[int], world: int, template: LayerKernels) -> None:
+def _share_results(results: dict[int, LayerResult], layers: list[int], world: int, template: LayerFeatureMaps) -> None:
     """Give every process every layer's result: the owner of layer i (rank i mod world) broadcasts it. No gradients
     are ever exchanged; this is the only communication."""
     if world == 1:
@@ -530,7 +532,7 @@ def _check_progress(progress_dir: Path, cfg: TrainConfig) -> None:
     record.write_text(wanted)
 
 
-def train(cfg: TrainConfig) -> LessKernels:
+def train(cfg: TrainConfig) -> FeatureMaps:
     """Fit φ/ψ for every full-attention layer of `cfg.model` and write the checkpoint to `cfg.output`.
 
     Under torchrun each process trains the layers i with i mod world == rank and rank 0 writes the merged
@@ -543,7 +545,7 @@ def train(cfg: TrainConfig) -> LessKernels:
     model.to(device)
     layers = cfg.layers if cfg.layers is not None else attention_layers(model.config)
     layout = model_layout(model.config)
-    kcfg = LessKernelsConfig(
+    kcfg = FeatureMapsConfig(
         base_model=str(model.config.name_or_path), **layout, layers=layers,
         policy=asdict(cfg.policy_spec()), rank=cfg.rank, kernel_hidden=cfg.hidden or layout["head_dim"],
         training=provenance(cfg),
@@ -570,11 +572,11 @@ def train(cfg: TrainConfig) -> LessKernels:
     for layer in tqdm(mine, desc=f"rank {rank} layers", position=0, unit="layer", disable=world > 1 and rank > 0):
         results[layer] = train_layer(cfg, kcfg, layer, train_caps.pop(layer, None), val_caps.pop(layer, None),
                                      progress_dir, device, position=1)
-    kernels = LessKernels(kcfg)
-    _share_results(results, layers, world, kernels.layer_kernels[str(layers[0])])
-    kernels.load_state_dict({f"layer_kernels.{i}.{k}": v for i, r in results.items() for k, v in r.state.items()})
+    feature_maps = FeatureMaps(kcfg)
+    _share_results(results, layers, world, feature_maps.layer_kernels[str(layers[0])])
+    feature_maps.load_state_dict({f"layer_kernels.{i}.{k}": v for i, r in results.items() for k, v in r.state.items()})
     if rank == 0:
-        kernels.save_pretrained(output)
+        feature_maps.save_pretrained(output)
         shutil.rmtree(progress_dir)  # only needed to resume an unfinished run
         summary = {str(layer): results[layer].mse for layer in sorted(results)}
         seconds = round(time.time() - started, 1)
@@ -585,7 +587,7 @@ def train(cfg: TrainConfig) -> LessKernels:
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return kernels
+    return feature_maps
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -17,7 +17,7 @@ from less_cuda.evaluate import (
     parallel_attention_function,
     perplexity,
 )
-from less_cuda.feature_maps import LessKernels, LessKernelsConfig
+from less_cuda.feature_maps import FeatureMaps, FeatureMapsConfig
 from less_cuda.models import load_model
 from less_cuda.policy import Policy
 from helpers import WIKITEXT, missing_input
@@ -33,8 +33,9 @@ def tiny(tiny_model_dir):  # noqa: F811
     ids = tokenizer((tiny_model_dir / "articles.txt").read_text(), add_special_tokens=False)["input_ids"]
     sequences = torch.tensor(ids[: 2 * 48]).view(2, 48)
     torch.manual_seed(0)
-    kernels = LessKernels(LessKernelsConfig("tiny", 2, 4, 2, 16, 64, [0, 1], {"kind": "h2o"}, rank=4, kernel_hidden=8))
-    return model, sequences, kernels
+    config = FeatureMapsConfig("tiny", 2, 4, 2, 16, 64, [0, 1], {"kind": "h2o"}, rank=4, kernel_hidden=8)
+    feature_maps = FeatureMaps(config)
+    return model, sequences, feature_maps
 
 
 def test_baseline_plus_buys_tokens_with_the_state_bytes():
@@ -49,19 +50,19 @@ def test_baseline_plus_buys_tokens_with_the_state_bytes():
 
 
 def test_a_budget_holding_every_token_is_full_attention(tiny):
-    model, sequences, kernels = tiny
+    model, sequences, feature_maps = tiny
     full = perplexity(model, sequences)
     everything = Policy("h2o", budget=sequences.shape[1])
-    compressed = perplexity(model, sequences, parallel_attention_function(everything, kernels))
+    compressed = perplexity(model, sequences, parallel_attention_function(everything, feature_maps))
     assert compressed == pytest.approx(full, rel=1e-5)
     assert model.config._attn_implementation != "less_parallel"  # restored after the block
 
 
 def test_less_with_an_empty_state_is_its_sparse_policy(tiny):
-    model, sequences, kernels = tiny
+    model, sequences, feature_maps = tiny
     policy = Policy("h2o", budget=8)
-    silent = LessKernels(kernels.config)
-    silent.load_state_dict(kernels.state_dict())
+    silent = FeatureMaps(feature_maps.config)
+    silent.load_state_dict(feature_maps.state_dict())
     with torch.no_grad():
         for layer in silent.layer_kernels.values():
             layer.psi_scale.zero_()
@@ -71,8 +72,8 @@ def test_less_with_an_empty_state_is_its_sparse_policy(tiny):
 
 
 def test_compare_reports_every_method_and_the_gap(tiny):
-    model, sequences, kernels = tiny
-    result = compare(model, sequences, Policy("lambda", budget=8, sinks=2), kernels)
+    model, sequences, feature_maps = tiny
+    result = compare(model, sequences, Policy("lambda", budget=8, sinks=2), feature_maps)
     assert set(result.perplexity) == {"full", "sparse", "baseline_plus", "less"}
     assert all(math.isfinite(p) for p in result.perplexity.values())
     p = result.perplexity
@@ -117,10 +118,11 @@ def smollm2_held_out():
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["h2o", "lambda"])
 def test_shipped_checkpoints_beat_sparse_and_baseline_plus_on_held_out_text(smollm2_held_out, kind):
-    from less_cuda.integration import load_kernels
+    from less_cuda.integration import load_feature_maps
 
     model, sequence = smollm2_held_out
-    kernels = load_kernels(model, None, kind)  # the checkpoint shipped for SmolLM2, as apply() finds it
-    result = compare(model, sequence, Policy(kind, budget=0.05), kernels, methods=("sparse", "baseline_plus", "less"))
+    feature_maps = load_feature_maps(model, None, kind)  # the checkpoint shipped for SmolLM2, as apply() finds it
+    result = compare(model, sequence, Policy(kind, budget=0.05), feature_maps,
+                     methods=("sparse", "baseline_plus", "less"))
     ppl = result.perplexity
     assert ppl["less"] < ppl["baseline_plus"] < ppl["sparse"], ppl

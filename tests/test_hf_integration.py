@@ -13,7 +13,7 @@ from less_cuda import reference as ref
 from less_cuda import slots
 from less_cuda.attention import less_attention
 from less_cuda.cache import LessCache, LessLayer, model_layout
-from less_cuda.feature_maps import LessKernels, LessKernelsConfig
+from less_cuda.feature_maps import FeatureMaps, FeatureMapsConfig
 from less_cuda.integration import apply
 from less_cuda.policy import Policy
 
@@ -33,19 +33,19 @@ def tiny_llama(num_kv_heads: int = 2, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def random_kernels(model, kind: str = "h2o", rank: int = 4, layers=None) -> LessKernels:
+def random_feature_maps(model, kind: str = "h2o", rank: int = 4, layers=None) -> FeatureMaps:
     """Untrained feature maps, with psi's scale raised from its 1e-4 start so the low-rank state carries weight."""
     layout = model_layout(model.config)
-    config = LessKernelsConfig(
+    config = FeatureMapsConfig(
         base_model="tiny", **layout, layers=list(range(layout["num_layers"])) if layers is None else layers,
         policy={"kind": kind}, rank=rank, kernel_hidden=16,
     )
     torch.manual_seed(1)
-    kernels = LessKernels(config)
+    feature_maps = FeatureMaps(config)
     with torch.no_grad():
-        for maps in kernels.layer_kernels.values():
+        for maps in feature_maps.layer_kernels.values():
             maps.psi_scale.fill_(1.0)
-    return kernels
+    return feature_maps
 
 
 def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,8 +93,8 @@ def test_budget_above_sequence_is_full_cache_generation(num_kv_heads, policy, lo
     model = tiny_llama(num_kv_heads)
     ids, mask = left_padded(prompts(9, 16))
     full = generate(model, ids, mask, 12)
-    kernels = random_kernels(model, policy) if lowrank else None
-    with apply(model, kernels, policy=policy, budget=16 + 12, lowrank=lowrank):
+    feature_maps = random_feature_maps(model, policy) if lowrank else None
+    with apply(model, feature_maps, policy=policy, budget=16 + 12, lowrank=lowrank):
         assert torch.equal(generate(model, ids, mask, 12), full)
 
 
@@ -103,7 +103,7 @@ def test_sampling_with_budget_above_sequence_is_full_cache_sampling():
     ids, mask = left_padded(prompts(9, 16))
     torch.manual_seed(5)
     full = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=0)
-    with apply(model, random_kernels(model), budget=32):
+    with apply(model, random_feature_maps(model), budget=32):
         torch.manual_seed(5)
         assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=0), full)
 
@@ -111,9 +111,9 @@ def test_sampling_with_budget_above_sequence_is_full_cache_sampling():
 @pytest.mark.parametrize("policy,lowrank", SETTINGS)
 def test_each_sequence_generates_the_same_alone_and_in_a_padded_batch(policy, lowrank):
     model = tiny_llama()
-    kernels = random_kernels(model, policy) if lowrank else None
+    feature_maps = random_feature_maps(model, policy) if lowrank else None
     batch = prompts(12, 20, 7)
-    with apply(model, kernels, policy=policy, budget=6, sinks=2, lowrank=lowrank):
+    with apply(model, feature_maps, policy=policy, budget=6, sinks=2, lowrank=lowrank):
         together = generate(model, *left_padded(batch), 10)
         for i, prompt in enumerate(batch):
             alone = generate(model, *left_padded([prompt]), 10)
@@ -126,14 +126,14 @@ def test_chunked_prompt_streams_through_decode_and_matches_full_cache():
     model = tiny_llama()
     ids, mask = left_padded(prompts(20, 7))
     full = generate(model, ids, mask, 8)
-    cache = LessCache(model, random_kernels(model), Policy("h2o", budget=40))
+    cache = LessCache(model, random_feature_maps(model), Policy("h2o", budget=40))
     assert torch.equal(generate(model, ids, mask, 8, past_key_values=cache, prefill_chunk_size=6), full)
 
 
 def test_a_pad_token_in_a_later_call_changes_nothing():
     """Row 1's new token is padding: it takes no slot, adds no score, evicts and folds nothing."""
     model = tiny_llama()
-    layer = LessLayer(0, Policy("h2o", budget=4), random_kernels(model))
+    layer = LessLayer(0, Policy("h2o", budget=4), random_feature_maps(model))
     torch.manual_seed(3)
     q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
     layer.prefill(q[:, :, :8], k[:, :, :8], v[:, :, :8], torch.ones(2, 8, dtype=torch.bool), 0.25)
@@ -151,7 +151,7 @@ def test_slots_state_and_outputs_follow_the_reference_stream(policy, monkeypatch
     """Record what the attention function was given and returned, replay it through reference.py's prefill and
     decode_step, and compare the kept positions (exactly), the low-rank state and the decode outputs."""
     model = tiny_llama()
-    kernels = random_kernels(model, policy)
+    feature_maps = random_feature_maps(model, policy)
     calls = []
 
     def recording_attention(module, query, key, value, attention_mask, **kwargs):
@@ -162,7 +162,7 @@ def test_slots_state_and_outputs_follow_the_reference_stream(policy, monkeypatch
     monkeypatch.setitem(AttentionInterface._global_mapping, "less", recording_attention)
     batch = prompts(14, 9)
     ids, mask = left_padded(batch)
-    cache = LessCache(model, kernels, Policy(policy, budget=5, sinks=2))
+    cache = LessCache(model, feature_maps, Policy(policy, budget=5, sinks=2))
     generate(model, ids, mask, 9, past_key_values=cache)
 
     valid = mask.bool()
@@ -171,7 +171,7 @@ def test_slots_state_and_outputs_follow_the_reference_stream(policy, monkeypatch
         args = layer.resolved.as_args()
         scores = ref.prefill_scores(q, k, valid, scale) if policy == "h2o" else torch.zeros(k.shape[:3])
         keep = slots.prefill_keep(scores, valid, *args)
-        phi, psi = kernels.phi(layer.layer_idx, q), kernels.psi(layer.layer_idx, k)
+        phi, psi = feature_maps.phi(layer.layer_idx, q), feature_maps.psi(layer.layer_idx, k)
         positions = slots.token_positions(valid)[:, None].expand(k.shape[:3])
         slot_k, slot_v, slot_psi, slot_scores, slot_pos, index = slots.gather_tokens(
             keep, args[1] + 1, k, v, psi, scores, positions
@@ -182,8 +182,8 @@ def test_slots_state_and_outputs_follow_the_reference_stream(policy, monkeypatch
         position = valid.sum(-1)
         for _, q, k, v, out, _ in steps:
             expected = ref.decode_step(
-                stream, q[:, :, 0], k[:, :, 0], v[:, :, 0], kernels.phi(layer.layer_idx, q)[:, :, 0],
-                kernels.psi(layer.layer_idx, k)[:, :, 0], position, scale, *args,
+                stream, q[:, :, 0], k[:, :, 0], v[:, :, 0], feature_maps.phi(layer.layer_idx, q)[:, :, 0],
+                feature_maps.psi(layer.layer_idx, k)[:, :, 0], position, scale, *args,
             )
             position = position + 1
             assert_close_ratio(out[:, 0], expected, what=f"layer {layer.layer_idx} decode output")
@@ -199,7 +199,7 @@ def test_cache_bytes_stop_growing_once_the_budget_is_reached(lowrank):
     ids, mask = left_padded(prompts(24, 17))
     reports = []
     for new_tokens in (2, 20):
-        cache = LessCache(model, random_kernels(model) if lowrank else None, Policy("h2o", budget=8))
+        cache = LessCache(model, random_feature_maps(model) if lowrank else None, Policy("h2o", budget=8))
         generate(model, ids, mask, new_tokens, past_key_values=cache)
         reports.append(cache.memory_report())
     short, long = reports
@@ -214,7 +214,7 @@ def test_cache_bytes_stop_growing_once_the_budget_is_reached(lowrank):
 def test_a_reset_cache_generates_like_a_fresh_one():
     model = tiny_llama()
     ids, mask = left_padded(prompts(12, 20))
-    cache = LessCache(model, random_kernels(model), Policy("h2o", budget=6))
+    cache = LessCache(model, random_feature_maps(model), Policy("h2o", budget=6))
     first = generate(model, ids, mask, 6, past_key_values=cache)
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.memory_report().total == 0
@@ -226,9 +226,9 @@ def test_beam_search_reorders_the_compressed_cache():
     ids, mask = left_padded(prompts(10, 13))
     beams = dict(num_beams=3, num_return_sequences=2)
     full = generate(model, ids, mask, 8, **beams)
-    with apply(model, random_kernels(model), budget=32):
+    with apply(model, random_feature_maps(model), budget=32):
         assert torch.equal(generate(model, ids, mask, 8, **beams), full)
-    with apply(model, random_kernels(model), budget=4):
+    with apply(model, random_feature_maps(model), budget=4):
         assert generate(model, ids, mask, 8, **beams).shape == (4, 8)
 
 
@@ -242,7 +242,7 @@ def test_sliding_window_layers_keep_their_own_cache():
     model = Qwen2ForCausalLM(config).eval()
     ids, mask = left_padded(prompts(11, 15))
     full = generate(model, ids, mask, 10)
-    cache = LessCache(model, random_kernels(model, layers=[0]), Policy("h2o", budget=32))
+    cache = LessCache(model, random_feature_maps(model, layers=[0]), Policy("h2o", budget=32))
     assert torch.equal(generate(model, ids, mask, 10, past_key_values=cache), full)
     assert isinstance(cache.layers[0], LessLayer) and isinstance(cache.layers[1], DynamicSlidingWindowLayer)
     assert cache.get_seq_length() == 15 + 10 - 1  # tokens seen, not slots kept (the last token is not fed back)
@@ -251,8 +251,8 @@ def test_sliding_window_layers_keep_their_own_cache():
 def test_apply_finds_the_shipped_checkpoint_or_loads_a_directory(tmp_path, monkeypatch):
     model = tiny_llama()
     ids, mask = left_padded(prompts(12, 20))
-    random_kernels(model).save_pretrained(tmp_path)
-    with apply(model, LessKernels.from_pretrained(tmp_path), budget=6):
+    random_feature_maps(model).save_pretrained(tmp_path)
+    with apply(model, FeatureMaps.from_pretrained(tmp_path), budget=6):
         expected = generate(model, ids, mask, 6)
     with apply(model, str(tmp_path), budget=6):
         assert torch.equal(generate(model, ids, mask, 6), expected)
@@ -278,21 +278,21 @@ def test_apply_restores_the_model():
         (dict(policy="h2o", budget=1, lowrank=False), "at least 2"),
         (dict(policy="sliding"), "policy kind"),
         (dict(), "no LESS checkpoint is shipped"),
-        (dict(kernels="from_another_model"), "does not fit this model"),
-        (dict(kernels="lambda_kernels"), "fitted for policy 'lambda'"),
-        (dict(kernels="random", rank=8), "rank 8"),
-        (dict(kernels="random", lowrank=False), "lowrank=False"),
+        (dict(feature_maps="from_another_model"), "does not fit this model"),
+        (dict(feature_maps="lambda_feature_maps"), "fitted for policy 'lambda'"),
+        (dict(feature_maps="random", rank=8), "rank 8"),
+        (dict(feature_maps="random", lowrank=False), "lowrank=False"),
     ],
 )
 def test_malformed_use_raises_a_clear_error(settings, message):
     model = tiny_llama()
-    kernels = {
-        "from_another_model": random_kernels(tiny_llama(num_kv_heads=1)),
-        "lambda_kernels": random_kernels(model, "lambda"),
-        "random": random_kernels(model),
+    feature_maps = {
+        "from_another_model": random_feature_maps(tiny_llama(num_kv_heads=1)),
+        "lambda_feature_maps": random_feature_maps(model, "lambda"),
+        "random": random_feature_maps(model),
     }
-    if "kernels" in settings:
-        settings["kernels"] = kernels[settings["kernels"]]
+    if "feature_maps" in settings:
+        settings["feature_maps"] = feature_maps[settings["feature_maps"]]
     with pytest.raises(ValueError, match=message):
         with apply(model, **settings):
             pass
@@ -302,10 +302,10 @@ def test_malformed_use_raises_a_clear_error(settings, message):
 def test_a_layer_without_feature_maps_runs_the_sparse_policy_alone():
     model = tiny_llama()
     ids, mask = left_padded(prompts(12, 20))
-    cache = LessCache(model, random_kernels(model, layers=[0]), Policy("h2o", budget=6))
+    cache = LessCache(model, random_feature_maps(model, layers=[0]), Policy("h2o", budget=6))
     generate(model, ids, mask, 5, past_key_values=cache)
     assert cache.layers[0].slots.H.shape[2] == 4 and cache.layers[0].slots.z.abs().sum() > 0
-    assert cache.layers[1].kernels is None and cache.layers[1].slots.H.shape[2] == 0
+    assert cache.layers[1].feature_maps is None and cache.layers[1].slots.H.shape[2] == 0
 
 
 def test_a_cache_without_the_less_attention_is_refused():
@@ -361,7 +361,7 @@ def test_layer_decode_compiles_as_one_graph(lowrank):
     import copy
 
     model = tiny_llama()
-    cache = LessCache(model, random_kernels(model) if lowrank else None, Policy("h2o", budget=8))
+    cache = LessCache(model, random_feature_maps(model) if lowrank else None, Policy("h2o", budget=8))
     ids, mask = left_padded(prompts(20, 14))
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, past_key_values=cache)

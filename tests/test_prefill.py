@@ -14,7 +14,7 @@ from less_cuda.attention import less_attention
 from less_cuda.cache import LessCache
 from less_cuda.policy import Policy
 from less_cuda.prefill import prefill_attention
-from test_hf_integration import left_padded, prompts, random_kernels, tiny_llama
+from test_hf_integration import left_padded, prompts, random_feature_maps, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -100,7 +100,7 @@ def test_less_cache_prefill_keeps_the_slots_of_the_reference_scores(monkeypatch)
     each layer's kept positions are exactly those that reference.prefill_scores selects, and attention runs once per
     layer (the layer is handed the scores and computes none)."""
     model = tiny_llama()
-    kernels = random_kernels(model, "h2o")
+    feature_maps = random_feature_maps(model, "h2o")
     calls = []
 
     def recording_attention(module, query, key, value, attention_mask, **kwargs):
@@ -115,7 +115,7 @@ def test_less_cache_prefill_keeps_the_slots_of_the_reference_scores(monkeypatch)
     ids, mask = left_padded(prompts(23, 15, 19))
     with torch.no_grad():
         full_logits = model(ids, attention_mask=mask).logits
-        cache = LessCache(model, kernels, Policy("h2o", budget=6))
+        cache = LessCache(model, feature_maps, Policy("h2o", budget=6))
         logits = model(ids, attention_mask=mask, past_key_values=cache).logits
     real = mask.bool()
     assert_close_ratio(logits[real], full_logits[real], what="logits")
@@ -131,7 +131,7 @@ def test_less_cache_prefill_keeps_the_slots_of_the_reference_scores(monkeypatch)
         expected_pos = torch.where(index >= 0, slot_pos, ref.EMPTY).int()
         assert torch.equal(layer.slots.pos, expected_pos), f"layer {layer_idx} kept positions"
         assert_close_ratio(layer.slots.scores, slot_scores, what=f"layer {layer_idx} scores")
-        psi = kernels.psi(layer_idx, k)
+        psi = feature_maps.psi(layer_idx, k)
         H, z = ref.state_fold(psi, v, valid[:, None] & ~keep)
         assert_close_ratio(layer.slots.H, H, what=f"layer {layer_idx} H")
         assert_close_ratio(layer.slots.z, z, what=f"layer {layer_idx} z")

@@ -17,7 +17,7 @@ from helpers import WIKITEXT, assert_close_ratio, missing_input
 from less_cuda import cli, ops, reference, slots
 from less_cuda import train as training
 from less_cuda.data import load_splits, pack, read_text, split_articles
-from less_cuda.feature_maps import LayerKernels, LessKernels
+from less_cuda.feature_maps import LayerFeatureMaps, FeatureMaps
 from less_cuda.models import load_model
 from less_cuda.policy import Policy
 
@@ -151,10 +151,10 @@ def layer_inputs(tiny_model_dir):
                          seq_len=48, validation_fraction=0.25)
     cap = training.capture(model, splits.train[:2], [1], batch_size=2)[1]
     torch.manual_seed(1)
-    kernels = LayerKernels(4, 2, 16, hidden=8, rank=4)
+    feature_maps = LayerFeatureMaps(4, 2, 16, hidden=8, rank=4)
     with torch.no_grad():
-        kernels.psi_scale.fill_(500.0)
-    return cap, kernels
+        feature_maps.psi_scale.fill_(500.0)
+    return cap, feature_maps
 
 
 POLICIES = [Policy("h2o", budget=10), Policy("h2o", budget=7, recent=0), Policy("lambda", budget=9, sinks=2)]
@@ -162,10 +162,10 @@ POLICIES = [Policy("h2o", budget=10), Policy("h2o", budget=7, recent=0), Policy(
 
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p.kind}-{p.budget}-{p.recent}")
 def test_step_attention_matches_the_decode_loop_and_the_parallel_form(layer_inputs, policy):
-    cap, kernels = layer_inputs
+    cap, feature_maps = layer_inputs
     resolved = policy.resolve(cap.q.shape[2])
     q, k, v = cap.q, cap.k, cap.v
-    phi, psi = kernels.phi(q).detach(), kernels.psi(k).detach()
+    phi, psi = feature_maps.phi(q).detach(), feature_maps.psi(k).detach()
     steps = training.policy_steps(q, k, cap.scale, resolved)
     batched = training.step_attention(q, k, v, steps, phi, psi, cap.scale)
     assert_close_ratio(batched, decode_loop(q, k, v, phi, psi, cap.scale, resolved), what="all steps vs decode loop")
@@ -179,7 +179,7 @@ def test_step_attention_matches_the_decode_loop_and_the_parallel_form(layer_inpu
 
 
 def test_step_attention_gradients_match_the_parallel_form(layer_inputs):
-    cap, kernels = layer_inputs
+    cap, feature_maps = layer_inputs
     resolved = POLICIES[0].resolve(cap.q.shape[2])
     q, k, v = cap.q, cap.k, cap.v
     steps = training.policy_steps(q, k, cap.scale, resolved)
@@ -188,10 +188,11 @@ def test_step_attention_gradients_match_the_parallel_form(layer_inputs):
     grads = []
     for attend in (lambda phi, psi: training.step_attention(q, k, v, steps, phi, psi, cap.scale),
                    lambda phi, psi: reference.parallel_attention(q, k, v, kept, phi, psi, cap.scale)):
-        kernels.zero_grad()
-        training.output_mse(attend(kernels.phi(q), kernels.psi(k)), training.full_attention(q, k, v, cap.scale),
-                            cap.o_proj, resolved.num_slots).backward()
-        grads.append(torch.cat([p.grad.flatten() for p in kernels.parameters()]))
+        feature_maps.zero_grad()
+        full = training.full_attention(q, k, v, cap.scale)
+        training.output_mse(attend(feature_maps.phi(q), feature_maps.psi(k)), full, cap.o_proj,
+                            resolved.num_slots).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in feature_maps.parameters()]))
     assert_close_ratio(grads[0], grads[1], torch.float32, what="feature-map gradients")
 
 
@@ -207,10 +208,10 @@ def test_cli_training_writes_a_checkpoint_that_beats_the_sparse_policy(tiny_mode
     assert "LESS / sparse" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "kernels.safetensors",
                                                                     "report.json"]
-    kernels = LessKernels.from_pretrained(tmp_path / "ckpt")
+    feature_maps = FeatureMaps.from_pretrained(tmp_path / "ckpt")
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["policy"]["kind"] == "h2o" and config["rank"] == 4 and config["kernel_hidden"] == 8
-    assert kernels.config.layers == [0, 1] and kernels.config.num_kv_heads == 2
+    assert feature_maps.config.layers == [0, 1] and feature_maps.config.num_kv_heads == 2
     mse = json.loads((tmp_path / "ckpt" / "report.json").read_text())["validation_mse"]
     for layer in ("0", "1"):
         assert mse[layer]["less"] < mse[layer]["sparse"], mse

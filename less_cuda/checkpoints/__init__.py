@@ -10,7 +10,7 @@ SHIPPED = Path(__file__).parent
 
 
 def find_checkpoint(layout: dict, policy_kind: str) -> Optional[Path]:
-    """The shipped checkpoint fitted for a model with this layout (see LessKernelsConfig.layout) and policy kind,
+    """The shipped checkpoint fitted for a model with this layout (see FeatureMapsConfig.layout) and policy kind,
     or None."""
     for config_path in sorted(SHIPPED.glob("*/config.json")):
         config = json.loads(config_path.read_text())

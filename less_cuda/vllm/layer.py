@@ -26,7 +26,7 @@ from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from .. import reference
-from ..feature_maps import LayerKernels
+from ..feature_maps import LayerFeatureMaps
 from ..ops import less_decode_step_
 from ..prefill import compress_prompt, prefill_attention
 from ..slots import SlotCache
@@ -65,7 +65,7 @@ class LessStateLayer(MambaBase, nn.Module):
         scale: float,
         model_dtype: torch.dtype,
         settings: ServingSettings,
-        feature_maps: Optional[LayerKernels],
+        feature_maps: Optional[LayerFeatureMaps],
     ):
         nn.Module.__init__(self)
         self.prefix = prefix

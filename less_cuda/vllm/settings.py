@@ -1,7 +1,7 @@
 """What a LESS model in vLLM compresses with, read from the model's hf_config (set through `hf_overrides`).
 
 Overrides (all optional but one of `less_checkpoint` / `less_policy`):
-    less_checkpoint  directory of a feature-map checkpoint (`LessKernels.save_pretrained`); its config gives the policy
+    less_checkpoint  directory of a feature-map checkpoint (`FeatureMaps.save_pretrained`); its config gives the policy
                      kind, budget, recent / sinks and rank. Without one, LESS runs the sparse-only policy.
     less_policy      "h2o" or "lambda"; must agree with the checkpoint's.
     less_budget      tokens kept per layer, request and KV head (int). vLLM allocates every request's state at a
@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from ..cache import model_layout
-from ..feature_maps import LessKernels
+from ..feature_maps import FeatureMaps
 from ..policy import Policy, ResolvedPolicy
 
 
@@ -32,11 +32,11 @@ class ServingSettings:
     checkpoint: Optional[str]
     rank: int  # 0 without feature maps
 
-    def load_feature_maps(self, device: torch.device) -> Optional[LessKernels]:
+    def load_feature_maps(self, device: torch.device) -> Optional[FeatureMaps]:
         """The checkpoint's feature maps, fp32 on `device` (None for the sparse-only policy)."""
         if self.checkpoint is None:
             return None
-        return LessKernels.from_pretrained(self.checkpoint, device=device).eval().requires_grad_(False)
+        return FeatureMaps.from_pretrained(self.checkpoint, device=device).eval().requires_grad_(False)
 
 
 def serving_settings(hf_config: Any, max_model_len: int) -> ServingSettings:
@@ -45,9 +45,9 @@ def serving_settings(hf_config: Any, max_model_len: int) -> ServingSettings:
     fitted: dict = {}
     rank = 0
     if checkpoint is not None:
-        kernels = LessKernels.from_pretrained(checkpoint)
-        kernels.check_compatible(model_layout(hf_config))
-        fitted, rank = dict(kernels.config.policy), kernels.config.rank
+        feature_maps = FeatureMaps.from_pretrained(checkpoint)
+        feature_maps.check_compatible(model_layout(hf_config))
+        fitted, rank = dict(feature_maps.config.policy), feature_maps.config.rank
     kind = getattr(hf_config, "less_policy", None) or fitted.get("kind")
     if kind is None:
         raise ValueError("a LESS model needs hf_overrides 'less_checkpoint' (feature maps) or 'less_policy' "

@@ -17,7 +17,7 @@ import pytest
 import torch
 from engines import BUDGET, CHECKPOINT, engine
 
-from less_cuda import LessCache, LessKernels, Policy
+from less_cuda import LessCache, FeatureMaps, Policy
 from less_cuda.vllm.model import check_llama_family
 from less_cuda.vllm.serve import serve_command
 from less_cuda.vllm.settings import serving_settings
@@ -41,8 +41,8 @@ def lesscache_predictions(model, policy: str, lowrank: bool, prompt: list[int], 
                           chunk: int | None = None) -> list[int]:  # fmt: skip
     """LessCache's greedy prediction after the prompt and after each of `tokens` but the last. The prompt is fed in
     one call, or in calls of `chunk` tokens as a chunked prefill feeds it."""
-    kernels = LessKernels.from_pretrained(CHECKPOINT[policy]) if lowrank else None
-    cache = LessCache(model, kernels, Policy(policy, budget=BUDGET))
+    feature_maps = FeatureMaps.from_pretrained(CHECKPOINT[policy]) if lowrank else None
+    cache = LessCache(model, feature_maps, Policy(policy, budget=BUDGET))
     chunk = chunk or len(prompt)
     for start in range(0, len(prompt), chunk):
         logits = model(torch.tensor([prompt[start : start + chunk]]), past_key_values=cache).logits
