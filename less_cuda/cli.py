@@ -1,19 +1,26 @@
-"""The `less-cuda` command: `less-cuda train ...` fits feature maps (`less_cuda.train`), `less-cuda eval ...` compares
-perplexities (`less_cuda.evaluate`), `less-cuda serve ...` starts vLLM's server with LESS (`less_cuda.vllm`). `python -m less_cuda.train ...` and torchrun's `-m less_cuda.train` are
-`less-cuda train ...`."""
+"""The `less-cuda` command (also `python -m less_cuda`, and torchrun's `-m less_cuda train`):
+- `less-cuda train ...` fits feature maps (`less_cuda.train`);
+- `less-cuda eval ...` compares perplexities in the parallel, streaming or prefill form (`less_cuda.evaluate`), or
+  runs the passkey retrieval task (`less_cuda.passkey`);
+- `less-cuda plot RESULTS.json` draws a results file (`less_cuda.plots`);
+- `less-cuda serve ...` starts vLLM's server with LESS (`less_cuda.vllm`).
+
+Building the parser imports neither torch nor transformers: each command imports what it needs when it runs."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Union
 
-from .models import load_model
-from .policy import Policy
-from .train import DTYPES, TrainConfig, train
+from . import train_config
+from .train_config import DTYPE_NAMES, TrainConfig
+
+EVAL_METHODS = ("full", "sparse", "baseline_plus", "less")  # evaluate.METHODS, without importing torch
+EVAL_FORMS = ("parallel", "streaming", "prefill")  # evaluate.FORMS
+PASSKEY_METHODS = ("full", "sparse", "less")
 
 
 def parse_budget(text: str) -> Union[int, float]:
@@ -23,52 +30,102 @@ def parse_budget(text: str) -> Union[int, float]:
     return float(text) if "." in text else int(text)
 
 
-def _add_policy_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
-    parser.add_argument("--model", default=defaults.model, help="'smollm2' or a transformers model directory / name")
-    parser.add_argument("--data", required=True, help="text file, or Hugging Face dataset name[:config]")
-    parser.add_argument("--policy", default=defaults.policy, choices=["h2o", "lambda"])
-    parser.add_argument("--budget", type=parse_budget, default=defaults.budget,
-                        help="cached tokens per layer and KV head: a count (51) or a fraction (0.05, 5%%)")
-    parser.add_argument("--recent", type=parse_budget, default=defaults.recent,
+def comma_list(convert):
+    """An argparse type for comma-separated values, each converted by `convert`."""
+    return lambda text: [convert(item) for item in text.split(",") if item]
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    parser.add_argument("--model", default=defaults["model"],
+                        help="'smollm2', a transformers model directory or hub name, or a .gguf file")
+    parser.add_argument("--gguf-file", default=None,
+                        help="GGUF file inside the --model directory (as from_pretrained's gguf_file)")
+    parser.add_argument("--dtype", default=defaults["dtype"], choices=DTYPE_NAMES, help="model dtype")
+
+
+def _add_policy_arguments(parser: argparse.ArgumentParser, defaults: dict, several: bool = False) -> None:
+    if several:
+        parser.add_argument("--policy", type=comma_list(str), default=[defaults["policy"]],
+                            help="h2o, lambda, or both comma-separated")
+    else:
+        parser.add_argument("--policy", default=defaults["policy"], choices=["h2o", "lambda"])
+    parser.add_argument("--recent", type=parse_budget, default=defaults["recent"],
                         help="H2O: newest tokens always kept, count or fraction of the budget (default half)")
-    parser.add_argument("--sinks", type=int, default=defaults.sinks, help="Λ: first tokens always kept")
-    parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
-    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
+    parser.add_argument("--sinks", type=int, default=defaults["sinks"], help="Λ: first tokens always kept")
+
+
+def _add_text_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    parser.add_argument("--data", required=True, help="text file, or Hugging Face dataset name[:config]")
+    parser.add_argument("--seq-len", type=int, default=defaults["seq_len"])
+    parser.add_argument("--val-fraction", type=float, default=defaults["val_fraction"],
                         help="share of the articles held out (the tail of the text)")
-    parser.add_argument("--dtype", default=defaults.dtype, choices=sorted(DTYPES), help="model dtype")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = TrainConfig(data="", output="")
-    parser = argparse.ArgumentParser(prog="less-cuda", description=__doc__.split("\n\n")[0])
+    defaults = train_config.defaults()
+    budget_help = "cached tokens per layer and KV head: a count (51) or a fraction (0.05, 5%%)"
+    parser = argparse.ArgumentParser(prog="less-cuda", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     fit = commands.add_parser("train", help="fit the LESS feature maps of a model (torchrun shards the layers)")
+    _add_model_arguments(fit, defaults)
+    _add_text_arguments(fit, defaults)
     _add_policy_arguments(fit, defaults)
+    fit.add_argument("--budget", type=parse_budget, default=defaults["budget"], help=budget_help)
     fit.add_argument("--output", required=True, help="checkpoint directory (progress for resuming is kept inside)")
-    fit.add_argument("--rank", type=int, default=defaults.rank, help="R, the rank of the low-rank state")
-    fit.add_argument("--hidden", type=int, default=defaults.hidden, help="φ/ψ hidden width (default: head_dim)")
-    fit.add_argument("--sequences", type=int, default=defaults.sequences, help="training sequences (at most)")
-    fit.add_argument("--val-sequences", type=int, default=defaults.val_sequences)
-    fit.add_argument("--epochs", type=int, default=defaults.epochs)
-    fit.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    fit.add_argument("--positions", type=int, default=defaults.positions,
+    fit.add_argument("--rank", type=int, default=defaults["rank"], help="R, the rank of the low-rank state")
+    fit.add_argument("--hidden", type=int, default=defaults["hidden"], help="φ/ψ hidden width (default: head_dim)")
+    fit.add_argument("--sequences", type=int, default=defaults["sequences"], help="training sequences (at most)")
+    fit.add_argument("--val-sequences", type=int, default=defaults["val_sequences"])
+    fit.add_argument("--epochs", type=int, default=defaults["epochs"])
+    fit.add_argument("--batch-size", type=int, default=defaults["batch_size"])
+    fit.add_argument("--positions", type=int, default=defaults["positions"],
                      help="decode steps scored per sequence in a training step (a random subset; validation: all)")
-    fit.add_argument("--lr", type=float, default=defaults.lr)
-    fit.add_argument("--schedule", default=defaults.schedule, choices=["cosine", "constant"])
-    fit.add_argument("--seed", type=int, default=defaults.seed)
-    fit.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=None,
+    fit.add_argument("--lr", type=float, default=defaults["lr"])
+    fit.add_argument("--schedule", default=defaults["schedule"], choices=["cosine", "constant"])
+    fit.add_argument("--seed", type=int, default=defaults["seed"])
+    fit.add_argument("--layers", type=comma_list(int), default=None,
                      help="comma-separated layer indices (default: every full-attention layer)")
 
-    ev = commands.add_parser("eval", help="perplexity: full cache, sparse policy, Baseline+ and LESS")
-    _add_policy_arguments(ev, defaults)
-    ev.add_argument("--checkpoint", default=None, help="feature maps (default: the shipped one for model + policy)")
-    ev.add_argument("--sequences", type=int, default=8, help="held-out sequences to score (at most)")
-    ev.add_argument("--skip", type=int, default=0,
-                    help="skip the first N held-out sequences (e.g. the ones training picked its best epoch on)")
+    ev = commands.add_parser("eval", help="perplexity (full cache, sparse policy, Baseline+, LESS) or passkey "
+                                          "retrieval accuracy")
+    _add_model_arguments(ev, defaults)
+    _add_policy_arguments(ev, defaults, several=True)
+    ev.add_argument("--task", default="perplexity", choices=["perplexity", "passkey"])
+    ev.add_argument("--budgets", "--budget", type=comma_list(parse_budget), default=[defaults["budget"]],
+                    help=budget_help + "; several comma-separated give a sweep")
+    ev.add_argument("--checkpoint", default=None,
+                    help="feature maps (default: the shipped one for model + policy); one policy only")
+    ev.add_argument("--methods", default=None,
+                    help=f"comma-separated subset (perplexity: {','.join(EVAL_METHODS)}; "
+                         f"passkey: {','.join(PASSKEY_METHODS)})")
     ev.add_argument("--batch-size", type=int, default=1)
-    ev.add_argument("--methods", default="full,sparse,baseline_plus,less", help="comma-separated subset")
-    ev.add_argument("--output", default=None, help="also write the results to this JSON file")
+    ev.add_argument("--output", default=None, help="write the results to this JSON file")
+    ev.add_argument("--plot", action="store_true", help="also draw the results beside --output (PNG)")
+    text = ev.add_argument_group("perplexity task")
+    text.add_argument("--data", default=None, help="text file, or Hugging Face dataset name[:config]")
+    text.add_argument("--seq-len", type=int, default=defaults["seq_len"])
+    text.add_argument("--val-fraction", type=float, default=defaults["val_fraction"],
+                      help="share of the articles held out (the tail of the text)")
+    text.add_argument("--form", default="parallel", choices=EVAL_FORMS,
+                      help="parallel (every token streams through the policy, computed at once), streaming (the "
+                           "real cache, token by token), prefill (a compressed prompt, then decoding)")
+    text.add_argument("--prompt-fraction", type=float, default=0.5,
+                      help="prefill form: share of each sequence given as the prompt")
+    text.add_argument("--sequences", type=int, default=8, help="held-out sequences to score (at most)")
+    text.add_argument("--skip", type=int, default=0,
+                      help="skip the first N held-out sequences (e.g. the ones training picked its best epoch on)")
+    key = ev.add_argument_group("passkey task")
+    key.add_argument("--lengths", type=comma_list(int), default=[512, 1024], help="context lengths in tokens")
+    key.add_argument("--depths", type=comma_list(float), default=[0.1, 0.5, 0.9],
+                     help="where the key sits, as fractions of the context")
+    key.add_argument("--trials", type=int, default=3, help="prompts per (length, depth)")
+    key.add_argument("--seed", type=int, default=0)
+    key.add_argument("--filler", default=None, help="text file to hide the key in (default: repeated sentences)")
+
+    plot = commands.add_parser("plot", help="draw a results JSON file (eval, passkey, or make bench's) as a PNG")
+    plot.add_argument("results", help="JSON file written by `less-cuda eval --output` or `make bench`")
+    plot.add_argument("--output", default=None, help="PNG path (default: beside the results file)")
 
     srv = commands.add_parser("serve", help="vLLM's OpenAI-compatible server with LESS layers (needs vLLM)",
                               epilog="Arguments after -- go to `vllm serve` unchanged (e.g. -- --port 8001).")
@@ -82,34 +139,119 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_eval(args: argparse.Namespace) -> None:
+def _methods(args: argparse.Namespace, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    methods = tuple(args.methods.split(",")) if args.methods else allowed
+    unknown = set(methods) - set(allowed)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)} for the {args.task} task; choose from {list(allowed)}")
+    return methods
+
+
+def _checkpoints(args: argparse.Namespace, model) -> dict[str, Optional[str]]:
+    """The feature-map checkpoint of each policy kind asked for: --checkpoint, or the shipped one."""
     from .cache import model_layout
     from .checkpoints import find_checkpoint
-    from .data import tokenizer_splits
-    from .evaluate import METHODS, compare
-    from .integration import load_feature_maps
 
-    unknown = set(args.methods.split(",")) - set(METHODS)
-    if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
-    model, tokenizer = load_model(args.model, DTYPES[args.dtype])
-    policy = Policy(kind=args.policy, budget=args.budget, recent=args.recent, sinks=args.sinks)
-    checkpoint = args.checkpoint or find_checkpoint(model_layout(model.config), args.policy)  # named in the output
-    if checkpoint is None:
-        raise SystemExit(f"no LESS checkpoint is shipped for this model and policy {args.policy!r}: pass --checkpoint")
-    feature_maps = load_feature_maps(model, checkpoint, args.policy)
+    for kind in args.policy:
+        if kind not in ("h2o", "lambda"):
+            raise SystemExit(f"unknown policy {kind!r}: choose h2o, lambda or both")
+    if args.checkpoint is not None:
+        if len(args.policy) > 1:
+            raise SystemExit("--checkpoint holds feature maps for one policy: give one --policy with it")
+        return {args.policy[0]: args.checkpoint}
+    found = {kind: find_checkpoint(model_layout(model.config), kind) for kind in args.policy}
+    return {kind: str(path) if path is not None else None for kind, path in found.items()}
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from .models import DTYPES, load_model
+
+    methods = _methods(args, EVAL_METHODS if args.task == "perplexity" else PASSKEY_METHODS)
+    if args.plot and not args.output:
+        raise SystemExit("--plot draws the results file: give --output RESULTS.json")
+    if args.task == "perplexity" and args.data is None:
+        raise SystemExit("the perplexity task needs --data (a text file or a dataset name)")
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.gguf_file)
+    checkpoints = _checkpoints(args, model)
+    if {"less", "baseline_plus"} & set(methods):  # Baseline+ is sized by the state's bytes
+        missing = [kind for kind, path in checkpoints.items() if path is None]
+        if missing:
+            raise SystemExit(f"no LESS checkpoint is shipped for this model and policy {missing[0]!r}: pass "
+                             "--checkpoint, or give --methods without less and baseline_plus")
+    results = (_perplexity_results if args.task == "perplexity" else _passkey_results)(
+        args, model, tokenizer, checkpoints, methods)
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results written to {args.output}")
+    if args.plot:
+        from .plots import plot_file
+
+        print(f"plot written to {plot_file(args.output)}")
+
+
+def _run_settings(args: argparse.Namespace) -> dict:
+    """The command's settings for a results file: every argument, and the package version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package_version = version("less_cuda")
+    except PackageNotFoundError:  # a source tree built in place without installing
+        package_version = "unknown"
+    settings = {k: v for k, v in vars(args).items() if k not in ("command", "plot")}
+    return {"package_version": package_version, "model": args.model, "settings": settings}
+
+
+def _perplexity_results(args, model, tokenizer, checkpoints, methods) -> dict:
+    from .data import tokenizer_splits
+    from .evaluate import compare
+    from .integration import load_feature_maps
+    from .policy import Policy
+
     splits = tokenizer_splits(args.data, tokenizer, args.seq_len, args.val_fraction)
     sequences = splits.validation[args.skip : args.skip + args.sequences]
-    result = compare(model, sequences, policy, feature_maps, args.batch_size, tuple(args.methods.split(",")))
-    print(f"{len(sequences)} held-out sequences of {args.seq_len} tokens (held-out #{args.skip} on); "
-          f"feature maps from {checkpoint}")
-    print(result.table())
-    if args.output:
-        Path(args.output).write_text(json.dumps({
-            "checkpoint": str(checkpoint), "sequences": len(sequences), "skipped": args.skip, "seq_len": args.seq_len,
-            "policy": asdict(policy), "baseline_plus_budget": result.baseline_plus.resolve(args.seq_len).budget,
-            "perplexity": result.perplexity,
-        }, indent=2) + "\n")
+    if len(sequences) == 0:
+        raise SystemExit(f"{args.data!r} holds no held-out sequence of {args.seq_len} tokens after skipping "
+                         f"{args.skip}: lower --seq-len or --skip, or raise --val-fraction")
+    prompt_length = round(args.prompt_fraction * args.seq_len) if args.form == "prefill" else None
+    print(f"{len(sequences)} held-out sequences of {args.seq_len} tokens (held-out #{args.skip} on), "
+          f"{args.form} form")
+    results = []
+    for kind, checkpoint in checkpoints.items():
+        feature_maps = load_feature_maps(model, checkpoint, kind) if checkpoint is not None else None
+        for budget in args.budgets:
+            policy = Policy(kind=kind, budget=budget, recent=args.recent, sinks=args.sinks)
+            result = compare(model, sequences, policy, feature_maps, args.batch_size, methods, args.form,
+                             prompt_length, checkpoint)
+            print(result.table() + (f"\nfeature maps from {checkpoint}" if "less" in methods else "") + "\n")
+            results.append(result.to_json())
+    return {"kind": "perplexity", "form": args.form, **_run_settings(args), "seq_len": args.seq_len,
+            "sequences": len(sequences), "prompt_length": prompt_length, "results": results}
+
+
+def _passkey_results(args, model, tokenizer, checkpoints, methods) -> dict:
+    from .integration import load_feature_maps
+    from .passkey import evaluate_passkey, format_table
+
+    filler = Path(args.filler).read_text(encoding="utf-8") if args.filler else None
+    runs = []
+    for kind, checkpoint in checkpoints.items():
+        feature_maps = load_feature_maps(model, checkpoint, kind) if "less" in methods else None
+        runs.append(evaluate_passkey(model, tokenizer, args.lengths, args.depths, args.budgets, policy=kind,
+                                     methods=methods, feature_maps=feature_maps, trials=args.trials,
+                                     seed=args.seed, filler=filler))
+    # One results file for all policies; the full cache does not depend on the policy, so it is kept once.
+    results = runs[0]
+    for run in runs[1:]:
+        results["results"] += [r for r in run["results"] if r["method"] != "full"]
+    results.update(_run_settings(args))
+    print(format_table(results))
+    return results
+
+
+def run_plot(args: argparse.Namespace) -> None:
+    from .plots import plot_file
+
+    print(f"plot written to {plot_file(args.results, args.output)}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -121,14 +263,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     if passed_on and args.command != "serve":
         raise SystemExit(f"less-cuda {args.command} takes no arguments after --")
     if args.command == "train":
+        from .train import train
+
         train(TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}))
     elif args.command == "serve":
         from .vllm.serve import serve
 
         serve(args.model, args.checkpoint, args.policy, args.budget, passed_on)
+    elif args.command == "plot":
+        run_plot(args)
     else:
         run_eval(args)
-
-
-if __name__ == "__main__":
-    main()

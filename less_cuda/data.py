@@ -59,16 +59,19 @@ def split_articles(text: str) -> list[str]:
     return [p for p in pieces if p.strip()]
 
 
-def pack(token_lists: list[list[int]], seq_len: int, separator: Optional[int]) -> Tensor:
+def pack(token_lists: list[list[int]], seq_len: int, separator: Optional[int], bos: Optional[int] = None) -> Tensor:
     """Concatenate token lists (with `separator` between them, if given) and cut the stream into [N, seq_len]
-    sequences; the incomplete tail is dropped."""
+    sequences; the incomplete tail is dropped. With `bos`, every sequence starts with that token followed by
+    seq_len - 1 tokens of the stream."""
     stream: list[int] = []
     for tokens in token_lists:
         if stream and separator is not None:
             stream.append(separator)
         stream.extend(tokens)
-    n = len(stream) // seq_len
-    return torch.tensor(stream[: n * seq_len], dtype=torch.int64).view(n, seq_len)
+    width = seq_len - (bos is not None)
+    n = len(stream) // width
+    packed = torch.tensor(stream[: n * width], dtype=torch.int64).view(n, width)
+    return packed if bos is None else torch.cat([torch.full((n, 1), bos, dtype=torch.int64), packed], dim=1)
 
 
 def load_splits(
@@ -77,10 +80,11 @@ def load_splits(
     seq_len: int,
     validation_fraction: float = 0.1,
     separator: Optional[int] = None,
+    bos: Optional[int] = None,
 ) -> TokenSplits:
     """Read `source`, hold out the last `validation_fraction` of its articles (at least one), tokenise each article
     with `tokenize` (text -> token ids, no special tokens) and pack both splits into `seq_len`-token sequences,
-    with `separator` (e.g. the EOS id) between articles.
+    with `separator` (e.g. the EOS id) between articles and, if given, `bos` at the start of every sequence.
 
     The held-out articles are the trailing ones, so the split is reproducible without a seed.
     """
@@ -92,11 +96,19 @@ def load_splits(
     n_val = max(1, round(validation_fraction * len(articles)))
     tokens = [tokenize(article) for article in articles]
     return TokenSplits(
-        train=pack(tokens[:-n_val], seq_len, separator), validation=pack(tokens[-n_val:], seq_len, separator)
+        train=pack(tokens[:-n_val], seq_len, separator, bos), validation=pack(tokens[-n_val:], seq_len, separator, bos)
     )
 
 
+def expected_bos(tokenizer) -> Optional[int]:
+    """The BOS id when the tokenizer starts every text with it (the model was trained that way: Gemma-family models
+    score far worse without it), else None."""
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else None
+
+
 def tokenizer_splits(source: Union[str, Path], tokenizer, seq_len: int, validation_fraction: float = 0.1) -> TokenSplits:
-    """`load_splits` with a transformers tokenizer: articles tokenised without special tokens, EOS between them."""
+    """`load_splits` with a transformers tokenizer: articles tokenised without special tokens, EOS between them, and
+    each sequence starting with BOS when the tokenizer adds one (`expected_bos`)."""
     return load_splits(source, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], seq_len,
-                       validation_fraction, tokenizer.eos_token_id)
+                       validation_fraction, tokenizer.eos_token_id, expected_bos(tokenizer))

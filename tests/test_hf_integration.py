@@ -14,7 +14,7 @@ from less_cuda import slots
 from less_cuda.attention import less_attention
 from less_cuda.cache import LessCache, LessLayer, model_layout
 from less_cuda.feature_maps import FeatureMaps, FeatureMapsConfig
-from less_cuda.integration import apply
+from less_cuda.integration import LessPress, apply
 from less_cuda.policy import Policy
 
 VOCAB, PAD = 128, 0
@@ -232,14 +232,19 @@ def test_beam_search_reorders_the_compressed_cache():
         assert generate(model, ids, mask, 8, **beams).shape == (4, 8)
 
 
-def test_sliding_window_layers_keep_their_own_cache():
+def tiny_qwen2_with_a_sliding_layer() -> Qwen2ForCausalLM:
+    """Layer 0 full attention, layer 1 a 6-token sliding window."""
     torch.manual_seed(0)
     config = Qwen2Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, layer_types=["full_attention", "sliding_attention"],
         use_sliding_window=True, sliding_window=6, pad_token_id=PAD, bos_token_id=None, eos_token_id=None,
     )
-    model = Qwen2ForCausalLM(config).eval()
+    return Qwen2ForCausalLM(config).eval()
+
+
+def test_sliding_window_layers_keep_their_own_cache():
+    model = tiny_qwen2_with_a_sliding_layer()
     ids, mask = left_padded(prompts(11, 15))
     full = generate(model, ids, mask, 10)
     cache = LessCache(model, random_feature_maps(model, layers=[0]), Policy("h2o", budget=32))
@@ -261,13 +266,78 @@ def test_apply_finds_the_shipped_checkpoint_or_loads_a_directory(tmp_path, monke
         assert torch.equal(generate(model, ids, mask, 6), expected)
 
 
-def test_apply_restores_the_model():
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_apply_restores_the_model(implementation):
     model = tiny_llama()
+    model.set_attn_implementation(implementation)
     with apply(model, budget=8, lowrank=False):
         assert model.config._attn_implementation == "less"
         assert "generate" in vars(model)
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == implementation
     assert "generate" not in vars(model)
+
+
+def test_press_is_apply_and_gives_explicit_caches():
+    model = tiny_llama()
+    ids, mask = left_padded(prompts(12, 20))
+    feature_maps = random_feature_maps(model)
+    press = LessPress(policy="h2o", budget=6, feature_maps=feature_maps)
+    with press(model) as pressed:
+        assert pressed is model
+        within = generate(model, ids, mask, 6)
+    with apply(model, feature_maps, policy="h2o", budget=6):
+        assert torch.equal(generate(model, ids, mask, 6), within)
+    cache = press.cache(model)
+    assert isinstance(cache, LessCache) and cache.feature_maps is feature_maps
+    assert torch.equal(generate(model, ids, mask, 6, past_key_values=cache), within)
+    assert not torch.equal(generate(model.set_attn_implementation("sdpa") or model, ids, mask, 6), within)
+    assert repr(press) == "LessPress(policy='h2o', budget=6, recent=None, lowrank=True)"
+
+
+def test_press_refuses_bad_settings_before_it_meets_a_model():
+    with pytest.raises(ValueError, match="budget > sinks"):
+        LessPress(policy="lambda", budget=4, sinks=4)
+    with pytest.raises(ValueError, match="lowrank=False"):
+        LessPress(feature_maps="somewhere", lowrank=False)
+    with pytest.raises(ValueError, match="recent must be"):
+        LessPress(budget=0.1, recent=1.0)  # all recent: no heavy hitter at any prompt length
+
+
+def test_a_fractional_budget_too_small_for_the_prompt_fails_at_prefill_naming_its_length():
+    model = tiny_llama()
+    ids, mask = left_padded(prompts(30))
+    with apply(model, policy="lambda", budget=0.1, sinks=4, lowrank=False):
+        with pytest.raises(ValueError, match="0.1 of a 30-token prompt is too small; the prompt needs at least 46"):
+            generate(model, ids, mask, 4)
+        generate(model, *left_padded(prompts(46)), 4)  # long enough: budget round(4.6) = 5 > 4 sinks
+
+
+def test_cache_repr_says_what_it_holds():
+    model = tiny_llama()
+    cache = LessCache(model, random_feature_maps(model), Policy("h2o", budget=0.5))
+    assert repr(cache) == "LessCache(h2o, budget 0.5 of the prompt, recent half, rank 4, 2/2 layers compressed, empty)"
+    generate(model, *left_padded(prompts(12)), 3, past_key_values=cache)
+    text = repr(cache)
+    assert text.startswith("LessCache(h2o, budget 6 tokens (0.5 of the prompt), recent 3, rank 4, 2/2 layers")
+    assert text.endswith("for a full cache (" + f"{cache.memory_report().ratio:.1%}) held)")
+    assert "sparse only" in repr(LessCache(model, None, Policy("lambda", budget=8, sinks=2)))
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_layers_less_does_not_own_run_the_models_own_attention(implementation, monkeypatch):
+    """Sliding-window layers (and any call without a LessLayer) run the implementation the model had."""
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+
+    model = tiny_qwen2_with_a_sliding_layer()
+    model.set_attn_implementation(implementation)
+    ids, mask = left_padded(prompts(11, 15))
+    full = generate(model, ids, mask, 8)
+    eager_calls = []
+    eager = qwen2.eager_attention_forward
+    monkeypatch.setattr(qwen2, "eager_attention_forward", lambda *a, **k: eager_calls.append(1) or eager(*a, **k))
+    cache = LessCache(model, random_feature_maps(model, layers=[0]), Policy("h2o", budget=32))
+    assert torch.equal(generate(model, ids, mask, 8, past_key_values=cache), full)
+    assert (len(eager_calls) > 0) == (implementation == "eager")
 
 
 @pytest.mark.parametrize(

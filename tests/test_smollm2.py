@@ -76,3 +76,44 @@ def test_left_padded_batch_matches_each_prompt_alone(smollm2):
         for i, prompt in enumerate(prompts):
             alone = greedy(model, tokenizer(prompt, return_tensors="pt"), 10)
             assert torch.equal(alone[0], together[i]), texts[i]
+
+
+def test_a_text_generation_pipeline_runs_under_a_press(smollm2, monkeypatch):
+    """transformers' pipeline calls `model.generate` itself: inside the press block every call gets a LessCache."""
+    from transformers import pipeline
+
+    import less_cuda.integration
+    from less_cuda import LessPress
+
+    model, tokenizer = smollm2
+    made = []
+
+    class RecordingCache(less_cuda.integration.LessCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(less_cuda.integration, "LessCache", RecordingCache)
+    story = " ".join(f"Step {i}: the robot moved crate {i} to shelf {i % 7}." for i in range(1, 31))
+    prompt = story + " Where did crate 12 go?"
+    press = LessPress(policy="h2o", budget=32)
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    with press(model):
+        text = generator(prompt, max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
+    assert model.config._attn_implementation != "less" and "generate" not in vars(model)
+    assert len(made) >= 2 and made[1].layers[0].resolved.budget == 32  # [0]: the check on entering
+    inputs = tokenizer(prompt, return_tensors="pt")
+    expected = greedy(model, inputs, 8, past_key_values=press.cache(model))
+    assert text == tokenizer.decode(expected[0], skip_special_tokens=True)
+
+
+def test_a_gguf_file_loads_as_a_model_path(smollm2):
+    """`--model path/to/file.gguf` is `--model path/to --gguf-file file.gguf`, as from_pretrained takes it."""
+    from less_cuda.models import load_model, smollm2_gguf_path
+
+    model, tokenizer = smollm2
+    loaded, loaded_tokenizer = load_model(str(smollm2_gguf_path()), torch.float32)
+    ids = tokenizer("The pass key is 12345.", return_tensors="pt")["input_ids"]
+    assert loaded_tokenizer("The pass key is 12345.", return_tensors="pt")["input_ids"].equal(ids)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from helpers import WIKITEXT, assert_close_ratio, missing_input
 from less_cuda import cli, ops, reference, slots
 from less_cuda import train as training
-from less_cuda.data import load_splits, pack, read_text, split_articles
-from less_cuda.feature_maps import LayerFeatureMaps, FeatureMaps
+from less_cuda.data import expected_bos, load_splits, pack, read_text, split_articles
+from less_cuda.feature_maps import FeatureMaps, LayerFeatureMaps
 from less_cuda.models import load_model
 from less_cuda.policy import Policy
 
@@ -93,6 +93,24 @@ def test_text_without_headings_splits_at_blank_lines():
 def test_pack_cuts_fixed_length_sequences_with_separators():
     packed = pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], seq_len=4, separator=0)
     assert packed.tolist() == [[1, 2, 3, 0], [4, 5, 0, 6]]  # the tail [7, 8, 9] does not fill a sequence
+    with_bos = pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], seq_len=4, separator=0, bos=99)
+    assert with_bos.tolist() == [[99, 1, 2, 3], [99, 0, 4, 5], [99, 0, 6, 7]]
+
+
+class _Tokenizer:
+    """The part of a transformers tokenizer `expected_bos` reads."""
+
+    def __init__(self, bos_token_id, adds_bos: bool):
+        self.bos_token_id, self.adds_bos = bos_token_id, adds_bos
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": ([self.bos_token_id] if self.adds_bos else []) + [ord(c) for c in text]}
+
+
+def test_sequences_start_with_bos_only_when_the_tokenizer_adds_one():
+    assert expected_bos(_Tokenizer(2, adds_bos=True)) == 2  # e.g. Gemma, Llama 2/3
+    assert expected_bos(_Tokenizer(1, adds_bos=False)) is None  # e.g. SmolLM2: a BOS exists, but texts lack it
+    assert expected_bos(_Tokenizer(None, adds_bos=False)) is None
 
 
 def test_validation_holds_out_the_trailing_articles(tmp_path):
@@ -257,15 +275,15 @@ def test_resuming_with_another_configuration_is_refused(tiny_model_dir, tmp_path
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tiny_model_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    common = tiny_args(tiny_model_dir, tmp_path / "one", "--epochs", "3")[1:]
+    common = tiny_args(tiny_model_dir, tmp_path / "one", "--epochs", "3")  # starts with "train"
 
     def run(*cmd):
         return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
-    one = run(sys.executable, "-m", "less_cuda.train", *common)
+    one = run(sys.executable, "-m", "less_cuda", *common)
     assert one.returncode == 0, one.stderr[-3000:]
     two = run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "less_cuda.train", *tiny_args(tiny_model_dir, tmp_path / "two", "--epochs", "3")[1:])
+              "-m", "less_cuda", *tiny_args(tiny_model_dir, tmp_path / "two", "--epochs", "3"))
     assert two.returncode == 0, two.stderr[-3000:]
     # Each layer's training depends on its index only (seeded init and batches), and both runs use one thread per
     # process, so sharding changes nothing, bit for bit.

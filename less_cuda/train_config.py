@@ -1,0 +1,70 @@
+"""The settings of a feature-map training run (`less-cuda train`). Importing this module needs no torch, so the
+command line can build its parser and answer --help at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+if TYPE_CHECKING:
+    from .policy import Policy, ResolvedPolicy
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torch dtypes by name: models.DTYPES
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; validated once, stored with the checkpoint and checked on resume."""
+
+    data: str
+    output: str
+    model: str = "smollm2"  # "smollm2" (offline SmolLM2-135M-Instruct), a transformers model directory / name, a .gguf
+    gguf_file: Optional[str] = None  # a GGUF file inside the `model` directory
+    policy: str = "h2o"
+    budget: Union[int, float] = 0.05
+    recent: Optional[Union[int, float]] = None
+    sinks: int = 4
+    rank: int = 8
+    hidden: Optional[int] = None  # φ/ψ hidden width; default: head_dim
+    seq_len: int = 1024
+    sequences: int = 40  # training sequences (at most; fewer if the text is short)
+    val_sequences: int = 4  # held-out sequences that pick each layer's best epoch
+    val_fraction: float = 0.1  # share of the articles held out for validation
+    epochs: int = 14
+    batch_size: int = 1
+    positions: int = 128  # decode steps scored per sequence in a training step (validation scores all of them)
+    lr: float = 2e-2
+    schedule: str = "cosine"  # "cosine" (after a 5% linear warm-up) or "constant"
+    dtype: str = "float32"  # the model's dtype during capture
+    seed: int = 0
+    layers: Optional[list[int]] = None  # default: every full-attention layer
+
+    def __post_init__(self) -> None:
+        self.policy_spec()  # raises on a bad policy
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {list(DTYPE_NAMES)}, got {self.dtype!r}")
+        for name in ("rank", "seq_len", "sequences", "val_sequences", "epochs", "batch_size", "positions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden is not None and self.hidden < 1:
+            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.resolved_policy().num_slots >= self.seq_len:
+            raise ValueError(f"a budget of {self.resolved_policy().budget} tokens never evicts from "
+                             f"{self.seq_len}-token sequences: nothing to train")
+
+    def policy_spec(self) -> Policy:
+        from .policy import Policy  # torch: imported when a run is configured, not for `less-cuda --help`
+
+        return Policy(kind=self.policy, budget=self.budget, recent=self.recent, sinks=self.sinks)
+
+    def resolved_policy(self) -> ResolvedPolicy:
+        return self.policy_spec().resolve(self.seq_len)
+
+
+def defaults() -> dict[str, Any]:
+    """TrainConfig's default values by field name (without building, and so validating, a config)."""
+    return {f.name: f.default for f in fields(TrainConfig)}
