@@ -215,13 +215,15 @@ def _perplexity_results(args, model, tokenizer, checkpoints, methods) -> dict:
     prompt_length = round(args.prompt_fraction * args.seq_len) if args.form == "prefill" else None
     print(f"{len(sequences)} held-out sequences of {args.seq_len} tokens (held-out #{args.skip} on), "
           f"{args.form} form")
-    results = []
+    results, full = [], {}  # the full cache does not depend on the policy: scored once
     for kind, checkpoint in checkpoints.items():
         feature_maps = load_feature_maps(model, checkpoint, kind) if checkpoint is not None else None
         for budget in args.budgets:
             policy = Policy(kind=kind, budget=budget, recent=args.recent, sinks=args.sinks)
-            result = compare(model, sequences, policy, feature_maps, args.batch_size, methods, args.form,
-                             prompt_length, checkpoint)
+            result = compare(model, sequences, policy, feature_maps, args.batch_size,
+                             tuple(m for m in methods if m not in full), args.form, prompt_length, checkpoint)
+            full = full or {m: p for m, p in result.perplexity.items() if m == "full"}
+            result.perplexity = {**full, **result.perplexity}
             print(result.table() + (f"\nfeature maps from {checkpoint}" if "less" in methods else "") + "\n")
             results.append(result.to_json())
     return {"kind": "perplexity", "form": args.form, **_run_settings(args), "seq_len": args.seq_len,
