@@ -33,6 +33,13 @@ _LAZY = {
 
 
 def __getattr__(name: str):
+    if name == "__version__":  # the installed distribution's; a source tree that was never installed has none
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("less_cuda")
+        except PackageNotFoundError:
+            return "unknown"
     if name in _LAZY:
         return getattr(import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'less_cuda' has no attribute {name!r}")

