@@ -13,12 +13,17 @@ the recent and top-scoring tokens, fold the rest). Chunked prefill in that sense
 the attention columns of the whole prompt, and a chunk cannot know them. Tokens that arrive in later calls (decode,
 generate's `prefill_chunk_size`, continuing a conversation) stream through the decode rule one at a time, which is
 the contract's streaming form of the same policy; a fractional budget is resolved on the first call's length.
+
+One cache, one batch of sequences, one thread at a time: `LessCache` refuses a second thread's forward while one is
+running, and a `generate` call whose input does not continue the sequences it holds (see its docstring).
 """
 
 from __future__ import annotations
 
+import inspect
+import threading
 from dataclasses import dataclass, replace
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -81,16 +86,20 @@ class LessLayer(CacheLayerMixin):
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """Record the new tokens and hand them on to the "less" attention call, which does the work."""
         if self.awaiting_attention:
-            raise RuntimeError(
-                f"LessCache layer {self.layer_idx} was updated twice without the 'less' attention in between: the "
-                "model's attention implementation must be 'less' (LessCache(model, ...) and less_cuda.apply set it)"
-            )
+            raise self.unattended_error()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.seen += key_states.shape[-2]
         self.awaiting_attention = True
         announce(self, key_states)
         return key_states, value_states
+
+    def unattended_error(self) -> RuntimeError:
+        """The error for an update that comes before the previous update's attention call."""
+        return RuntimeError(
+            f"LessCache layer {self.layer_idx} was updated twice without the 'less' attention in between: the "
+            "model's attention implementation must be 'less' (LessCache(model, ...) and less_cuda.apply set it)"
+        )
 
     def _psi(self, k: Tensor) -> Tensor:
         """psi(k) [B, Hkv, T, R]; R = 0 without feature maps."""
@@ -210,14 +219,89 @@ def layer_nbytes(layer: CacheLayerMixin) -> int:
     return sum(t.nelement() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
 
 
+# Guards the short check-and-record steps of every LessCache (a lock per cache would make caches impossible to
+# deepcopy, which transformers' recipe for reusing a prompt's cache does).
+_LOCK = threading.Lock()
+
+_MODULUS = 2**31 - 1  # prime; a token id times a weight < 2^62, and sums of 2^32 reduced terms fit in int64
+_BASE = 48271  # a primitive root of the modulus (MINSTD's multiplier): weights do not repeat within 2^31 positions
+_NEW_PROMPT = (
+    "a LessCache holds one batch of sequences: continue them by passing what it was fed followed by new tokens (e.g. "
+    "generate's previous output plus a new turn), or use a fresh LessCache (or reset() this one) for a new prompt"
+)
+
+
+def _fingerprint(ids: Tensor, start: int) -> Tensor:
+    """[B] int64: sum over t of ids[:, t] * BASE^(start + t) mod MODULUS, a polynomial hash of each row's tokens at
+    positions start, start + 1, ...; the fingerprints of consecutive parts add up (mod MODULUS) to the whole's."""
+    weight, weights = pow(_BASE, start, _MODULUS), []
+    for _ in range(ids.shape[1]):
+        weights.append(weight)
+        weight = weight * _BASE % _MODULUS
+    return (ids.long() * torch.tensor(weights, dtype=torch.long, device=ids.device) % _MODULUS).sum(-1) % _MODULUS
+
+
+@dataclass
+class _TokenRecord:
+    """The token ids a LessCache was fed as generate's input: `count` per row, and their `fingerprint` ([B] int64,
+    None before the first; see `_fingerprint`). It covers the cache's tokens only while `count` equals the number the
+    cache has seen: tokens fed without ids (direct forward calls, inputs_embeds) leave it behind for good."""
+
+    fingerprint: Optional[Tensor] = None
+    count: int = 0
+
+    def extend(self, ids: Tensor) -> None:
+        """Add new tokens [B, T], which follow the ones recorded."""
+        part = _fingerprint(ids, self.count)
+        self.fingerprint = part if self.fingerprint is None else (self.fingerprint + part) % _MODULUS
+        self.count += ids.shape[1]
+
+    def check_prefix(self, prefix: Tensor, seen: int) -> None:
+        """Raise ValueError unless `prefix` [B, L] is the `seen` tokens the cache holds (as far as the record covers
+        them: when it does not, nothing can be compared)."""
+        if prefix.shape[1] != seen:
+            raise ValueError(f"generate's input continues after token {prefix.shape[1]}, but this LessCache holds "
+                             f"{seen} per row: {_NEW_PROMPT}")
+        if seen == 0 or self.count != seen:
+            return
+        if prefix.shape[0] != self.fingerprint.shape[0]:
+            raise ValueError(f"generate's input has {prefix.shape[0]} rows, but this LessCache holds "
+                             f"{self.fingerprint.shape[0]}: {_NEW_PROMPT}")
+        differs = (_fingerprint(prefix, 0) != self.fingerprint).nonzero().flatten().tolist()
+        if differs:
+            raise ValueError(f"generate's input does not continue the {seen} tokens per row this LessCache holds "
+                             f"(rows {differs} differ): {_NEW_PROMPT}")
+
+    def map_rows(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """Follow the cache's rows (beam search reorders them)."""
+        if self.fingerprint is not None:
+            self.fingerprint = fn(self.fingerprint)
+
+
 class LessCache(Cache):
     """A transformers `Cache` that compresses every full-attention layer with LESS.
 
     Full-attention layers get a `LessLayer`; other layer kinds (e.g. sliding-window) the layer class transformers
     would use. Constructing one switches `model` to the "less" attention implementation, which is exact sdpa for any
-    other cache, so `model.generate(..., past_key_values=LessCache(model, feature_maps, policy))` just works.
-    A cache holds one batch of sequences: use a fresh one for each new prompt. Passing it to a later `generate` call
-    continues its sequences, the new tokens streaming through the decode rule.
+    other cache, so `model.generate(..., past_key_values=LessCache(model, feature_maps, policy))` just works; it also
+    lets generate show the cache its whole input before each forward (`_GenerateInputCheck`, a pass-through for other
+    caches), for the check below.
+
+    One cache holds one batch of sequences, fed by one thread at a time:
+
+    - *Continuing.* A later `generate` call with the cache continues its sequences, the new tokens streaming through
+      the decode rule. Its input is everything the cache was fed followed by new tokens (e.g. the previous output plus
+      a new turn, with the attention mask extended to match), or the new tokens alone with an attention mask over the
+      whole sequence (transformers' two forms). At the call's first step the cache compares the given prefix with a
+      fingerprint of the tokens it was fed, and an input that does not continue them (another prompt, other rows, no
+      new tokens) raises ValueError before anything is fed. For a new prompt use a fresh cache, or `reset()` it.
+      The check needs generate's whole input: a call with `prefill_chunk_size` shows the cache only its chunks, and
+      tokens fed other than as generate's `input_ids` (direct forward calls, `inputs_embeds`) cannot be compared
+      later; those are not checked.
+    - *Threads.* A forward while another thread's forward through the cache is running raises RuntimeError, and so
+      does a generate step when another thread used the cache after the call's previous step. A forward that raised
+      part-way leaves the layers holding different numbers of tokens: the next forward raises; `reset()` the cache.
+    - `copy.deepcopy(cache)` is an independent cache, e.g. to compress a prompt once and continue it several ways.
 
     Args:
         model: the causal LM (its config gives the layer kinds and layout).
@@ -244,7 +328,91 @@ class LessCache(Cache):
         super().__init__(layers=layers)
         self.policy = policy
         self.feature_maps = feature_maps
+        # Where a forward starts: the first layer that takes K/V through `update` (linear-attention layers do not).
+        self._first_update = next(i for i, layer in enumerate(self.layers) if isinstance(layer, CacheLayerMixin))
+        self._tokens = _TokenRecord()
+        self._forward_thread: Optional[int] = None  # the thread of the latest forward
+        self._user: Optional[int] = None  # the thread of the latest forward or generate step
         use_less_attention(model)
+        _GenerateInputCheck.install(model)
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, ...]:
+        """transformers' per-layer update; a forward's first one also checks that no other forward is running."""
+        if layer_idx != self._first_update:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        with _LOCK:  # check and update together, so that two threads cannot both find the cache idle
+            self._start_forward()
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _start_forward(self) -> None:
+        """Raise RuntimeError unless the previous forward through the cache finished: then every layer holds the same
+        number of tokens and none awaits its attention call.
+
+        The "less" attention pairs a layer's update with its attention call through a ContextVar (attention.py), and
+        every thread has its own context, so a thread only ever claims the layer its own update announced. That keeps
+        the pairing right but is not enough: the layers' slots, scores, H and z are shared by all threads holding the
+        cache, and two forwards at once would interleave their tokens in them. Hence this check.
+        """
+        me = threading.get_ident()
+        layers = [layer for layer in self.layers if isinstance(layer, CacheLayerMixin)]
+        unattended = [layer for layer in layers if isinstance(layer, LessLayer) and layer.awaiting_attention]
+        if len({layer.get_seq_length() for layer in layers}) > 1 or unattended:
+            if self._forward_thread != me:
+                raise RuntimeError(
+                    f"this LessCache is in use: thread {self._forward_thread}'s forward through it has not finished. "
+                    "A LessCache holds one batch of sequences and serves one forward at a time: give each thread its "
+                    "own cache"
+                )
+            if unattended:
+                raise unattended[0].unattended_error()
+            raise RuntimeError("an earlier forward through this LessCache stopped part-way (it raised), so its layers "
+                               "hold different numbers of tokens: reset() the cache or use a fresh one")
+        self._forward_thread = self._user = me
+
+    def check_generate_input(
+        self, input_ids: Optional[Tensor], next_sequence_length: Optional[int], first_step: bool, embeds: bool
+    ) -> None:
+        """Called by generate before each forward with this cache (through `_GenerateInputCheck`), with its whole
+        input: `input_ids` [B, L], of which the last `next_sequence_length` are new (None: all of them), or token
+        embeddings when `embeds`. Checks the contract of the class docstring, then records the new tokens."""
+        me = threading.get_ident()
+        with _LOCK:
+            if not first_step and self._user not in (None, me):
+                raise RuntimeError(
+                    f"thread {self._user} used this LessCache after this generate call's previous step, which would "
+                    "mix its tokens into these sequences: give each thread its own cache"
+                )
+            if embeds or input_ids is None:  # nothing to compare or record; the record stops covering the cache
+                self._user = me
+                return
+            seen, new = self.get_seq_length(), input_ids
+            if next_sequence_length is not None:
+                if next_sequence_length <= 0:
+                    raise ValueError(f"generate was given {input_ids.shape[1]} tokens per row, but this LessCache "
+                                     f"already holds {seen}: {_NEW_PROMPT}")
+                new = input_ids[:, -next_sequence_length:]
+                if first_step:
+                    self._tokens.check_prefix(input_ids[:, :-next_sequence_length], seen)
+            self._tokens.extend(new)
+            self._user = me
+
+    def reset(self) -> None:
+        """Empty the cache for a new batch of prompts."""
+        super().reset()
+        self._tokens = _TokenRecord()
+        self._forward_thread = self._user = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._tokens.map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._tokens.map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._tokens.map_rows(lambda t: t[indices])
 
     def __repr__(self) -> str:
         """Policy, budget, rank, the layers compressed and the bytes held, e.g. "LessCache(h2o, budget 51 tokens
@@ -273,3 +441,35 @@ class LessCache(Cache):
         held = [layer.nbytes() if isinstance(layer, LessLayer) else layer_nbytes(layer) for layer in self.layers]
         full = [layer.full_nbytes() if isinstance(layer, LessLayer) else layer_nbytes(layer) for layer in self.layers]
         return MemoryReport(held, full)
+
+
+class _GenerateInputCheck:
+    """`model.prepare_inputs_for_generation` once a LessCache was made for `model`: generate calls it with its whole
+    input before each forward, the one place a cache can compare that input with what it was fed (the forward itself
+    gets only the new tokens). For any other cache it is the model's own method, unchanged."""
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+
+    @classmethod
+    def install(cls, model: PreTrainedModel) -> None:
+        """Install on `model` once; a `prepare_inputs_for_generation` a caller set on the model is left alone."""
+        if "prepare_inputs_for_generation" not in vars(model):
+            model.prepare_inputs_for_generation = cls(model)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        # generate reads the signature to validate its arguments (e.g. whether inputs_embeds may be passed)
+        return inspect.signature(self._prepare)
+
+    @property
+    def _prepare(self) -> Callable[..., dict]:
+        return type(self.model).prepare_inputs_for_generation.__get__(self.model)
+
+    def __call__(self, input_ids: Optional[Tensor], *args: Any, **kwargs: Any) -> dict:
+        cache = kwargs.get("past_key_values")
+        if isinstance(cache, LessCache):
+            first_step = bool(kwargs.get("is_first_iteration"))
+            cache.check_generate_input(input_ids, kwargs.get("next_sequence_length"), first_step,
+                                       embeds=first_step and kwargs.get("inputs_embeds") is not None)
+        return self._prepare(input_ids, *args, **kwargs)

@@ -13,7 +13,9 @@ lowered the validation MSE by only about 4% for twice the size, and hidden 32 ra
 
 Checkpoint: a directory with config.json (model layout, policy, rank, hidden size, how it was trained, format
 version) and kernels.safetensors, stored in fp16 by default and loaded back into fp32 parameters. Nothing is loaded
-with pickle.
+with pickle: config.json is read with `json`, the weights with `safetensors`, and both are checked before use (every
+field and its type, every tensor's name, shape and finiteness), so a damaged or foreign checkpoint fails with a
+message naming the file, never half-loaded.
 """
 
 from __future__ import annotations
@@ -21,20 +23,28 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import typing
+import warnings
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .ops import less_feature_maps
+from .policy import Policy
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "kernels.safetensors"
+BUDGET_TOLERANCE = 2.0
+"""A budget within this factor of the one a checkpoint was fitted for uses it without a warning: feature maps fitted
+at 5% still help at 4% or 8%, but the further the budget, the more the evicted tokens differ from the ones they
+learned to summarise."""
 
 
 @dataclass
@@ -54,9 +64,96 @@ class FeatureMapsConfig:
     training: dict = field(default_factory=dict)  # how the maps were fitted (data, sequence length, ...): provenance
     format_version: int = FORMAT_VERSION
 
+    def __post_init__(self) -> None:
+        """Checked once here, so that no malformed config is saved or loaded: the field types, positive sizes, layers
+        that exist, a valid policy."""
+        hints = typing.get_type_hints(FeatureMapsConfig)
+        wrong = [f"{f.name} {getattr(self, f.name)!r} (expected {_type_name(hints[f.name])})"
+                 for f in fields(self) if not _has_type(getattr(self, f.name), hints[f.name])]
+        if wrong:
+            raise ValueError(f"feature-map config has fields of the wrong type: {', '.join(wrong)}")
+        sizes = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "rank", "kernel_hidden")
+        if any(getattr(self, name) < 1 for name in sizes):
+            raise ValueError(f"feature-map config sizes must be positive: {({n: getattr(self, n) for n in sizes})}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if len(set(self.layers)) != len(self.layers) or not all(0 <= i < self.num_layers for i in self.layers):
+            raise ValueError(f"layers {self.layers} must be distinct indices below num_layers {self.num_layers}")
+        try:
+            Policy(**self.policy)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"feature-map config has an invalid policy {self.policy}: {error}") from None
+
+    @classmethod
+    def from_file(cls, path: Union[str, Path]) -> "FeatureMapsConfig":
+        """Read and check a checkpoint's config.json: valid JSON, this format version, every field present, known and
+        of its type. Raises ValueError naming the file otherwise."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} holds a JSON {type(raw).__name__}, not an object of config fields")
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path} has format_version {raw.get('format_version')}, this less_cuda reads "
+                             f"{FORMAT_VERSION}")
+        known = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        unknown, missing = sorted(raw.keys() - known), sorted(required - raw.keys())
+        if unknown or missing:
+            raise ValueError(f"{path} does not match format_version {FORMAT_VERSION}: "
+                             f"unknown fields {unknown}, missing fields {missing}")
+        try:
+            return cls(**raw)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+
     def layout(self) -> dict:
         """The model facts a checkpoint must agree with."""
         return {k: getattr(self, k) for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size")}
+
+    def budget_gap(self, budget: Union[int, float]) -> Optional[float]:
+        """By what factor (>= 1) `budget` differs from the budget these maps were fitted for, or None when that is
+        unknown. Token counts and fractions are compared at the training sequence length."""
+        fitted = self.policy.get("budget")
+        if fitted is None:
+            return None
+        if isinstance(fitted, float) != isinstance(budget, float):  # a fraction against a token count
+            length = self.training.get("seq_len")
+            if not isinstance(length, int) or length < 1:
+                return None
+            fitted = fitted if isinstance(fitted, float) else fitted / length
+            budget = budget if isinstance(budget, float) else budget / length
+        return max(budget / fitted, fitted / budget)
+
+    def budget_mismatch(self, budget: Union[int, float]) -> Optional[str]:
+        """What to tell a user of `budget` when it is more than BUDGET_TOLERANCE from the fitted budget, else None."""
+        gap = self.budget_gap(budget)
+        if gap is None or gap <= BUDGET_TOLERANCE:
+            return None
+        fitted, length = self.policy["budget"], self.training.get("seq_len")
+        of = f" of its {length}-token training sequences" if isinstance(fitted, float) and length else ""
+        return (f"the LESS checkpoint for {self.base_model!r} was fitted for budget {fitted:g}{of}; budget "
+                f"{budget:g} is {gap:.1f}x from it (more than {BUDGET_TOLERANCE:g}x): its feature maps still help, "
+                "but feature maps fitted near this budget would help more")
+
+    def warn_budget(self, budget: Optional[Union[int, float]]) -> None:
+        """Warn when `budget` is far from the fitted budget (see `budget_mismatch`)."""
+        if budget is not None and (message := self.budget_mismatch(budget)):
+            warnings.warn(message, stacklevel=3)
+
+
+def _has_type(value: object, hint: object) -> bool:
+    """Whether a JSON-loaded value is of a config field's type (int, str, dict, list[int]; a bool is no int)."""
+    origin = typing.get_origin(hint) or hint
+    if isinstance(value, bool) or not isinstance(value, origin):
+        return False
+    return origin is not list or all(_has_type(item, typing.get_args(hint)[0]) for item in value)
+
+
+def _type_name(hint: object) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint)
 
 
 def _uniform(*shape: int, fan: int) -> nn.Parameter:
@@ -164,22 +261,51 @@ class FeatureMaps(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, Path], device: Optional[torch.device] = None) -> "FeatureMaps":
-        """Load a checkpoint written by `save_pretrained` (safetensors only, never pickle)."""
+        """Load a checkpoint written by `save_pretrained`: config.json through `FeatureMapsConfig.from_file`, the
+        weights with safetensors (never pickle), checked by `_read_weights` before any is copied in."""
         directory = Path(directory)
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"no LESS checkpoint at {directory}: {CONFIG_NAME} is missing")
-        raw = json.loads(config_path.read_text())
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{config_path} has format_version {raw.get('format_version')}, this less_cuda reads {FORMAT_VERSION}"
-            )
-        feature_maps = cls(FeatureMapsConfig(**raw))
-        feature_maps.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))  # copies into the fp32 parameters
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"no LESS checkpoint at {directory}: {name} is missing")
+        feature_maps = cls(FeatureMapsConfig.from_file(directory / CONFIG_NAME))
+        feature_maps.load_state_dict(feature_maps._read_weights(directory / WEIGHTS_NAME))  # into fp32 parameters
         return feature_maps.to(device) if device is not None else feature_maps
 
-    def check_compatible(self, layout: dict, policy_kind: Optional[str] = None, rank: Optional[int] = None) -> None:
-        """Raise a clear ValueError if these feature maps were fitted for another model layout, policy or rank."""
+    def _read_weights(self, path: Path) -> dict[str, Tensor]:
+        """The tensors of a kernels.safetensors, after checking that they are exactly this module's (names and
+        shapes), floating point and finite. Raises ValueError naming the file and what is wrong."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                version = (f.metadata() or {}).get("format_version", str(FORMAT_VERSION))
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except SafetensorError as error:  # truncated, or not safetensors at all (e.g. a pickle)
+            raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+        if version != str(FORMAT_VERSION):
+            raise ValueError(f"{path} has format_version {version}, this less_cuda reads {FORMAT_VERSION}")
+        expected = {name: tuple(p.shape) for name, p in self.state_dict().items()}
+        missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+        if missing or unexpected:
+            raise ValueError(f"{path} does not hold the tensors its config describes: missing {_listed(missing)}, "
+                             f"unexpected {_listed(unexpected)}")
+        problems = [f"{name} has shape {tuple(t.shape)}, not {expected[name]}" for name, t in tensors.items()
+                    if tuple(t.shape) != expected[name]]
+        problems += [f"{name} is {t.dtype}" for name, t in tensors.items() if not t.is_floating_point()]
+        problems += [f"{name} holds NaN or infinity" for name, t in tensors.items()
+                     if t.is_floating_point() and not torch.isfinite(t).all()]
+        if problems:
+            raise ValueError(f"{path} is damaged or does not match its config: {_listed(problems)}")
+        return tensors
+
+    def check_compatible(
+        self,
+        layout: dict,
+        policy_kind: Optional[str] = None,
+        rank: Optional[int] = None,
+        budget: Optional[Union[int, float]] = None,
+    ) -> None:
+        """Raise a clear ValueError if these feature maps were fitted for another model layout, policy or rank, or
+        (when `budget` is given) for a budget more than BUDGET_TOLERANCE from it. `less_cuda.apply` only warns about
+        the budget; pass it here to make a mismatch an error."""
         mine = self.config.layout()
         diff = {k: (mine[k], layout.get(k)) for k in mine if layout.get(k) != mine[k]}
         if diff:
@@ -190,3 +316,11 @@ class FeatureMaps(nn.Module):
             raise ValueError(f"LESS checkpoint was fitted for policy {kind!r}, not {policy_kind!r}")
         if rank is not None and rank != self.config.rank:
             raise ValueError(f"LESS checkpoint has rank {self.config.rank}, but rank {rank} was asked for")
+        if budget is not None and (message := self.config.budget_mismatch(budget)):
+            raise ValueError(message)
+
+
+def _listed(items: list[str], shown: int = 4) -> str:
+    """A list for an error message, cut after `shown` items."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return "[" + ", ".join(items[:shown]) + "]" + more

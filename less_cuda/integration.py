@@ -30,16 +30,19 @@ def load_feature_maps(
     feature_maps: Union[FeatureMaps, str, Path, None],
     policy_kind: str,
     rank: Optional[int] = None,
+    budget: Optional[Union[int, float]] = None,
 ) -> FeatureMaps:
     """The feature maps for `model` and a policy kind, on the model's device.
 
     feature_maps: a `FeatureMaps`, a checkpoint directory, or None for the checkpoint shipped with less_cuda for this
-    model layout and policy kind. Raises ValueError when none is shipped, or when the feature maps were fitted for
-    another model layout, policy kind or rank.
+    model layout and policy kind (given a budget, the one fitted closest to it). Raises ValueError when none is
+    shipped, or when the feature maps were fitted for another model layout, policy kind or rank; warns when they were
+    fitted for a budget more than `feature_maps.BUDGET_TOLERANCE` from `budget`.
     """
     layout = model_layout(model.config)
-    if feature_maps is None:
-        feature_maps = find_checkpoint(layout, policy_kind)
+    shipped = feature_maps is None
+    if shipped:
+        feature_maps = find_checkpoint(layout, policy_kind, budget)  # warns itself when none is near the budget
         if feature_maps is None:
             raise ValueError(
                 f"no LESS checkpoint is shipped for {model.config.name_or_path or type(model).__name__} {layout} with "
@@ -49,6 +52,8 @@ def load_feature_maps(
     if isinstance(feature_maps, (str, Path)):
         feature_maps = FeatureMaps.from_pretrained(feature_maps)
     feature_maps.check_compatible(layout, policy_kind, rank)
+    if not shipped:
+        feature_maps.config.warn_budget(budget)
     return feature_maps.to(model.device).eval()
 
 
@@ -75,8 +80,9 @@ class LessPress:
         rank: if given, the rank the feature maps must have.
 
     Malformed settings raise ValueError here; feature maps for another model, policy kind or rank, or no shipped
-    checkpoint, raise it when the press meets the model. A fractional budget too small for a prompt raises at
-    prefill, naming the prompt length; nothing is validated mid-decoding.
+    checkpoint, raise it when the press meets the model; feature maps fitted for a budget more than 2x from this one
+    (`feature_maps.BUDGET_TOLERANCE`) only warn then, since they still help. A fractional budget too small for a
+    prompt raises at prefill, naming the prompt length; nothing is validated mid-decoding.
     """
 
     def __init__(
@@ -103,7 +109,7 @@ class LessPress:
         """The feature maps this press uses on `model`, on its device (None for the sparse-only baseline)."""
         if not self.lowrank:
             return None
-        return load_feature_maps(model, self.feature_maps, self.policy.kind, self.rank)
+        return load_feature_maps(model, self.feature_maps, self.policy.kind, self.rank, self.policy.budget)
 
     def cache(self, model: PreTrainedModel) -> LessCache:
         """A fresh `LessCache` for one `generate` call (it switches `model` to the "less" attention)."""

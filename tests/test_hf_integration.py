@@ -261,7 +261,8 @@ def test_apply_finds_the_shipped_checkpoint_or_loads_a_directory(tmp_path, monke
         expected = generate(model, ids, mask, 6)
     with apply(model, str(tmp_path), budget=6):
         assert torch.equal(generate(model, ids, mask, 6), expected)
-    monkeypatch.setattr("less_cuda.integration.find_checkpoint", lambda layout, kind: tmp_path if kind == "h2o" else None)
+    monkeypatch.setattr("less_cuda.integration.find_checkpoint",
+                        lambda layout, kind, budget=None: tmp_path if kind == "h2o" else None)
     with apply(model, budget=6):
         assert torch.equal(generate(model, ids, mask, 6), expected)
 

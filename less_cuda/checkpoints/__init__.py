@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
+
+from ..feature_maps import CONFIG_NAME, FeatureMapsConfig
 
 SHIPPED = Path(__file__).parent
 
 
-def find_checkpoint(layout: dict, policy_kind: str) -> Optional[Path]:
-    """The shipped checkpoint fitted for a model with this layout (see FeatureMapsConfig.layout) and policy kind,
-    or None."""
-    for config_path in sorted(SHIPPED.glob("*/config.json")):
-        config = json.loads(config_path.read_text())
-        same_layout = all(config.get(k) == v for k, v in layout.items())
-        if same_layout and config.get("policy", {}).get("kind") == policy_kind:
-            return config_path.parent
-    return None
+def find_checkpoint(layout: dict, policy_kind: str, budget: Optional[Union[int, float]] = None) -> Optional[Path]:
+    """The shipped checkpoint fitted for a model with this layout (see FeatureMapsConfig.layout) and policy kind, or
+    None. Given a budget, the one fitted for the closest budget, with a warning when even that one is more than
+    BUDGET_TOLERANCE away (`FeatureMapsConfig.budget_mismatch`)."""
+    fitting = []
+    for config_path in sorted(SHIPPED.glob(f"*/{CONFIG_NAME}")):
+        config = FeatureMapsConfig.from_file(config_path)
+        if config.layout() == layout and config.policy.get("kind") == policy_kind:
+            fitting.append((config, config_path.parent))
+    if not fitting:
+        return None
+    if budget is None:
+        return fitting[0][1]
+    config, directory = min(fitting, key=lambda found: found[0].budget_gap(budget) or math.inf)
+    config.warn_budget(budget)
+    return directory
