@@ -324,24 +324,24 @@ def evaluate_passkey(
 
 
 def format_table(results: dict) -> str:
-    """A text table of an `evaluate_passkey` report: one line per method, budget and context length, one column
-    per depth plus the mean over depths."""
+    """A text table of an `evaluate_passkey` report: one line per method, policy, budget and context length, one
+    column per depth plus the mean over depths."""
     rows = results["results"]
     depths = sorted({r["depth"] for r in rows})
-    lines: dict[tuple, dict[float, float]] = {}  # (length, method, budget) -> {depth: accuracy}
+    lines: dict[tuple, dict[float, float]] = {}  # (length, method, policy, budget) -> {depth: accuracy}
     for r in rows:
-        key = (r["context_length"], r["method"], r["budget"])
+        key = (r["context_length"], r["method"], r["policy"], r["budget"])
         lines.setdefault(key, {})[r["depth"]] = r["accuracy"]
-    settings = results["settings"]
-    header = f"{'method':<8} {'budget':>7} {'length':>7} " + " ".join(f"{d:>6.2f}" for d in depths) + f" {'mean':>6}"
+    header = (f"{'method':<8} {'policy':<7} {'budget':>7} {'length':>7} " + " ".join(f"{d:>6.2f}" for d in depths)
+              + f" {'mean':>6}")
     out = [
-        f"passkey accuracy, {results['model']}, policy {settings['policy']}, {settings['trials']} trials per cell "
-        f"(columns: needle depth)",
+        f"passkey accuracy, {results['model']}, {results['settings']['trials']} trials per cell (columns: needle depth)",
         header,
     ]
     order = sorted(lines.items(), key=lambda kv: (kv[0][0], METHODS.index(kv[0][1])))  # stable: budgets as given
-    for (length, method, budget), by_depth in order:
+    for (length, method, policy, budget), by_depth in order:
         cells = " ".join(f"{by_depth[d]:>6.2f}" if d in by_depth else f"{'-':>6}" for d in depths)
         mean = sum(by_depth.values()) / len(by_depth)
-        out.append(f"{method:<8} {'-' if budget is None else str(budget):>7} {length:>7} {cells} {mean:>6.2f}")
+        out.append(f"{method:<8} {policy or '-':<7} {'-' if budget is None else str(budget):>7} {length:>7} {cells} "
+                   f"{mean:>6.2f}")
     return "\n".join(out)

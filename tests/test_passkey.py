@@ -215,8 +215,8 @@ def test_evaluate_on_a_tiny_model_follows_the_schema():
 
     table = format_table(report).splitlines()
     assert len(table) == 2 + len(lengths) * (1 + 2 * len(budgets))  # title, header, one line per method/budget/length
-    assert table[1].split() == ["method", "budget", "length", "0.00", "1.00", "mean"]
-    assert table[2].split()[:3] == ["full", "-", "96"]
+    assert table[1].split() == ["method", "policy", "budget", "length", "0.00", "1.00", "mean"]
+    assert table[2].split()[:4] == ["full", "-", "-", "96"]
 
 
 @pytest.mark.smollm2
