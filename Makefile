@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp)
 
-.PHONY: test test-fast test-vllm demo bench bench-vllm build clean
+.PHONY: test test-fast test-install test-vllm demo bench bench-vllm build clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON_SYSTEM) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: $(VENV)/.build $(VENV)/.model
 
 test-fast: $(VENV)/.build
 	$(PY) -m pytest -m "not smollm2 and not slow" $(PYTEST_ARGS)
+
+# `pip install .` as a user types it, in a throw-away venv under build/install-check, then the installed package from
+# outside the tree (tests/install_check.sh; CPU kernels only, to keep it to a few minutes).
+test-install:
+	PYTHON_SYSTEM=$(PYTHON_SYSTEM) bash tests/install_check.sh
 
 demo: $(VENV)/.build $(VENV)/.model
 	$(PY) examples/demo.py
@@ -76,4 +81,4 @@ bench-vllm: $(VLLM_VENV)/.build
 	OMP_NUM_THREADS=1 $(VLLM_PY) benchmarks/vllm/bench_serving.py
 
 clean:
-	rm -rf build less_cuda/*.so *.egg-info $(VENV) $(VLLM_VENV)
+	rm -rf build less_cuda/*.so less_cuda/_build_info.py *.egg-info $(VENV) $(VLLM_VENV)

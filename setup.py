@@ -8,8 +8,10 @@ Environment:
     MAX_JOBS                 parallel compile jobs (honoured by torch's ninja build)
     CUDA_HOME                toolkit root; found from nvcc when unset
 
-Build with `pip install --no-build-isolation .`: the extension must be compiled against the torch that is
-installed, not a fresh one pip would download into an isolated build environment.
+The extension only works with the torch it was compiled against. `pip install .` compiles it against the torch
+pinned in pyproject.toml's [build-system] and then requires exactly that torch at run time; `pip install
+--no-build-isolation .` compiles it against the torch already installed and requires that one. Either way the build
+writes less_cuda/_build_info.py beside the binary, and the package checks it against the running torch on import.
 """
 
 import glob
@@ -113,6 +115,28 @@ else:
 backends = "CPU + CUDA (arch " + os.environ["TORCH_CUDA_ARCH_LIST"] + ")" if with_cuda else "CPU only"
 print(f"less_cuda: building backends: {backends}")
 
+# Split as torch.utils.cpp_extension splits it: ";" or spaces between entries.
+arch_list = os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")
+cuda_archs = tuple(arch for arch in arch_list if arch) if with_cuda else ()
+BUILD_INFO = f"""\
+# Written by setup.py when it builds less_cuda._C: what the binary beside it was compiled against. Not in git.
+TORCH_VERSION = {str(torch.__version__)!r}
+CUDA_VERSION = {torch.version.cuda!r}  # torch.version.cuda of that torch; None for a CPU-only torch
+WITH_CUDA = {with_cuda!r}
+CUDA_ARCHS = {cuda_archs!r}  # TORCH_CUDA_ARCH_LIST of the build; () without the CUDA kernels
+"""
+
+
+class BuildExtensionWithInfo(BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension, plus the record less_cuda._build checks on import."""
+
+    def run(self) -> None:
+        super().run()
+        # Beside the binary: in the source tree for --inplace and editable builds, else in the build tree, which
+        # becomes the wheel (build_py has already copied the package there, so a stale in-tree record is replaced).
+        info = Path(self.get_ext_fullpath("less_cuda._C")).with_name("_build_info.py")
+        info.write_text(BUILD_INFO)
+
 setup(
     name="less_cuda",
     version="0.1.0",
@@ -120,9 +144,12 @@ setup(
     packages=find_packages(include=["less_cuda", "less_cuda.*"]),
     package_data={"less_cuda": ["checkpoints/**/*"]},
     ext_modules=[extension],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtensionWithInfo},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "safetensors", "tqdm"],
+    # Exactly the torch compiled against (its public version; the CUDA variant is checked on import), so that pip
+    # never pairs the binary with another torch: with build isolation that is pyproject.toml's pin, without it the
+    # torch already installed, which then stays.
+    install_requires=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "tqdm"],
     extras_require={
         "hf": ["transformers>=5.0", "accelerate", "gguf"],
         "test": ["pytest", "pytest-benchmark"],

@@ -29,6 +29,7 @@ _LAZY = {
     "LessLayer": ".cache",
     "MemoryReport": ".cache",
     "model_layout": ".cache",
+    "backends": "._build",
 }
 
 
