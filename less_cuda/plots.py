@@ -89,7 +89,7 @@ def plot_perplexity(results: dict, path: PathLike) -> Path:
         # Plain numbers (30, not 3×10¹) on the major and, within a decade or two, the minor ticks.
         ax.yaxis.set_major_formatter(LogFormatter())
         ax.yaxis.set_minor_formatter(LogFormatter(minor_thresholds=(2, 0.5)))
-        _log_axis_ticks(ax.xaxis, [100 * e["budget_fraction"] for e in entries], lambda v: f"{v:g}%")
+        _log_axis_ticks(ax.xaxis, [100 * e["budget_fraction"] for e in entries], lambda v: f"{v:.2g}%")
         ax.set_title(POLICY_LABELS.get(policy, policy))
         ax.set_xlabel("budget (% of the sequence)")
         ax.set_ylabel("perplexity")
