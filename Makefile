@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp)
 
-.PHONY: test test-fast test-install test-vllm demo bench bench-vllm build clean
+.PHONY: test test-fast test-long test-install test-vllm demo bench bench-vllm build clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON_SYSTEM) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: $(VENV)/.build $(VENV)/.model
 
 test-fast: $(VENV)/.build
 	$(PY) -m pytest -m "not smollm2 and not slow" $(PYTEST_ARGS)
+
+# The long forms: 100,000-step decode streams and the "long" hypothesis profile (20x the fuzz cases, fresh seeds).
+test-long: $(VENV)/.build
+	LESS_LONG_STREAM_STEPS=100000 HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/test_long_streams.py tests/test_fuzz_ops.py $(PYTEST_ARGS)
 
 # `pip install .` as a user types it, in a throw-away venv under build/install-check, then the installed package from
 # outside the tree (tests/install_check.sh; CPU kernels only, to keep it to a few minutes).

@@ -1,5 +1,6 @@
 // Argument validation shared by every backend's bindings: one clear TORCH_CHECK per mistake, so that bad input
 // is an error message and never a crash or silently wrong numbers. Returns the sizes the kernels need.
+// What is checked, and what is not and why: docs/guarantees.md.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -58,5 +59,14 @@ struct StepSizes {
 };
 // R may be 0 (sparse policy only); S must exceed budget (the budget plus the incoming token's slot).
 StepSizes check_decode_step(const StepTensors& t, int64_t policy, int64_t budget, int64_t recent, int64_t sinks);
+
+// feature_maps (CPU only): q [B,Hq,T,D], k [B,Hkv,T,D] and the fp32 weights of one layer (ops.cpp's schema).
+struct FeatureMapSizes {
+  int64_t B, Hq, Hkv, T, D, E, R;  // E: the MLPs' hidden width
+};
+FeatureMapSizes check_feature_maps(const at::Tensor& q, const at::Tensor& k, const at::Tensor& phi_w1,
+                                   const at::Tensor& phi_w2, const at::Tensor& psi_w1, const at::Tensor& psi_w2,
+                                   const at::Tensor& psi_scale, const at::Tensor& psi_interaction,
+                                   const at::Tensor& psi_interaction_scale);
 
 }  // namespace less_cuda

@@ -14,12 +14,24 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loads the op registrations)
 from . import reference
+from ._build import load_extension
 from .policy import policy_id
 from .slots import SlotCache
 
+load_extension()  # less_cuda._C's op registrations, once its build record matches the running torch
 _ops = torch.ops.less_cuda
+
+
+def _check_tensors(required: dict[str, object], optional: Optional[dict[str, object]] = None) -> None:
+    """The wrappers' own check, before they touch an argument: a non-tensor fails with its name, not as an
+    AttributeError inside the wrapper. Everything about the tensors themselves the ops check (csrc/checks.cpp)."""
+    for name, t in required.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"less_cuda: {name} must be a tensor, got {type(t).__name__}")
+    for name, t in (optional or {}).items():
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"less_cuda: {name} must be a tensor or None, got {type(t).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -58,10 +70,17 @@ torch.library.register_autograd(
 
 def default_scale(q: Tensor, scale: Optional[float]) -> float:
     """The logit scale: `scale`, or 1 / sqrt(head_dim). head_dim 0 gives NaN, which the ops reject with a message
-    naming the head dim (not a ZeroDivisionError here)."""
-    if scale is not None:
-        return float(scale)
-    return q.shape[-1] ** -0.5 if q.shape[-1] > 0 else math.nan
+    naming the head dim (not a ZeroDivisionError here). A given scale must be finite: NaN or inf would turn every
+    logit into NaN. (Checked here, not in the ops: the op schemas' checks in csrc/checks.h do not take the scale.)"""
+    if scale is None:
+        return q.shape[-1] ** -0.5 if q.shape[-1] > 0 else math.nan
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"less_cuda: scale must be a finite number or None, got {scale!r}")
+    return value
 
 
 def less_decode_attention(
@@ -89,6 +108,7 @@ def less_decode_attention(
             query heads (what H2O accumulates). Not differentiable.
     Differentiable in q, k, v, phi_q, H and z.
     """
+    _check_tensors(dict(q=q, k=k, v=v, pos=pos), dict(phi_q=phi_q, H=H, z=z))
     scale = default_scale(q, scale)
     q, k, v, pos, phi_q, H, z = (None if t is None else t.contiguous() for t in (q, k, v, pos, phi_q, H, z))
     return _ops.decode_attention(q, k, v, pos, phi_q, H, z, scale)
@@ -124,6 +144,7 @@ def less_score_and_evict_(
         victim: [B, Hkv] int64 index of the freed slot, or -1 where nothing was evicted. Deterministic: the lowest
         (score, slot) among evictable slots for H2O, the oldest non-sink for Λ.
     """
+    _check_tensors(dict(scores=scores, pos=pos, probs=probs))
     return _ops.score_and_evict_(scores, pos, probs, policy_id(policy), budget, recent, sinks)
 
 
@@ -169,12 +190,15 @@ def less_state_fold(psi: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> tu
     Returns:
         dH: [B, Hkv, R, D] fp32, dz: [B, Hkv, R] fp32. Differentiable in psi and v.
     """
+    _check_tensors(dict(psi=psi, v=v), dict(mask=mask))
     return _ops.state_fold(psi.contiguous(), v.contiguous(), None if mask is None else mask.contiguous())
 
 
 def less_state_update_(H: Tensor, z: Tensor, psi: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> None:
     """In-place `H += dH; z += dz` of `less_state_fold`, for the decode path (no allocation, one writer per
-    element). H: [B, Hkv, R, D] fp32, z: [B, Hkv, R] fp32; the rest as `less_state_fold`."""
+    element). H: [B, Hkv, R, D] fp32, z: [B, Hkv, R] fp32; the rest as `less_state_fold`, but used as given (no
+    copy), so every tensor must be contiguous."""
+    _check_tensors(dict(H=H, z=z, psi=psi, v=v), dict(mask=mask))
     _ops.state_update_(H, z, psi, v, mask)
 
 
@@ -219,8 +243,19 @@ def less_decode_step_(
     Returns:
         out: [B, Hq, T, D] (or [B, Hq, D]) in q's dtype. Not differentiable (training uses the parallel form).
     """
+    if not isinstance(cache, SlotCache):
+        raise TypeError(f"less_cuda: cache must be a SlotCache, got {type(cache).__name__}")
+    _check_tensors(dict(q=q, k=k, v=v), dict(phi_q=phi_q, psi_k=psi_k, valid=valid))
     single = q.dim() == 3
     if single:
+        # The single-token form adds the T axis to every argument; one given with it already would reach the op one
+        # dimension off and fail there with a confusing shape.
+        given = dict(k=k, v=v, phi_q=phi_q, psi_k=psi_k, valid=valid)
+        wrong = {n: tuple(t.shape) for n, t in given.items()
+                 if t is not None and t.dim() != (1 if n == "valid" else 3)}  # fmt: skip
+        if wrong:
+            raise ValueError(f"less_cuda: with a single token's q {tuple(q.shape)} = [B, Hq, D], k and v must be "
+                             f"[B, Hkv, D], phi_q and psi_k [B, H, R] and valid [B]; got {wrong}")
         q, k, v = q[:, :, None], k[:, :, None], v[:, :, None]
         phi_q, psi_k = (None if t is None else t[:, :, None] for t in (phi_q, psi_k))
         valid = None if valid is None else valid[:, None]
@@ -246,4 +281,5 @@ def less_feature_maps(q: Tensor, k: Tensor, *weights: Tensor) -> tuple[Tensor, T
     """phi(q) [B, Hq, T, R] and psi(k) [B, Hkv, T, R] fp32 of one layer in one call, without gradients: the form
     `feature_maps.LayerFeatureMaps.features` uses at decode on CPU. q [B, Hq, T, D], k [B, Hkv, T, D]; weights: phi_w1,
     phi_w2, psi_w1, psi_w2, psi_scale, psi_interaction, psi_interaction_scale (`LayerFeatureMaps.inference_weights`)."""
+    _check_tensors(dict(q=q, k=k, **{f"weights[{i}]": w for i, w in enumerate(weights)}))
     return _ops.feature_maps(q.contiguous(), k.contiguous(), *weights)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -14,6 +15,9 @@ POLICY_IDS = {"h2o": H2O, "lambda": LAMBDA}
 def policy_id(policy: Union[int, str]) -> int:
     """The op-level id of a policy given by name (any case: "h2o", "H2O", "lambda") or by id (the ops check ids)."""
     if not isinstance(policy, str):
+        # An int id (the ops range-check it); a float or bool would be truncated to some policy silently.
+        if isinstance(policy, bool) or not isinstance(policy, numbers.Integral):
+            raise TypeError(f"policy must be a name ({sorted(POLICY_IDS)}) or an int id, got {policy!r}")
         return int(policy)
     if policy.lower() not in POLICY_IDS:
         raise ValueError(f"policy must be one of {sorted(POLICY_IDS)} (any case) or their ids, got {policy!r}")
@@ -46,8 +50,12 @@ class Policy:
             raise ValueError(f"a fractional budget must be in (0, 1], got {self.budget}")
         if isinstance(self.budget, int) and self.budget < 2:
             raise ValueError(f"budget must be at least 2 tokens, got {self.budget}")
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int):
+            raise TypeError(f"sinks must be an int (tokens), got {self.sinks!r}")
         if self.sinks < 0:
             raise ValueError(f"sinks must be >= 0, got {self.sinks}")
+        if isinstance(self.recent, bool) or not isinstance(self.recent, (int, float, type(None))):
+            raise TypeError(f"recent must be an int (tokens), a float (fraction) or None, got {self.recent!r}")
         if self.recent is not None and (
             self.recent < 0 or (isinstance(self.recent, float) and self.recent >= 1.0)
         ):

@@ -112,7 +112,7 @@ def decode_attention(
     occupied = (pos >= 0)[:, :, None, :]
     o, lse, probs = sparse_state(logits, occupied, v.float())
     if phi_q is not None:
-        o_lr, lse_lr = lowrank_state(phi_q.float().view(B, Hkv, G, -1), H, z)
+        o_lr, lse_lr = lowrank_state(phi_q.float().view(B, Hkv, G, phi_q.shape[-1]), H, z)
         o = merge_states(o, lse, o_lr, lse_lr)
     return o.reshape(B, Hq, D).to(q.dtype), probs.sum(dim=2)
 

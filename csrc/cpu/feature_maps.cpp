@@ -19,6 +19,7 @@
 #include <cmath>
 #include <vector>
 
+#include "checks.h"
 #include "cpu/simd.h"
 
 namespace less_cuda {
@@ -36,31 +37,14 @@ void head_mlp_row(const float* x, const float* w1, const float* w2, int64_t D, i
   for (int64_t r = 0; r < R; ++r) out[r] = gelu(out[r]);
 }
 
-void check_weight(const at::Tensor& w, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.device().is_cpu(), "less_cuda: ", name,
-              " must be a contiguous float32 CPU tensor");
-  TORCH_CHECK(w.sizes() == shape, "less_cuda: ", name, " must have shape ", shape, ", got ", w.sizes());
-}
-
 std::tuple<at::Tensor, at::Tensor> feature_maps_cpu(const at::Tensor& q, const at::Tensor& k,
                                                     const at::Tensor& phi_w1, const at::Tensor& phi_w2,
                                                     const at::Tensor& psi_w1, const at::Tensor& psi_w2,
                                                     const at::Tensor& psi_scale, const at::Tensor& psi_interaction,
                                                     const at::Tensor& psi_interaction_scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "less_cuda: q and k must be [B, heads, T, D], got ", q.sizes(), " and ",
-              k.sizes());
-  const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1);
-  TORCH_CHECK(k.size(0) == B && k.size(2) == T && k.size(3) == D, "less_cuda: k must be [", B, ", Hkv, ", T, ", ",
-              D, "], got ", k.sizes());
-  TORCH_CHECK(phi_w1.dim() == 3 && phi_w2.dim() == 3, "less_cuda: phi_w1 and phi_w2 must be 3-dimensional");
-  const int64_t E = phi_w1.size(2), R = phi_w2.size(2);
-  check_weight(phi_w1, "phi_w1", {Hq, D, E});
-  check_weight(phi_w2, "phi_w2", {Hq, E, R});
-  check_weight(psi_w1, "psi_w1", {Hkv, D, E});
-  check_weight(psi_w2, "psi_w2", {Hkv, E, R});
-  check_weight(psi_scale, "psi_scale", {Hkv, 1, R});
-  check_weight(psi_interaction, "psi_interaction", {Hkv, R, R});
-  check_weight(psi_interaction_scale, "psi_interaction_scale", {Hkv, 1, R});
+  const FeatureMapSizes s = check_feature_maps(q, k, phi_w1, phi_w2, psi_w1, psi_w2, psi_scale, psi_interaction,
+                                               psi_interaction_scale);
+  const int64_t B = s.B, Hq = s.Hq, Hkv = s.Hkv, T = s.T, D = s.D, E = s.E, R = s.R;
   const at::Tensor qf = q.to(at::kFloat).contiguous(), kf = k.to(at::kFloat).contiguous();
   at::Tensor phi = at::empty({B, Hq, T, R}, qf.options());
   at::Tensor psi = at::empty({B, Hkv, T, R}, qf.options());
