@@ -198,6 +198,7 @@ def _run_settings(args: argparse.Namespace) -> dict:
 
 
 def _perplexity_results(args, model, tokenizer, checkpoints, methods) -> dict:
+    from .checkpoints import checkpoint_label
     from .data import tokenizer_splits
     from .evaluate import compare
     from .integration import load_feature_maps
@@ -217,7 +218,8 @@ def _perplexity_results(args, model, tokenizer, checkpoints, methods) -> dict:
         for budget in args.budgets:
             policy = Policy(kind=kind, budget=budget, recent=args.recent, sinks=args.sinks)
             result = compare(model, sequences, policy, feature_maps, args.batch_size,
-                             tuple(m for m in methods if m not in full), args.form, prompt_length, checkpoint)
+                             tuple(m for m in methods if m not in full), args.form, prompt_length,
+                             checkpoint_label(checkpoint) if checkpoint is not None else None)
             full = full or {m: p for m, p in result.perplexity.items() if m == "full"}
             result.perplexity = {**full, **result.perplexity}
             print(result.table() + (f"\nfeature maps from {checkpoint}" if "less" in methods else "") + "\n")
@@ -227,15 +229,13 @@ def _perplexity_results(args, model, tokenizer, checkpoints, methods) -> dict:
 
 
 def _passkey_results(args, model, tokenizer, checkpoints, methods) -> dict:
-    from .integration import load_feature_maps
     from .passkey import evaluate_passkey, format_table
 
     runs = []
-    for kind, checkpoint in checkpoints.items():
-        feature_maps = load_feature_maps(model, checkpoint, kind) if "less" in methods else None
+    for kind, checkpoint in checkpoints.items():  # the press loads the checkpoint; the report names it
         runs.append(evaluate_passkey(model, tokenizer, args.lengths, args.depths, args.budgets, policy=kind,
-                                     methods=methods, feature_maps=feature_maps, trials=args.trials,
-                                     seed=args.seed, filler=args.filler))
+                                     methods=methods, feature_maps=checkpoint if "less" in methods else None,
+                                     trials=args.trials, seed=args.seed, filler=args.filler))
     # One results file for all policies; the full cache does not depend on the policy, so it is kept once.
     results = runs[0]
     for run in runs[1:]:

@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import __version__
 from .cache import model_layout
-from .checkpoints import find_checkpoint
+from .checkpoints import checkpoint_label, find_checkpoint
 from .feature_maps import FeatureMaps
 from .integration import apply, load_feature_maps
 from .policy import POLICY_IDS, Policy
@@ -218,10 +218,10 @@ def _checkpoint_name(
     """The feature maps' checkpoint for the report: the path given, the shipped checkpoint's name, or None when
     only a `FeatureMaps` object was given."""
     if isinstance(feature_maps, (str, Path)):
-        return str(feature_maps)
+        return checkpoint_label(feature_maps)
     if feature_maps is None:
         shipped = find_checkpoint(model_layout(model.config), policy)
-        return None if shipped is None else shipped.name
+        return None if shipped is None else checkpoint_label(shipped)
     return None
 
 

@@ -257,3 +257,10 @@ def test_the_shipped_smollm2_checkpoints_match_their_own_budget_silently(kind):
         assert find_checkpoint(SMOLLM2_LAYOUT, kind, 64) is not None  # 64 of 1024 tokens: 1.25x from 5%
     with pytest.warns(UserWarning, match="budget 0.5 is 10.0x from it"):
         find_checkpoint(SMOLLM2_LAYOUT, kind, 0.5)
+
+
+def test_results_name_shipped_checkpoints_by_name_and_others_by_path(tmp_path):
+    from less_cuda.checkpoints import SHIPPED, checkpoint_label
+
+    assert checkpoint_label(SHIPPED / "smollm2-135m-h2o-5pct") == "smollm2-135m-h2o-5pct"  # no machine path
+    assert checkpoint_label(str(tmp_path / "mine")) == str(tmp_path / "mine")

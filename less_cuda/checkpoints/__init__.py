@@ -11,6 +11,13 @@ from ..feature_maps import CONFIG_NAME, FeatureMapsConfig
 SHIPPED = Path(__file__).parent
 
 
+def checkpoint_label(path: Union[str, Path]) -> str:
+    """How a results file names a checkpoint: a shipped one by its directory name (the same on every machine),
+    any other by the path given."""
+    resolved = Path(path).resolve()
+    return resolved.name if resolved.parent == SHIPPED.resolve() else str(path)
+
+
 def find_checkpoint(layout: dict, policy_kind: str, budget: Optional[Union[int, float]] = None) -> Optional[Path]:
     """The shipped checkpoint fitted for a model with this layout (see FeatureMapsConfig.layout) and policy kind, or
     None. Given a budget, the one fitted for the closest budget, with a warning when even that one is more than
