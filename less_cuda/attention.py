@@ -33,7 +33,7 @@ from .prefill import prefill_attention
 
 ATTN_IMPLEMENTATION = "less"
 FALLBACKS = ("sdpa", "eager")  # what a layer without a LessLayer can run with the boolean sdpa mask it is given
-_FALLBACK_ATTRIBUTE = "_less_fallback_attention"  # set on the attention modules by use_less_attention
+_FALLBACK_ATTRIBUTE = "_less_fallback_attention"  # the function, set on the attention modules by use_less_attention
 
 # (layer, the key tensor its update returned), waiting for the attention call that receives that tensor.
 _announced: ContextVar[Optional[tuple[Any, Tensor]]] = ContextVar("less_announced_layer", default=None)
@@ -84,7 +84,8 @@ def less_attention(
     """
     layer = _claim(key)
     if layer is None:
-        return _fallback(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        fallback = getattr(module, _FALLBACK_ATTRIBUTE, sdpa_attention_forward)
+        return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     B, _, T, _ = query.shape
     valid = _real_tokens(attention_mask, B, T, query.device)
@@ -117,9 +118,10 @@ def _eager_with_sdpa_mask(eager: Callable) -> Callable:
     return attend
 
 
-def _fallback(module: nn.Module) -> Callable:
-    """The attention function for a layer without a LessLayer: the one the model ran before "less"."""
-    if getattr(module, _FALLBACK_ATTRIBUTE, "sdpa") == "eager":
+def _fallback(module: nn.Module, implementation: str) -> Callable:
+    """The attention function for a layer without a LessLayer: the model's eager function (taking the sdpa mask) for
+    "eager", else sdpa."""
+    if implementation == "eager":
         eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
         if eager is not None:
             return _eager_with_sdpa_mask(eager)
@@ -138,7 +140,7 @@ def use_less_attention(model: PreTrainedModel) -> None:
                       stacklevel=3)
     for module in model.modules():  # the attention modules are the ones handed to the attention function
         if hasattr(module, "layer_idx") and hasattr(module, "config"):
-            setattr(module, _FALLBACK_ATTRIBUTE, fallback)
+            setattr(module, _FALLBACK_ATTRIBUTE, _fallback(module, fallback))  # resolved once, not per call
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
 
