@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp)
 
-.PHONY: test test-fast test-long test-install test-vllm demo bench bench-vllm build clean
+.PHONY: test test-fast test-long test-sanitize test-install test-vllm demo bench bench-vllm build clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON_SYSTEM) -m venv $(VENV)
@@ -38,6 +38,32 @@ test-fast: $(VENV)/.build
 # The long forms: 100,000-step decode streams and the "long" hypothesis profile (20x the fuzz cases, fresh seeds).
 test-long: $(VENV)/.build
 	LESS_LONG_STREAM_STEPS=100000 HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/test_long_streams.py tests/test_fuzz_ops.py $(PYTEST_ARGS)
+
+# The op tests and the CUDA harness tests under ASan and UBSan (LESS_CUDA_SANITIZE, csrc/sanitize.py), in reduced
+# form: the CI fuzz profile and 20k-step streams for the ops; the harness kernels without their five longest streams
+# (two stay) and two long-row cases, since fibers under ASan run about 16x slower. The instrumented extension is
+# built in a copy of the tree, so it never replaces .venv's; the copy keeps its build folder for reruns. Python is
+# not instrumented: libasan must be preloaded, with libstdc++ so that ASan can intercept C++ throws (torch's checks
+# throw), and the leak check is off (CPython never frees some objects). Any report aborts the run.
+SANITIZE_SRC := build/sanitize/src
+SANITIZE_RUN := cd $(SANITIZE_SRC) && LESS_CUDA_SANITIZE=address,undefined ASAN_OPTIONS=detect_leaks=0 \
+	UBSAN_OPTIONS=print_stacktrace=1 PYTHONPATH=. \
+	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
+	$(abspath $(PY)) -m pytest -p no:cacheprovider
+SANITIZE_OP_TESTS := tests/test_sanitizers.py tests/test_cpu_ops.py tests/test_ops_autograd.py \
+	tests/test_decode_step.py tests/test_fuzz_ops.py tests/test_long_streams.py
+SANITIZE_HARNESS_DESELECT := $(foreach id,test_stream_of_decode_steps[0-dtype1-8] \
+	test_stream_of_decode_steps[1-dtype2-8] test_stream_of_fused_decode_steps[0-dtype0-6-single] \
+	test_stream_of_fused_decode_steps[0-dtype1-6-split] test_stream_of_fused_decode_steps[1-dtype2-6-tiles] \
+	test_decode_attention_long_chunk_is_not_split test_decode_step_long_row_single_launch, \
+	--deselect "tests/test_cuda_kernels.py::$(id)")
+test-sanitize: $(VENV)/.deps
+	mkdir -p $(SANITIZE_SRC)
+	git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C $(SANITIZE_SRC)
+	cd $(SANITIZE_SRC) && LESS_CUDA_SANITIZE=address,undefined LESS_CUDA_FORCE_CUDA=0 MAX_JOBS=$${MAX_JOBS:-2} \
+		$(abspath $(PY)) setup.py -q build_ext --inplace
+	$(SANITIZE_RUN) $(SANITIZE_OP_TESTS) $(PYTEST_ARGS)
+	$(SANITIZE_RUN) tests/test_harness.py tests/test_cuda_kernels.py $(SANITIZE_HARNESS_DESELECT) $(PYTEST_ARGS)
 
 # `pip install .` as a user types it, in a throw-away venv under build/install-check, then the installed package from
 # outside the tree (tests/install_check.sh; CPU kernels only, to keep it to a few minutes).

@@ -4,6 +4,8 @@ are found.
 Environment:
     LESS_CUDA_FORCE_CUDA=1   fail unless the CUDA kernels are built
     LESS_CUDA_SKIP_CUDA=1    build the CPU kernels only
+    LESS_CUDA_SANITIZE       e.g. "address,undefined": the CPU kernels with ASan/UBSan, and no CUDA kernels (see
+                             csrc/sanitize.py; run with libasan preloaded, as `make test-sanitize` does)
     TORCH_CUDA_ARCH_LIST     defaults to "8.0;8.6;8.9;9.0+PTX" (Ampere to Hopper, PTX for newer); CUDA 13 has no sm_70
     MAX_JOBS                 parallel compile jobs (honoured by torch's ninja build)
     CUDA_HOME                toolkit root; found from nvcc when unset
@@ -19,11 +21,16 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
+sys.path.insert(0, str(ROOT / "csrc"))
+import sanitize  # noqa: E402
+
+SANITIZERS = sanitize.requested()
 DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 
 
@@ -80,7 +87,11 @@ def build_cuda() -> bool:
     if flag("LESS_CUDA_SKIP_CUDA"):
         return False
     why_not = None
-    if torch.version.cuda is None:
+    if SANITIZERS:
+        # ASan and the CUDA driver do not mix (the driver maps memory where ASan keeps its shadow); the CUDA kernel
+        # source is checked under the sanitizers through the CPU harness instead, and on a GPU by compute-sanitizer.
+        why_not = "LESS_CUDA_SANITIZE builds the CPU kernels only"
+    elif torch.version.cuda is None:
         why_not = "torch is a CPU-only build"
     elif cuda_home is None:
         why_not = "no CUDA toolkit found (set CUDA_HOME)"
@@ -94,6 +105,8 @@ def build_cuda() -> bool:
 with_cuda = build_cuda()
 sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
 cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is torch's choice (C++20 for torch 2.14)
+cxx_flags += sanitize.compile_flags(SANITIZERS)  # its -O1 comes last and wins
+link_flags = ["-fopenmp"] + sanitize.link_flags(SANITIZERS)
 if with_cuda:
     sources += rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
     extension = CUDAExtension(
@@ -103,16 +116,18 @@ if with_cuda:
             "cxx": cxx_flags + ["-DLESS_WITH_CUDA"],
             "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-DLESS_WITH_CUDA"],
         },
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
         include_dirs=[str(ROOT / "csrc")],
     )
 else:
     extension = CppExtension(
-        "less_cuda._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"],
+        "less_cuda._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
         include_dirs=[str(ROOT / "csrc")],
     )
 
 backends = "CPU + CUDA (arch " + os.environ["TORCH_CUDA_ARCH_LIST"] + ")" if with_cuda else "CPU only"
+if SANITIZERS:
+    backends += ", sanitizers " + ",".join(SANITIZERS)
 print(f"less_cuda: building backends: {backends}")
 
 # Split as torch.utils.cpp_extension splits it: ";" or spaces between entries.

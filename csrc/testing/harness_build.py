@@ -5,6 +5,9 @@ compiled as C++), links them with the harness runtime into one shared library an
 and libraries are cached under build/harness/ (or $LESS_HARNESS_BUILD_DIR), keyed by a hash of the compiler, the
 flags, the source and every header it can include, so a test run recompiles only what changed; sources compile in
 parallel. No torch headers are involved, which keeps a full rebuild to a few seconds.
+
+With LESS_CUDA_SANITIZE set (csrc/sanitize.py), the kernels and the runtime are built with ASan/UBSan; the process
+must then have libasan loaded first (LD_PRELOAD), as `make test-sanitize` arranges.
 """
 
 from __future__ import annotations
@@ -14,11 +17,15 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "csrc"))
+import sanitize  # noqa: E402
+
 TESTING = ROOT / "csrc" / "testing"
 RUNTIME = TESTING / "harness_runtime.cpp"
 CXX = os.environ.get("CXX", "g++")
@@ -39,7 +46,11 @@ FLAGS = [
     str(TESTING / "shim"),
     "-I",
     str(ROOT / "csrc"),
+    *sanitize.compile_flags(sanitize.requested()),
+    # ASan then also guards a std::vector's spare capacity: dynamic shared memory is one, reused across launches.
+    *(["-D_GLIBCXX_SANITIZE_VECTOR"] if "address" in sanitize.requested() else []),
 ]
+LINK_FLAGS = sanitize.link_flags(sanitize.requested())
 
 
 def _headers() -> list[Path]:
@@ -92,14 +103,14 @@ def load(name: str, sources: list[Path]) -> ctypes.CDLL:
     if shutil.which(CXX) is None:
         raise RuntimeError(f"the CUDA harness needs a C++ compiler ({CXX}) on PATH")
     version = subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout.encode()
-    env_key = _digest(version, " ".join(FLAGS).encode()).encode()
+    env_key = _digest(version, " ".join(FLAGS + LINK_FLAGS).encode()).encode()
     headers_key = _digest(*(p.read_bytes() for p in _headers())).encode()
     all_sources = [RUNTIME, *sources]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         objects = list(pool.map(lambda s: _compile(s, env_key, headers_key), all_sources))
     lib_path = _cache_dir() / f"{name}-{_digest(*(str(o).encode() for o in objects))}.so"
     if not lib_path.exists():
-        _publish(lambda out: _run([CXX, "-shared", "-o", str(out), *map(str, objects)]), lib_path)
+        _publish(lambda out: _run([CXX, "-shared", *LINK_FLAGS, "-o", str(out), *map(str, objects)]), lib_path)
     lib = ctypes.CDLL(str(lib_path))
     lib.less_harness_last_error.restype = ctypes.c_char_p
     lib.less_harness_set_schedule.argtypes = [ctypes.c_int, ctypes.c_uint]

@@ -9,11 +9,19 @@
 // schedules. A launch that cannot finish (a barrier some threads never reach, a lane that waits for an exited
 // one, lanes that disagree on a mask) fails with a message instead of hanging; its fibers are abandoned and
 // restarted fresh for the next launch.
+//
+// Under ASan (LESS_CUDA_SANITIZE=address) every switch between stacks is announced to it before the jump and
+// confirmed after it (__sanitizer_{start,finish}_switch_fiber); otherwise it takes a fiber's stack for a corrupted
+// one of the OS thread.
 #undef _FORTIFY_SOURCE  // its longjmp check refuses jumps between stacks, which is what a fiber switch is
 
 #include <setjmp.h>
 #include <sys/mman.h>
 #include <ucontext.h>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #include <algorithm>
 #include <cstdarg>
@@ -44,6 +52,7 @@ struct Fiber {
   jmp_buf context;
   ucontext_t start;
   char* stack = nullptr;
+  void* asan_fake_stack = nullptr;  // ASan's stack-use-after-return frames of this fiber while it is parked
   unsigned linear = 0;  // x-fastest thread index in the block
   uint3 index{};
   State state = State::kFinished;
@@ -72,6 +81,9 @@ enum class Schedule { kForward = 0, kReverse = 1, kRandom = 2 };
 struct Runtime {
   std::vector<Fiber*> fibers;  // persistent across launches; the first blockDim of them run a block
   jmp_buf scheduler;
+  const void* scheduler_stack = nullptr;  // the OS thread's stack the scheduler runs on (learnt by ASan's hooks)
+  size_t scheduler_stack_bytes = 0;
+  void* scheduler_fake_stack = nullptr;
   Fiber* starting = nullptr;
   Fiber* current = nullptr;
   unsigned threads = 0;        // threads in the current block
@@ -105,9 +117,43 @@ void fail(const char* format, ...) {
   r.message = text;
 }
 
+#if defined(__SANITIZE_ADDRESS__)
+void leaving_stack(void** fake_stack, const void* to, size_t bytes) {
+  __sanitizer_start_switch_fiber(fake_stack, to, bytes);
+}
+void entered_stack(void* fake_stack, const void** from, size_t* from_bytes) {
+  __sanitizer_finish_switch_fiber(fake_stack, from, from_bytes);
+}
+#else
+void leaving_stack(void**, const void*, size_t) {}
+void entered_stack(void*, const void**, size_t*) {}
+#endif
+
+// A fiber runs again: the stack it came from is the scheduler's.
+void fiber_entered(void* fake_stack) {
+  Runtime& r = rt();
+  entered_stack(fake_stack, &r.scheduler_stack, &r.scheduler_stack_bytes);
+}
+
+// Runs `f` until it parks. `first` starts it at fiber_main instead of resuming it.
+void switch_to_fiber(Fiber* f, bool first) {
+  Runtime& r = rt();
+  if (_setjmp(r.scheduler) == 0) {
+    leaving_stack(&r.scheduler_fake_stack, f->stack, kStackBytes);
+    if (first) setcontext(&f->start);
+    _longjmp(f->context, 1);
+  }
+  entered_stack(r.scheduler_fake_stack, nullptr, nullptr);
+}
+
 // Gives control back to the scheduler; returns when the scheduler resumes this fiber.
 void park(Fiber* self) {
-  if (_setjmp(self->context) == 0) _longjmp(rt().scheduler, 1);
+  Runtime& r = rt();
+  if (_setjmp(self->context) == 0) {
+    leaving_stack(&self->asan_fake_stack, r.scheduler_stack, r.scheduler_stack_bytes);
+    _longjmp(r.scheduler, 1);
+  }
+  fiber_entered(self->asan_fake_stack);
 }
 
 // After a failure: parks the calling fiber for good. The launch is abandoned and its fibers restarted.
@@ -117,6 +163,7 @@ void abandon(Fiber* self) {
 }
 
 [[noreturn]] void fiber_main() {
+  fiber_entered(nullptr);
   Fiber* self = rt().starting;
   park(self);  // created: wait for the first block
   for (;;) {
@@ -135,7 +182,8 @@ void start_fiber(Fiber* f) {
   f->start.uc_link = nullptr;
   makecontext(&f->start, fiber_main, 0);
   r.starting = f;
-  if (_setjmp(r.scheduler) == 0) setcontext(&f->start);
+  f->asan_fake_stack = nullptr;
+  switch_to_fiber(f, true);
 }
 
 void ensure_fibers(unsigned count) {
@@ -187,7 +235,7 @@ void run_block() {
     r.runnable.pop_front();
     r.current = f;
     threadIdx = f->index;
-    if (_setjmp(r.scheduler) == 0) _longjmp(f->context, 1);
+    switch_to_fiber(f, false);
   }
   if (r.failed) return;
   unsigned waiting_barrier = 0, waiting_warp = 0;

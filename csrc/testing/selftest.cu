@@ -158,6 +158,23 @@ __global__ void misuse_kernel(int kind, float* out) {
   out[threadIdx.x] = v;
 }
 
+// Bugs the sanitizer build must report (tests/test_sanitizers.py): 0 = a write one past the end of a heap buffer,
+// 1 = a signed overflow, 2 = a write past a local array on a thread's (fiber's) stack, 3 = a write past the end
+// of the launch's dynamic shared memory.
+__global__ void sanitizer_bug_kernel(int kind, int* out, int n) {
+  LESS_DYNAMIC_SHARED(int, smem);
+  volatile int past = n;  // volatile: the compiler must not see (and fold) the bug
+  int local[4] = {0, 0, 0, 0};
+  if (kind == 0 && threadIdx.x == 0) out[past] = 1;
+  if (kind == 1) out[threadIdx.x] = 0x7fffffff - 1 + past;
+  if (kind == 2) {
+    int* volatile through = local;  // through a pointer, so that ASan, not UBSan's bounds check, sees it
+    through[past] = 1;
+    out[threadIdx.x] = local[threadIdx.x % 4];
+  }
+  if (kind == 3 && threadIdx.x == 0) smem[past] = 1;
+}
+
 // fp32 -> fp16 / bf16 bits and back, as the kernels convert.
 __global__ void convert_kernel(const float* x, int n, uint16_t* half_bits, uint16_t* bf16_bits, float* half_back,
                                float* bf16_back) {
@@ -232,5 +249,14 @@ LESS_HARNESS_EXPORT int selftest_misuse(int kind, float* out) {
 LESS_HARNESS_EXPORT int selftest_convert(const float* x, int n, uint16_t* half_bits, uint16_t* bf16_bits,
                                          float* half_back, float* bf16_back) {
   LESS_LAUNCH(convert_kernel, 1, 128, 0, nullptr)(x, n, half_bits, bf16_bits, half_back, bf16_back);
+  return cudaGetLastError();
+}
+
+LESS_HARNESS_EXPORT int selftest_sanitizer_bug(int kind) {
+  const int n = 32;
+  int* out = new int[n];
+  const int past = kind == 1 ? 2 : kind == 2 ? 4 : n;
+  LESS_LAUNCH(sanitizer_bug_kernel, 1, n, n * sizeof(int), nullptr)(kind, out, past);
+  delete[] out;
   return cudaGetLastError();
 }
