@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="less-cuda", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    fit = commands.add_parser("train", help="fit the LESS feature maps of a model (torchrun shards the layers)")
+    fit = commands.add_parser("train", help="fit the LESS feature maps of a model (torchrun: several processes)")
     _add_model_arguments(fit, defaults)
     _add_text_arguments(fit, defaults)
     _add_policy_arguments(fit, defaults)
@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=defaults["seed"])
     fit.add_argument("--layers", type=comma_list(int), default=None,
                      help="comma-separated layer indices (default: every full-attention layer)")
+    fit.add_argument("--stages", "--stage", type=comma_list(str), default=list(defaults["stages"]),
+                     help="comma-separated, in order: layer (each layer alone, by attention-output MSE), end-to-end "
+                          "(all layers together, by next-token KL against the full cache); default: layer")
+    fit.add_argument("--init", default=None,
+                     help="checkpoint the end-to-end stage starts from when it runs alone (default: --output)")
+    fit.add_argument("--e2e-epochs", type=int, default=defaults["e2e_epochs"], help="epochs of the end-to-end stage")
+    fit.add_argument("--e2e-lr", type=float, default=defaults["e2e_lr"],
+                     help="peak learning rate of the end-to-end stage")
 
     ev = commands.add_parser("eval", help="perplexity (full cache, sparse policy, Baseline+, LESS) or passkey "
                                           "retrieval accuracy")

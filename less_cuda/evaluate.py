@@ -2,7 +2,7 @@
 (`less-cuda eval`), in three forms:
 
 - "parallel": every full-attention layer runs the "less_parallel" attention function. The policy's kept sets for
-  the whole sequence come from `slots.stream_kept_masks` driven by the compiled ops (the policy code of the cache),
+  the whole sequence come from `slots.kept_masks` driven by the compiled ops (the policy code of the cache),
   and the output from `reference.parallel_attention` with φ(q), ψ(k) of the layer's post-RoPE queries and keys
   (LESS) or without them (the sparse policy alone). Every token streams through the policy from the start.
 - "streaming": the real `LessCache`, fed one token per forward call from the first token on, the budget resolved
@@ -58,13 +58,15 @@ def baseline_plus(policy: Policy, length: int, head_dim: int, rank: int, dtype: 
     return replace(policy, budget=resolved.budget + extra)
 
 
-def parallel_attention_function(policy: Policy, feature_maps: Optional[FeatureMaps]) -> Callable:
+def parallel_attention_function(policy: Policy, feature_maps: Optional[FeatureMaps],
+                                attention: Callable = reference.parallel_attention) -> Callable:
     """A transformers attention function applying `policy` (and LESS when `feature_maps` is given) at every layer.
 
     transformers calls it as f(module, query [B, Hq, T, D], key, value [B, Hkv, T, D], attention_mask, scaling=...)
     with post-RoPE query/key; `module.layer_idx` names the layer. Returns (out [B, T, Hq, D], None). The sequences
     must have no padding (packed text): the policy and the causal structure come from the masks, not from
-    `attention_mask`.
+    `attention_mask`. `attention` computes the output from the kept masks: `reference.parallel_attention` (the
+    ground truth, for evaluation) or `step_attention.kept_attention` (the same through the ops, for training).
     """
 
     def attend(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
@@ -73,14 +75,14 @@ def parallel_attention_function(policy: Policy, feature_maps: Optional[FeatureMa
             raise ValueError("the parallel-form evaluation takes unpadded sequences")
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         resolved = policy.resolve(query.shape[2])
-        kept = slots.stream_kept_masks(
-            query, key, scale, *resolved.as_args(), attend=ops.less_decode_attention, evict_=ops.less_score_and_evict_
-        )
+        with torch.no_grad():  # the policy's discrete choices take no gradient
+            kept = slots.kept_masks(query, key, scale, *resolved.as_args(), attend=ops.less_decode_attention,
+                                    evict_=ops.less_score_and_evict_)
         layer = module.layer_idx
         lowrank = feature_maps is not None and feature_maps.has_layer(layer)
         phi = feature_maps.phi(layer, query) if lowrank else None
         psi = feature_maps.psi(layer, key) if lowrank else None
-        return reference.parallel_attention(query, key, value, kept, phi, psi, scale).transpose(1, 2), None
+        return attention(query, key, value, kept, phi, psi, scale).transpose(1, 2), None
 
     return attend
 

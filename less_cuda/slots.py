@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .reference import EMPTY, eviction_key
+from .reference import EMPTY, LAMBDA, eviction_key
 
 
 def token_positions(valid: Tensor) -> Tensor:
@@ -137,3 +137,17 @@ def stream_kept_masks(
         _, probs = attend(q[:, :, t], slot_k, slot_k, pos, None, None, None, scale)
         evict_(scores, pos, probs, policy, budget, recent, sinks)
     return kept[..., :T]
+
+
+def kept_masks(q: Tensor, k: Tensor, scale: float, policy: int, budget: int, recent: int, sinks: int,
+               attend: Callable, evict_: Callable) -> Tensor:
+    """`stream_kept_masks`, with Λ's built directly: Λ's choices depend on positions alone (step t holds the first
+    `sinks` tokens and the newest budget + 1 - sinks up to t), so its T-step loop is not needed. The tests check the
+    two agree."""
+    if policy != LAMBDA:
+        return stream_kept_masks(q, k, scale, policy, budget, recent, sinks, attend, evict_)
+    T = q.shape[2]
+    step = torch.arange(T, device=q.device)[:, None]
+    token = torch.arange(T, device=q.device)[None, :]
+    kept = (token <= step) & ((token < sinks) | (token > step - (budget + 1 - sinks)))
+    return kept.expand(q.shape[0], k.shape[1], T, T)

@@ -3,6 +3,7 @@ command line can build its parser and answer --help at once."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -10,6 +11,7 @@ if TYPE_CHECKING:
     from .policy import Policy, ResolvedPolicy
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torch dtypes by name: models.DTYPES
+STAGES = ("layer", "end-to-end")  # in the order they run
 
 
 @dataclass
@@ -38,6 +40,10 @@ class TrainConfig:
     dtype: str = "float32"  # the model's dtype during capture
     seed: int = 0
     layers: Optional[list[int]] = None  # default: every full-attention layer
+    stages: tuple[str, ...] = ("layer",)  # STAGES to run; "end-to-end" alone starts from the checkpoint `init`
+    init: Optional[str] = None  # checkpoint directory the end-to-end stage starts from (default: `output`)
+    e2e_epochs: int = 2
+    e2e_lr: float = 2e-3
 
     def __post_init__(self) -> None:
         self.policy_spec()  # raises on a bad policy
@@ -45,13 +51,24 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {list(DTYPE_NAMES)}, got {self.dtype!r}")
+        self.stages = tuple(self.stages)
+        if not self.stages or any(stage not in STAGES for stage in self.stages) or list(self.stages) != sorted(
+                set(self.stages), key=STAGES.index):
+            raise ValueError(f"stages must be one or more of {list(STAGES)}, each once and in that order, "
+                             f"got {list(self.stages)}")
+        if self.init is not None and "layer" in self.stages:
+            raise ValueError("init is the starting point of an end-to-end stage run alone; the layer stage starts "
+                             "from scratch")
         for name in ("rank", "seq_len", "sequences", "val_sequences", "epochs", "batch_size", "positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden is not None and self.hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {self.hidden}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.e2e_epochs < 0:
+            raise ValueError(f"e2e_epochs must be >= 0, got {self.e2e_epochs}")
+        for name in ("lr", "e2e_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.resolved_policy().num_slots >= self.seq_len:
             raise ValueError(f"a budget of {self.resolved_policy().budget} tokens never evicts from "
                              f"{self.seq_len}-token sequences: nothing to train")
@@ -63,6 +80,16 @@ class TrainConfig:
 
     def resolved_policy(self) -> ResolvedPolicy:
         return self.policy_spec().resolve(self.seq_len)
+
+    def learning_rate(self, step: int, total: int, peak: Optional[float] = None) -> float:
+        """The learning rate at optimizer step `step` of `total`, peaking at `peak` (default `lr`)."""
+        peak = self.lr if peak is None else peak
+        if self.schedule == "constant":
+            return peak
+        warmup = max(1, total // 20)
+        if step < warmup:
+            return peak * (step + 1) / warmup
+        return peak * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def defaults() -> dict[str, Any]:

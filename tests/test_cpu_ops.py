@@ -251,6 +251,15 @@ def test_stream_kept_masks_with_ops(policy):
     assert torch.equal(kept, slots.stream_kept_masks(*args, attend=ref.decode_attention, evict_=ref.score_and_evict_))
 
 
+@pytest.mark.parametrize("T, budget, sinks", [(120, 24, 3), (40, 8, 0), (30, 40, 4), (64, 5, 4), (1, 2, 1)])
+def test_lambda_kept_masks_in_closed_form_equal_the_loop(T, budget, sinks):
+    gen = torch.Generator().manual_seed(T)
+    q, k = torch.randn(2, 4, T, 64, generator=gen), torch.randn(2, 2, T, 64, generator=gen)
+    args = (q, k, 0.125, ref.LAMBDA, budget, 0, sinks)
+    closed = slots.kept_masks(*args, attend=ref.decode_attention, evict_=ref.score_and_evict_)
+    assert torch.equal(closed, slots.stream_kept_masks(*args, attend=ref.decode_attention, evict_=ref.score_and_evict_))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input is a clear error
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Training the feature maps: data splitting, the all-steps LESS output against the token-by-token decode loop and
-the parallel form, end-to-end training, resuming, and torchrun sharding."""
+the parallel form, the per-layer stage from the command line, resuming, and torchrun sharding (the end-to-end stage:
+test_train_end_to_end.py)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from safetensors.torch import load_file
 
 from helpers import WIKITEXT, assert_close_ratio, missing_input
 from less_cuda import cli, ops, reference, slots
-from less_cuda import train as training
+from less_cuda import train_layers
+from less_cuda.capture import capture
 from less_cuda.data import expected_bos, load_splits, pack, read_text, split_articles
 from less_cuda.feature_maps import FeatureMaps, LayerFeatureMaps
 from less_cuda.models import load_model
 from less_cuda.policy import Policy
+from less_cuda.step_attention import kept_attention, policy_steps, step_attention
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the of lobster river season army song album road church game team city league storm ship".split()
@@ -167,7 +170,7 @@ def layer_inputs(tiny_model_dir):
     model, tokenizer = load_model(str(tiny_model_dir), torch.float32)
     splits = load_splits(tiny_model_dir / "articles.txt", lambda t: tokenizer(t, add_special_tokens=False)["input_ids"],
                          seq_len=48, validation_fraction=0.25)
-    cap = training.capture(model, splits.train[:2], [1], batch_size=2)[1]
+    cap = capture(model, splits.train[:2], [1], batch_size=2)[1]
     torch.manual_seed(1)
     feature_maps = LayerFeatureMaps(4, 2, 16, hidden=8, rank=4)
     with torch.no_grad():
@@ -184,14 +187,14 @@ def test_step_attention_matches_the_decode_loop_and_the_parallel_form(layer_inpu
     resolved = policy.resolve(cap.q.shape[2])
     q, k, v = cap.q, cap.k, cap.v
     phi, psi = feature_maps.phi(q).detach(), feature_maps.psi(k).detach()
-    steps = training.policy_steps(q, k, cap.scale, resolved)
-    batched = training.step_attention(q, k, v, steps, phi, psi, cap.scale)
+    steps = policy_steps(q, k, cap.scale, resolved)
+    batched = step_attention(q, k, v, steps, phi, psi, cap.scale)
     assert_close_ratio(batched, decode_loop(q, k, v, phi, psi, cap.scale, resolved), what="all steps vs decode loop")
     kept = slots.stream_kept_masks(q, k, cap.scale, *resolved.as_args(), attend=ops.less_decode_attention,
                                        evict_=ops.less_score_and_evict_)
     parallel = reference.parallel_attention(q, k, v, kept, phi, psi, cap.scale)
     assert_close_ratio(batched, parallel, what="all steps vs parallel form")
-    sparse = training.step_attention(q, k, v, steps, None, None, cap.scale)
+    sparse = step_attention(q, k, v, steps, None, None, cap.scale)
     assert_close_ratio(sparse, reference.parallel_attention(q, k, v, kept, None, None, cap.scale), what="sparse")
     assert (batched - sparse).abs().max() > 0.05 * sparse.abs().max()  # the state weighs in: the test means something
 
@@ -200,22 +203,42 @@ def test_step_attention_gradients_match_the_parallel_form(layer_inputs):
     cap, feature_maps = layer_inputs
     resolved = POLICIES[0].resolve(cap.q.shape[2])
     q, k, v = cap.q, cap.k, cap.v
-    steps = training.policy_steps(q, k, cap.scale, resolved)
+    steps = policy_steps(q, k, cap.scale, resolved)
     kept = slots.stream_kept_masks(q, k, cap.scale, *resolved.as_args(), attend=reference.decode_attention,
                                    evict_=reference.score_and_evict_)
     grads = []
-    for attend in (lambda phi, psi: training.step_attention(q, k, v, steps, phi, psi, cap.scale),
+    for attend in (lambda phi, psi: step_attention(q, k, v, steps, phi, psi, cap.scale),
                    lambda phi, psi: reference.parallel_attention(q, k, v, kept, phi, psi, cap.scale)):
         feature_maps.zero_grad()
-        full = training.full_attention(q, k, v, cap.scale)
-        training.output_mse(attend(feature_maps.phi(q), feature_maps.psi(k)), full, cap.o_proj,
+        full = train_layers.full_attention(q, k, v, cap.scale)
+        train_layers.output_mse(attend(feature_maps.phi(q), feature_maps.psi(k)), full, cap.o_proj,
                             resolved.num_slots).backward()
         grads.append(torch.cat([p.grad.flatten() for p in feature_maps.parameters()]))
     assert_close_ratio(grads[0], grads[1], torch.float32, what="feature-map gradients")
 
 
+@pytest.mark.parametrize("policy", POLICIES[::2], ids=lambda p: p.kind)
+def test_kept_attention_and_all_its_gradients_match_the_parallel_form(layer_inputs, policy):
+    """The end-to-end stage differentiates through kept_attention in q, k, v as well as in phi(q), psi(k): the
+    gradient reaches the layers below through them."""
+    cap, feature_maps = layer_inputs
+    resolved = policy.resolve(cap.q.shape[2])
+    kept = slots.stream_kept_masks(cap.q, cap.k, cap.scale, *resolved.as_args(), attend=ops.less_decode_attention,
+                                   evict_=ops.less_score_and_evict_)
+    results = []
+    for attention in (kept_attention, reference.parallel_attention):
+        q, k, v = (t.float().clone().requires_grad_() for t in (cap.q, cap.k, cap.v))
+        feature_maps.zero_grad()
+        out = attention(q, k, v, kept, feature_maps.phi(q), feature_maps.psi(k), cap.scale)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads = [q.grad, k.grad, v.grad, *(p.grad for p in feature_maps.parameters())]
+        results.append((out.detach(), torch.cat([g.flatten() for g in grads])))
+    assert_close_ratio(results[0][0], results[1][0], what="output")
+    assert_close_ratio(results[0][1], results[1][1], torch.float32, what="gradients in q, k, v, phi and psi")
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# End to end
+# The per-layer stage
 # ---------------------------------------------------------------------------------------------------------------
 def read_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "kernels.safetensors"))
@@ -239,7 +262,7 @@ def test_resume_after_an_interruption_gives_the_same_checkpoint(tiny_model_dir, 
     cli.main(tiny_args(tiny_model_dir, tmp_path / "straight", "--epochs", "3"))
 
     calls = {"n": 0}
-    save_partial = training.LayerTrainer.save_partial
+    save_partial = train_layers.LayerTrainer.save_partial
 
     def interrupted(self):
         save_partial(self)
@@ -247,7 +270,7 @@ def test_resume_after_an_interruption_gives_the_same_checkpoint(tiny_model_dir, 
         if calls["n"] == 4:  # layer 0 is done (3 epochs), layer 1 has finished its first epoch
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training.LayerTrainer, "save_partial", interrupted)
+    monkeypatch.setattr(train_layers.LayerTrainer, "save_partial", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cli.main(tiny_args(tiny_model_dir, tmp_path / "resumed", "--epochs", "3"))
     monkeypatch.undo()
@@ -264,7 +287,7 @@ def test_resuming_with_another_configuration_is_refused(tiny_model_dir, tmp_path
     def interrupted(self):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training.LayerTrainer, "save_partial", interrupted)
+    monkeypatch.setattr(train_layers.LayerTrainer, "save_partial", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cli.main(tiny_args(tiny_model_dir, tmp_path / "ckpt", "--epochs", "1"))
     monkeypatch.undo()
