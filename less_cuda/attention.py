@@ -79,8 +79,8 @@ def less_attention(
     returned); attention_mask the boolean sdpa mask [B, 1, T, kv_len] or None. Returns (out [B, T, Hq, D], None).
 
     With a LessLayer, the first call of a generation is the prompt: its output is exact causal attention (under
-    H2O from `prefill_attention`, whose one pass also gives the column sums the layer ranks tokens by; sdpa under
-    Λ), then the layer compresses the prompt. Every later call goes through the layer's decode step.
+    H2O from `prefill_attention`, whose one pass also gives the scores the layer ranks tokens by; sdpa under Λ),
+    then the layer compresses the prompt. Every later call goes through the layer's decode step.
     """
     layer = _claim(key)
     if layer is None:
@@ -90,10 +90,10 @@ def less_attention(
     B, _, T, _ = query.shape
     valid = _real_tokens(attention_mask, B, T, query.device)
     if not layer.is_prefilled:
-        # H2O ranks the prompt's tokens by their attention columns: one pass yields the output and those sums. Logit
-        # softcaps and position biases are sdpa's to handle (or refuse), as before.
+        # H2O ranks the prompt's tokens by their attention columns (all rows', or the last window's): one pass yields
+        # the output and those scores. Logit softcaps and position biases are sdpa's to handle (or refuse), as before.
         if layer.policy.kind == "h2o" and kwargs.get("softcap") is None and kwargs.get("position_bias") is None:
-            out, scores = prefill_attention(query, key, value, valid, scale)
+            out, scores = prefill_attention(query, key, value, valid, scale, window=layer.policy.score_window)
             layer.prefill(query, key, value, valid, scale, scores=scores)
             return out.transpose(1, 2), None
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scale, **kwargs)

@@ -8,11 +8,12 @@ machinery with R = 0 (no feature maps, an empty state that attention ignores exa
 Positions given to the policy are each real token's index among the real tokens of its row
 (`slots.token_positions`), so left padding shifts nothing; pad tokens are never attended, scored, kept or folded.
 
-A prompt fed to a fresh cache in one forward call is compressed at once (exact attention, H2O column sums, keep
-the recent and top-scoring tokens, fold the rest). Chunked prefill in that sense is not offered: the selection needs
-the attention columns of the whole prompt, and a chunk cannot know them. Tokens that arrive in later calls (decode,
-generate's `prefill_chunk_size`, continuing a conversation) stream through the decode rule one at a time, which is
-the contract's streaming form of the same policy; a fractional budget is resolved on the first call's length.
+A prompt fed to a fresh cache in one forward call is compressed at once (exact attention, H2O scores — column sums
+or the attention of the prompt's last query rows, `Policy.prefill_scores` —, keep the recent and top-scoring tokens,
+fold the rest). Chunked prefill in that sense is not offered: the selection needs the attention columns of the whole
+prompt, and a chunk cannot know them. Tokens that arrive in later calls (decode, generate's `prefill_chunk_size`,
+continuing a conversation) stream through the decode rule one at a time, which is the contract's streaming form of
+the same policy; a fractional budget is resolved on the first call's length.
 
 One cache, one batch of sequences, one thread at a time: `LessCache` refuses a second thread's forward while one is
 running, and a `generate` call whose input does not continue the sequences it holds (see its docstring).
@@ -113,17 +114,18 @@ class LessLayer(CacheLayerMixin):
     ) -> None:
         """Compress a prompt into the slots and the state. q [B, Hq, T, D]; k, v [B, Hkv, T, D]; valid [B, T] bool.
 
-        H2O scores are the column sums of the prompt's causal attention, scores [B, Hkv, T] fp32: the attention
-        function passes those of its own pass (`prefill.prefill_attention`); without them they are computed here.
-        Λ needs none. The policy keeps `budget` tokens per row and KV head; every other real token is folded into
-        H, z in one call.
+        H2O scores rank the prompt's tokens, scores [B, Hkv, T] fp32: the column sums of the prompt's causal
+        attention, or under `Policy.prefill_scores` "window" those of its last `prefill_window` query rows
+        (`prefill.prefill_attention` with `Policy.score_window`). The attention function passes those of its own
+        pass; without them they are computed here. Λ needs none. The policy keeps `budget` tokens per row and KV
+        head; every other real token is folded into H, z in one call.
         """
         self.awaiting_attention = False
         B, Hkv, T, _ = k.shape
         self.resolved = self.policy.resolve(int(valid.sum(dim=-1).max()))
         if self.resolved.policy_id == reference.H2O:
             if scores is None:
-                scores = prefill_attention(q, k, v, valid, scale)[1]
+                scores = prefill_attention(q, k, v, valid, scale, window=self.resolved.prefill_window)[1]
         else:  # Λ orders evictions by position alone
             scores = torch.zeros(B, Hkv, T, dtype=torch.float32, device=k.device)
         self.slots = compress_prompt(k, v, self._psi(k), valid, scores, self.resolved)

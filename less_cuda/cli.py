@@ -21,6 +21,7 @@ from .train_config import DTYPE_NAMES, TrainConfig
 EVAL_METHODS = ("full", "sparse", "baseline_plus", "less")  # evaluate.METHODS, without importing torch
 EVAL_FORMS = ("parallel", "streaming", "prefill")  # evaluate.FORMS
 PASSKEY_METHODS = ("full", "sparse", "less")
+PREFILL_SCORES = ("sum", "window")  # policy.PREFILL_SCORES, without importing torch
 
 
 def parse_budget(text: str) -> Union[int, float]:
@@ -99,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
                                           "retrieval accuracy")
     _add_model_arguments(ev, defaults)
     _add_policy_arguments(ev, defaults, several=True)
+    ev.add_argument("--prefill-scores", default=None, choices=PREFILL_SCORES,
+                    help="H2O: rank a prompt's tokens at prefill by the attention column sums over the whole prompt "
+                         "(sum) or by the attention of its last --prefill-window query rows (window, as SnapKV); "
+                         "default: the policy's, sum")
+    ev.add_argument("--prefill-window", type=int, default=None,
+                    help="H2O with --prefill-scores window: the query rows scored (default: the policy's, 8)")
     ev.add_argument("--task", default="perplexity", choices=["perplexity", "passkey"])
     ev.add_argument("--budgets", "--budget", type=comma_list(parse_budget), default=[defaults["budget"]],
                     help=budget_help + "; several comma-separated give a sweep")
@@ -173,12 +180,17 @@ def _checkpoints(args: argparse.Namespace, model) -> dict[str, Optional[str]]:
 
 def run_eval(args: argparse.Namespace) -> None:
     from .models import DTYPES, load_model
+    from .policy import Policy
 
     methods = _methods(args, EVAL_METHODS if args.task == "perplexity" else PASSKEY_METHODS)
     if args.plot and not args.output:
         raise SystemExit("--plot draws the results file: give --output RESULTS.json")
     if args.task == "perplexity" and args.data is None:
         raise SystemExit("the perplexity task needs --data (a text file or a dataset name)")
+    try:
+        Policy(**_prefill_options(args))  # a bad --prefill-window fails before the model loads
+    except ValueError as error:
+        raise SystemExit(f"--prefill-window: {error}") from None
     model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.gguf_file)
     checkpoints = _checkpoints(args, model)
     if {"less", "baseline_plus"} & set(methods):  # Baseline+ is sized by the state's bytes
@@ -195,6 +207,12 @@ def run_eval(args: argparse.Namespace) -> None:
         from .plots import plot_file
 
         print(f"plot written to {plot_file(args.output)}")
+
+
+def _prefill_options(args: argparse.Namespace) -> dict:
+    """--prefill-scores and --prefill-window as `Policy` keyword arguments; one not given keeps the policy's default."""
+    given = {"prefill_scores": args.prefill_scores, "prefill_window": args.prefill_window}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _run_settings(args: argparse.Namespace) -> dict:
@@ -224,7 +242,7 @@ def _perplexity_results(args, model, tokenizer, checkpoints, methods) -> dict:
     for kind, checkpoint in checkpoints.items():
         feature_maps = load_feature_maps(model, checkpoint, kind) if checkpoint is not None else None
         for budget in args.budgets:
-            policy = Policy(kind=kind, budget=budget, recent=args.recent, sinks=args.sinks)
+            policy = Policy(kind=kind, budget=budget, recent=args.recent, sinks=args.sinks, **_prefill_options(args))
             result = compare(model, sequences, policy, feature_maps, args.batch_size,
                              tuple(m for m in methods if m not in full), args.form, prompt_length,
                              checkpoint_label(checkpoint) if checkpoint is not None else None)
@@ -243,7 +261,8 @@ def _passkey_results(args, model, tokenizer, checkpoints, methods) -> dict:
     for kind, checkpoint in checkpoints.items():  # the press loads the checkpoint; the report names it
         runs.append(evaluate_passkey(model, tokenizer, args.lengths, args.depths, args.budgets, policy=kind,
                                      methods=methods, feature_maps=checkpoint if "less" in methods else None,
-                                     trials=args.trials, seed=args.seed, filler=args.filler))
+                                     trials=args.trials, seed=args.seed, filler=args.filler,
+                                     **_prefill_options(args)))
     # One results file for all policies; the full cache does not depend on the policy, so it is kept once.
     results = runs[0]
     for run in runs[1:]:

@@ -202,7 +202,11 @@ class Comparison:
                  "less": "LESS"}
         scope = (f"the {self.length - self.budget_length} tokens after a {self.budget_length}-token prompt"
                  if self.form == "prefill" else f"{self.length} tokens")
-        lines = [f"{self.form} form, {self.policy.kind}, budget {self.budget_tokens} tokens; scored: {scope}",
+        window = self.policy.score_window
+        ranked = ""  # only the prefill form compresses a prompt, and only H2O ranks its tokens by scores
+        if self.form == "prefill" and self.policy.kind == "h2o":
+            ranked = f", prompt ranked by {'column sums' if window is None else f'the last {window} rows'}"
+        lines = [f"{self.form} form, {self.policy.kind}{ranked}, budget {self.budget_tokens} tokens; scored: {scope}",
                  f"{'method':<24} {'perplexity':>10}"]
         lines += [f"{names[m]:<24} {self.perplexity[m]:>10.3f}" for m in METHODS if m in self.perplexity]
         for reference_method, closed in self.gap_closed.items():

@@ -22,7 +22,7 @@ from .attention import keep_attention_implementation
 from .cache import LessCache, model_layout
 from .checkpoints import find_checkpoint
 from .feature_maps import FeatureMaps
-from .policy import Policy
+from .policy import DEFAULT_PREFILL_SCORES, DEFAULT_PREFILL_WINDOW, Policy
 
 
 def load_feature_maps(
@@ -78,6 +78,10 @@ class LessPress:
         lowrank: True for LESS (every evicted token is folded into the rank-R state); False for the sparse-only
             baseline of the same policy, which needs no feature maps.
         rank: if given, the rank the feature maps must have.
+        prefill_scores: H2O only: how the prompt's tokens are ranked at prefill, "sum" (attention column sums over
+            the whole prompt) or "window" (attention from its last `prefill_window` query rows, as SnapKV); see
+            `Policy`. Any checkpoint of the policy kind serves both: the feature maps are fitted on the decode rule.
+        prefill_window: H2O with "window": the query rows scored.
 
     Malformed settings raise ValueError here; feature maps for another model, policy kind or rank, or no shipped
     checkpoint, raise it when the press meets the model; feature maps fitted for a budget more than 2x from this one
@@ -94,15 +98,20 @@ class LessPress:
         sinks: int = 4,
         lowrank: bool = True,
         rank: Optional[int] = None,
+        prefill_scores: str = DEFAULT_PREFILL_SCORES,
+        prefill_window: int = DEFAULT_PREFILL_WINDOW,
     ):
-        self.policy = Policy(kind=policy, budget=budget, recent=recent, sinks=sinks)
+        self.policy = Policy(kind=policy, budget=budget, recent=recent, sinks=sinks, prefill_scores=prefill_scores,
+                             prefill_window=prefill_window)
         if not lowrank and feature_maps is not None:
             raise ValueError("feature_maps were given with lowrank=False, which asks for the sparse-only baseline")
         self.feature_maps, self.lowrank, self.rank = feature_maps, lowrank, rank
 
     def __repr__(self) -> str:
         p = self.policy
-        kept = f"recent={p.recent}" if p.kind == "h2o" else f"sinks={p.sinks}"
+        kept = f"recent={p.recent}, prefill_scores={p.prefill_scores!r}" if p.kind == "h2o" else f"sinks={p.sinks}"
+        if p.score_window is not None:
+            kept += f", prefill_window={p.prefill_window}"
         return f"LessPress(policy={p.kind!r}, budget={p.budget}, {kept}, lowrank={self.lowrank})"
 
     def feature_maps_for(self, model: PreTrainedModel) -> Optional[FeatureMaps]:
@@ -151,10 +160,12 @@ def apply(
     sinks: int = 4,
     lowrank: bool = True,
     rank: Optional[int] = None,
+    prefill_scores: str = DEFAULT_PREFILL_SCORES,
+    prefill_window: int = DEFAULT_PREFILL_WINDOW,
 ) -> ContextManager[PreTrainedModel]:
     """The one-line form of `LessPress(...)(model)`; the arguments are LessPress's:
 
         with less_cuda.apply(model, policy="h2o", budget=0.05):
             out = model.generate(**inputs, max_new_tokens=64)
     """
-    return LessPress(policy, budget, feature_maps, recent, sinks, lowrank, rank)(model)
+    return LessPress(policy, budget, feature_maps, recent, sinks, lowrank, rank, prefill_scores, prefill_window)(model)

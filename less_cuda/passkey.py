@@ -32,7 +32,7 @@ from .cache import model_layout
 from .checkpoints import checkpoint_label, find_checkpoint
 from .feature_maps import FeatureMaps
 from .integration import apply, load_feature_maps
-from .policy import POLICY_IDS, Policy
+from .policy import DEFAULT_PREFILL_SCORES, DEFAULT_PREFILL_WINDOW, POLICY_IDS, Policy
 
 METHODS = ("full", "sparse", "less")
 """full: the model's own cache; sparse: the policy alone (`apply(..., lowrank=False)`); less: the policy plus the
@@ -238,6 +238,8 @@ def evaluate_passkey(
     seed: int = 0,
     filler: Union[str, Path, None] = None,
     needle: Optional[Needle] = None,
+    prefill_scores: str = DEFAULT_PREFILL_SCORES,
+    prefill_window: int = DEFAULT_PREFILL_WINDOW,
 ) -> dict:
     """Passkey accuracy of `model` over context lengths × depths, for the full cache once per cell and for each
     compressed method at each budget. Trial t of every cell uses the sample of seed `seed + t`.
@@ -249,19 +251,20 @@ def evaluate_passkey(
         feature_maps: for "less": a `FeatureMaps`, a checkpoint directory, or None for the checkpoint shipped for
             the model and policy.
         filler, needle: as `PasskeyPrompts` takes them.
+        prefill_scores, prefill_window: how H2O ranks the prompt's tokens at prefill (`Policy`; Λ ignores them).
 
     Returns a JSON-able report:
         {"kind": "passkey", "model": name_or_path, "package_version": str,
          "settings": {"policy", "budgets", "context_lengths", "depths", "trials", "seed", "filler", "needle",
-                      "feature_maps": checkpoint path or name, or None},
+                      "prefill_scores", "prefill_window", "feature_maps": checkpoint path or name, or None},
          "results": [{"method": "full" | "sparse" | "less", "policy": "h2o" | "lambda" | None (full),
                       "budget": as given | None (full), "context_length": int, "depth": float,
                       "accuracy": float in [0, 1], "trials": int}, ...]}
     with rows ordered by context length, depth, then full, then each budget's methods.
 
     Raises ValueError, naming the argument, for an empty list, a depth outside [0, 1], a context length too short
-    for the prompt's fixed parts, an unknown method, a budget the policy cannot use at some length, or trials < 1;
-    all before any generation.
+    for the prompt's fixed parts, an unknown method, a budget the policy cannot use at some length, a bad prefill
+    setting, or trials < 1; all before any generation.
     """
     for name, values in (("context_lengths", context_lengths), ("depths", depths), ("methods", methods)):
         if len(values) == 0:
@@ -276,10 +279,12 @@ def evaluate_passkey(
         raise ValueError(f"budgets is empty, and methods {compressed} need at least one")
     if trials < 1:
         raise ValueError(f"trials must be at least 1, got {trials}")
+    prefill = {"prefill_scores": prefill_scores, "prefill_window": prefill_window}
+    Policy(kind=policy, **prefill)  # a bad prefill setting raises here, naming the field
     for budget in budgets if compressed else ():
         for length in context_lengths:  # a fraction resolves against the prompt length, as apply does
             try:
-                Policy(kind=policy, budget=budget).resolve(length)
+                Policy(kind=policy, budget=budget, **prefill).resolve(length)
             except (TypeError, ValueError) as error:  # TypeError: neither an int nor a float
                 raise ValueError(f"budgets: {budget!r} at context length {length}: {error}") from error
 
@@ -303,7 +308,7 @@ def evaluate_passkey(
                     accuracy = _accuracy(model, tokenizer, samples)
                 else:
                     options = {"feature_maps": maps} if method == "less" else {"lowrank": False}
-                    with apply(model, policy=policy, budget=budget, **options):
+                    with apply(model, policy=policy, budget=budget, **options, **prefill):
                         accuracy = _accuracy(model, tokenizer, samples)
                 results.append({
                     "method": method, "policy": None if method == "full" else policy, "budget": budget,
@@ -313,7 +318,7 @@ def evaluate_passkey(
 
     settings = {
         "policy": policy, "budgets": list(budgets), "context_lengths": list(context_lengths), "depths": list(depths),
-        "trials": trials, "seed": seed, "filler": prompts.filler_description,
+        "trials": trials, "seed": seed, "filler": prompts.filler_description, **prefill,
         "needle": {"text": prompts.needle.text, "question": prompts.needle.question, "answer": prompts.needle.answer},
         "feature_maps": _checkpoint_name(model, feature_maps, policy) if "less" in methods else None,
     }
@@ -334,8 +339,13 @@ def format_table(results: dict) -> str:
         lines.setdefault(key, {})[r["depth"]] = r["accuracy"]
     header = (f"{'method':<8} {'policy':<7} {'budget':>7} {'length':>7} " + " ".join(f"{d:>6.2f}" for d in depths)
               + f" {'mean':>6}")
+    settings = results["settings"]
+    prefill = ""
+    if any(r["policy"] == "h2o" for r in rows):
+        window = f" of the last {settings['prefill_window']} rows" if settings["prefill_scores"] == "window" else ""
+        prefill = f", H2O prefill scores: {settings['prefill_scores']}{window}"
     out = [
-        f"passkey accuracy, {results['model']}, {results['settings']['trials']} trials per cell (columns: needle depth)",
+        f"passkey accuracy, {results['model']}, {settings['trials']} trials per cell{prefill} (columns: needle depth)",
         header,
     ]
     order = sorted(lines.items(), key=lambda kv: (kv[0][0], METHODS.index(kv[0][1])))  # stable: budgets as given

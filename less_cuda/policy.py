@@ -10,6 +10,16 @@ from typing import Optional, Union
 from .reference import H2O, LAMBDA
 
 POLICY_IDS = {"h2o": H2O, "lambda": LAMBDA}
+PREFILL_SCORES = ("sum", "window")
+"""How H2O ranks a prompt's tokens at prefill: "sum", the column sums of the whole prompt's attention; "window",
+the attention of the prompt's last `prefill_window` query rows, max-pooled over positions
+(`reference.prefill_window_scores`)."""
+DEFAULT_PREFILL_SCORES = "sum"
+"""H2O's own rule stays the default: "window" finds a passkey that "sum" never keeps, but on plain text (WikiText-2,
+prefill form, SmolLM2, 5%) it cost the sparse policy 10-15% perplexity (LESS 2-4%); README, Passkey."""
+DEFAULT_PREFILL_WINDOW = 8
+"""W: on SmolLM2 passkey prompts the last 8 rows kept the key where 32 did not; more rows add text before the
+question, whose attention outweighs the question's own."""
 
 
 def policy_id(policy: Union[int, str]) -> int:
@@ -34,12 +44,19 @@ class Policy:
             During a step the new token takes one extra slot, so a layer holds budget + 1 slots.
     recent: H2O only: newest tokens always kept (int, or a fraction of the resolved budget); default half.
     sinks:  Λ only: first tokens always kept; the other budget - sinks slots hold the newest tokens.
+    prefill_scores: H2O only: how a prompt's tokens are ranked at prefill, "sum" (attention column sums over the
+            whole prompt, H2O's own rule) or "window" (attention from the prompt's last `prefill_window` query rows,
+            as SnapKV: what the end of the prompt asks for). Both are also the kept tokens' starting scores for
+            decoding. Λ ignores both prefill fields (it orders by position), as it ignores `recent`.
+    prefill_window: H2O with "window": W, the query rows scored; a prompt shorter than W is scored by all its rows.
     """
 
     kind: str = "h2o"
     budget: Union[int, float] = 0.05
     recent: Optional[Union[int, float]] = None
     sinks: int = 4
+    prefill_scores: str = DEFAULT_PREFILL_SCORES
+    prefill_window: int = DEFAULT_PREFILL_WINDOW
 
     def __post_init__(self) -> None:
         if self.kind not in POLICY_IDS:
@@ -60,6 +77,12 @@ class Policy:
             self.recent < 0 or (isinstance(self.recent, float) and self.recent >= 1.0)
         ):
             raise ValueError(f"recent must be a count >= 0 or a fraction in [0, 1), got {self.recent}")
+        if self.prefill_scores not in PREFILL_SCORES:
+            raise ValueError(f"prefill_scores must be one of {list(PREFILL_SCORES)}, got {self.prefill_scores!r}")
+        if isinstance(self.prefill_window, bool) or not isinstance(self.prefill_window, int):
+            raise TypeError(f"prefill_window must be an int (query rows), got {self.prefill_window!r}")
+        if self.prefill_window < 1:
+            raise ValueError(f"prefill_window must be at least 1 query row, got {self.prefill_window}")
         if isinstance(self.budget, int):
             self.resolve(self.budget)  # token counts do not depend on the prompt: reject bad ones now
 
@@ -72,6 +95,12 @@ class Policy:
             needed += 1
         return ValueError(f"{problem}: a budget of {self.budget:g} of a {length}-token prompt is too small; the "
                           f"prompt needs at least {needed} tokens, or give the budget as a token count")
+
+    @property
+    def score_window(self) -> Optional[int]:
+        """The query rows H2O's prefill ranks a prompt's tokens by: the last `prefill_window` under "window", None
+        for all of them (the column sums) under "sum" and under Λ, which ranks by position."""
+        return self.prefill_window if self.kind == "h2o" and self.prefill_scores == "window" else None
 
     def resolve(self, length: int) -> "ResolvedPolicy":
         """Token counts for a prompt (or training sequence) of `length` tokens."""
@@ -86,7 +115,7 @@ class Policy:
             if recent >= budget:
                 raise self._too_small(length, f"H2O needs budget > recent to keep any heavy hitter: budget {budget}, "
                                               f"recent {recent}", recent)
-            return ResolvedPolicy(POLICY_IDS["h2o"], budget, recent, 0)
+            return ResolvedPolicy(POLICY_IDS["h2o"], budget, recent, 0, self.score_window)
         if self.sinks >= budget:
             raise self._too_small(length, f"Λ needs budget > sinks to keep any recent token: budget {budget}, sinks "
                                           f"{self.sinks}", self.sinks)
@@ -95,12 +124,15 @@ class Policy:
 
 @dataclass(frozen=True)
 class ResolvedPolicy:
-    """What the ops take: policy id (reference.H2O / reference.LAMBDA) and token counts."""
+    """What the ops take: policy id (reference.H2O / reference.LAMBDA) and token counts; and, for the prefill, the
+    query rows H2O ranks a prompt's tokens by: prefill_window W (the last W rows, `prefill.prefill_attention`), or
+    None for the column sums over all of them (and under Λ, which ranks by position)."""
 
     policy_id: int
     budget: int
     recent: int
     sinks: int
+    prefill_window: Optional[int] = None
 
     @property
     def num_slots(self) -> int:

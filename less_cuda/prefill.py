@@ -2,7 +2,9 @@
 the compression of the prompt into slots and state.
 
 `prefill_attention` computes exact causal attention over the prompt and, from the very same probabilities, the H2O
-column sums that `reference.prefill_scores` defines, so compression costs no second attention pass.
+scores the policy ranks the prompt's tokens by: the column sums that `reference.prefill_scores` defines, or the
+window scores of `reference.prefill_window_scores` (the same sums over the last W query rows only, max-pooled), so
+compression costs no second attention pass.
 `compress_prompt` keeps what the policy keeps and folds every other token into H, z; `LessCache` and the vLLM
 plugin both call it.
 
@@ -14,7 +16,8 @@ The work is split into steps of `chunk` query rows and a group of batch rows. A 
 rows can see (0 .. end of the chunk), so the probability block is at most [nb, Hq, chunk, T] and small enough that
 logits, softmax, probs @ v and the column sums run on cached data (`_batch_rows_per_step` sizes the group).
 Per step: 1 matmul for the logits, 1 mask of the causal corner, 1 in-place softmax, 1 matmul for the output and
-1 reduction for the column sums.
+1 reduction for the column sums (window scores: a row-weighted one, a matrix-vector product, only in the steps that
+reach the window).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference, slots
@@ -39,18 +43,20 @@ BLOCK_ELEMS = 1 << 23
 """Largest probability block per step, in elements (32 MiB fp32): caps the batch rows of one step."""
 
 
-def prefill_attention(
-    q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float, chunk: Optional[int] = None
-) -> tuple[Tensor, Tensor]:
-    """Causal attention over a prompt and the H2O column sums of its probabilities, in one pass.
+def prefill_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float, chunk: Optional[int] = None,
+                      window: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Causal attention over a prompt and the H2O scores of its probabilities, in one pass.
 
     q [B, Hq, T, D]; k [B, Hkv, T, D]; v [B, Hkv, T, Dv]; valid [B, T] bool (False on padding); scale the logit
-    scale; chunk query rows per step (None: a per-device default).
+    scale; chunk query rows per step (None: a per-device default); window: None for the column sums, or W >= 1
+    for the window scores (`ResolvedPolicy.prefill_window`).
     Returns out [B, Hq, T, Dv] in q's dtype (a transposed view of a contiguous [B, T, Hq, Dv] tensor, the layout
     transformers wants back) and scores [B, Hkv, T] fp32.
     out: real query rows attend to the real keys at or before them (as sdpa with the causal and padding mask);
     pad query rows are 0. scores: the column sums of those probabilities over query rows and the G query heads of
-    each KV head, 0 on padding (`reference.prefill_scores`). Math in fp32 whatever q's dtype.
+    each KV head (`reference.prefill_scores`), or with a window the same sums over each batch row's last W real
+    query rows only, max-pooled over positions (`reference.prefill_window_scores`); 0 on padding. Math in fp32
+    whatever q's dtype.
     """
     B, Hq, T, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
@@ -73,6 +79,13 @@ def prefill_attention(
     upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu_(1)
     in_place = q.device.type == "cpu"  # the CPU softmax kernel is verified safe in place (tests/test_prefill.py)
     padded = not bool(valid.all())
+    if window is not None:
+        if window < 1:
+            raise ValueError(f"window must be at least 1 query row, got {window}")
+        position = valid.long().cumsum(dim=-1) - 1  # among the row's real tokens
+        in_window = valid & (position >= valid.sum(dim=-1, keepdim=True) - window)  # [B, T]
+        row_weight = in_window.to(torch.float32)
+        first = int(in_window.any(dim=0).to(torch.int8).argmax())  # steps ending before it add nothing
 
     for b0 in range(0, B, nb):
         b1 = min(b0 + nb, B)
@@ -102,10 +115,16 @@ def prefill_attention(
             probs = torch.ops.aten._softmax.out(logits, -1, False, out=logits) if in_place else logits.softmax(-1)
             oc = o_buf[: bh * rows * Dv].view(bh, rows, Dv)
             torch.bmm(probs, v_g[:, :e], out=oc)
-            scores_g[..., :e] += probs.sum(dim=1, keepdim=True)
+            if window is None:
+                scores_g[..., :e] += probs.sum(dim=1, keepdim=True)
+            elif e > first:  # sum the window's rows alone: a 0/1 row vector times the block
+                weight = row_weight[b0:b1, None, None, s:e].expand(n_b, Hkv, G, n).reshape(bh, 1, rows)
+                scores_g[..., :e] += torch.bmm(weight, probs)
             out[b0:b1, s:e].view(n_b, n, Hkv, G, Dv).copy_(oc.view(n_b, Hkv, G, n, Dv).permute(0, 3, 1, 2, 4))
+    if window is not None:  # pad columns hold 0 here (no window row sees one), which a max pool leaves alone
+        scores = F.max_pool1d(scores, reference.WINDOW_POOL, stride=1, padding=reference.WINDOW_POOL // 2)
     if padded:
-        # Pad rows attended to themselves only (see _mask_padding): clear what that left.
+        # Pad rows attended to themselves only (see _mask_padding), and the pool spread into pad columns: clear both.
         out.masked_fill_(~valid[:, :, None, None], 0.0)
         scores.masked_fill_(~valid[:, None, :], 0.0)
     return out.transpose(1, 2), scores
@@ -147,7 +166,10 @@ def compress_prompt(
     k: Tensor, v: Tensor, psi: Tensor, valid: Tensor, scores: Tensor, resolved: ResolvedPolicy
 ) -> slots.SlotCache:
     """A prompt's compressed cache. k, v [B, Hkv, T, D]; psi [B, Hkv, T, R] fp32 (R = 0 without feature maps);
-    valid [B, T] bool; scores [B, Hkv, T] fp32, the H2O column sums (zeros under Λ, which orders by position alone).
+    valid [B, T] bool; scores [B, Hkv, T] fp32, the H2O prefill scores of `resolved.prefill_window` (column sums or
+    window scores, from `prefill_attention`; zeros under Λ, which orders by position alone). The kept tokens start
+    decoding with these scores, so the decode rule goes on ranking by what chose them: had the window's picks
+    started from their column sums instead, a fact seen once would rank lowest and go in the first decode steps.
 
     The policy keeps `resolved.budget` tokens per row and KV head in `resolved.num_slots` slots, in position order;
     every other real token is folded into H, z in one call. Positions count real tokens only.

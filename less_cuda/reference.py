@@ -34,6 +34,10 @@ LAMBDA = 1
 """Policy id (Λ-shaped attention): keep the first `sinks` tokens plus the newest ones."""
 EMPTY = -1
 """Position value of a free slot."""
+WINDOW_POOL = 7
+"""Kernel of the max pool that smooths H2O's window scores at prefill (`prefill_window_scores`): a token within
+WINDOW_POOL // 2 positions of a focus of the window's attention scores as high, so the few tokens of a fact the end
+of the prompt asks for (a number's digits, a name) are kept together rather than only the one attended most."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -179,7 +183,7 @@ def state_fold(psi: Tensor, v: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Prefill: H2O column sums
+# Prefill: H2O scores of a prompt, by the column sums or by the window of its last query rows
 # ---------------------------------------------------------------------------------------------------------------
 def prefill_scores(q: Tensor, k: Tensor, valid: Tensor, scale: float, chunk: int = 128) -> Tensor:
     """H2O scores of a prompt: column sums of its causal attention probabilities.
@@ -205,6 +209,33 @@ def prefill_scores(q: Tensor, k: Tensor, valid: Tensor, scale: float, chunk: int
         probs = logits.mul_(scale).masked_fill_(~allowed[:, None, None], -math.inf).softmax(dim=-1).nan_to_num_(0.0)
         scores[..., :end] += probs.sum(dim=(2, 3))
     return scores
+
+
+def prefill_window_scores(q: Tensor, k: Tensor, valid: Tensor, scale: float, window: int) -> Tensor:
+    """H2O scores of a prompt by what its end asks for (SnapKV): the attention of its last `window` query rows.
+
+    q [B, Hq, T, D], k [B, Hkv, T, D], valid [B, T] bool (False on padding); window W >= 1.
+    A row's window is its last min(W, real tokens) real query rows; their causal attention probabilities are summed
+    over those rows and the G query heads of each KV head (for W >= the prompt, the column sums of
+    `prefill_scores`), then max-pooled over key positions with kernel WINDOW_POOL, stride 1.
+    Returns [B, Hkv, T] fp32; 0 on padding.
+    """
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    position = valid.long().cumsum(dim=-1) - 1  # among the row's real tokens
+    in_window = valid & (position >= valid.sum(dim=-1, keepdim=True) - window)  # [B, T]
+    first = int(in_window.any(dim=0).to(torch.int8).argmax())  # no row before it is in any window (0 if none is)
+    rows = torch.arange(first, T, device=q.device)
+    cols = torch.arange(T, device=q.device)
+    qw = q[:, :, first:].float().reshape(B, Hkv, G * (T - first), D)
+    logits = (qw @ k.float().transpose(-1, -2)).view(B, Hkv, G, T - first, T) * scale
+    allowed = (cols <= rows[:, None])[None] & valid[:, None, :] & in_window[:, first:, None]
+    # A row outside the window (or a pad row) is all -inf: NaN -> 0, it adds nothing.
+    probs = logits.masked_fill(~allowed[:, None, None], -math.inf).softmax(dim=-1).nan_to_num(0.0)
+    summed = probs.sum(dim=(2, 3))
+    pooled = torch.nn.functional.max_pool1d(summed, WINDOW_POOL, stride=1, padding=WINDOW_POOL // 2)
+    return pooled.masked_fill(~valid[:, None, :], 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def prefill_keep(
 ) -> Tensor:
     """Which prompt tokens stay in the slots after prefill.
 
-    scores [B, Hkv, T] fp32 (from `prefill_scores`), valid [B, T] bool.
+    scores [B, Hkv, T] fp32 (`prefill.prefill_attention`: column sums or window scores), valid [B, T] bool.
     Evicts tokens in ascending `eviction_key` order (ties: earliest position first, as in the decode rule) until
     at most `budget` remain. Returns keep [B, Hkv, T] bool; padding is never kept.
     """

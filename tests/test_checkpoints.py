@@ -165,9 +165,11 @@ def test_a_config_that_is_not_a_json_object_names_the_file(tmp_path, text, messa
         (lambda c: c.update(layers=[0, 3]), r"layers \[0, 3\] must be distinct indices below num_layers 3"),
         (lambda c: c["policy"].update(kind="sliding"), "invalid policy .*policy kind must be one of"),
         (lambda c: c["policy"].update(window=4), "invalid policy .*unexpected keyword argument 'window'"),
+        (lambda c: c["policy"].update(prefill_scores="snap"), "invalid policy .*prefill_scores must be one of"),
+        (lambda c: c["policy"].update(prefill_window=0), "invalid policy .*prefill_window must be at least 1"),
     ],
     ids=["no-version", "version", "missing", "unknown", "str-int", "bool-int", "layer-type", "policy-type", "size",
-         "heads", "layer-range", "policy-kind", "policy-field"],
+         "heads", "layer-range", "policy-kind", "policy-field", "prefill-scores", "prefill-window"],
 )
 def test_a_malformed_config_fails_with_a_clear_message(tmp_path, edit, message):
     directory = saved(tmp_path)
@@ -257,6 +259,36 @@ def test_the_shipped_smollm2_checkpoints_match_their_own_budget_silently(kind):
         assert find_checkpoint(SMOLLM2_LAYOUT, kind, 64) is not None  # 64 of 1024 tokens: 1.25x from 5%
     with pytest.warns(UserWarning, match="budget 0.5 is 10.0x from it"):
         find_checkpoint(SMOLLM2_LAYOUT, kind, 0.5)
+
+
+def test_the_shipped_configs_predate_the_prefill_fields():
+    """The configs as shipped record no prefill ranking; they load with Policy's defaults for it."""
+    for kind in ("h2o", "lambda"):
+        directory = find_checkpoint(SMOLLM2_LAYOUT, kind)
+        raw = json.loads((directory / CONFIG_NAME).read_text())
+        assert not {"prefill_scores", "prefill_window"} & raw["policy"].keys()
+        FeatureMaps.from_pretrained(directory).check_compatible(SMOLLM2_LAYOUT, kind)
+
+
+@pytest.mark.parametrize("recorded", [None, {"prefill_scores": "window", "prefill_window": 8}],
+                         ids=["no-field", "window"])
+def test_a_checkpoint_serves_either_prefill_ranking_whatever_it_recorded(shipped, recorded):
+    """The feature maps are fitted on the decode rule, which has no prefill: a checkpoint written before the prefill
+    fields existed, or recording another ranking, is found, loads, and compresses with "sum" and with "window"."""
+    model = tiny_llama()
+    layout = model_layout(model.config)
+    directory = saved(shipped["h2o-5pct"].parent / "d-llama-h2o-5pct", 0.05, **layout,
+                      layers=list(range(layout["num_layers"])))
+    if recorded is not None:
+        edit_config(directory, lambda c: c["policy"].update(recorded))
+    assert FeatureMaps.from_pretrained(directory).config.policy == {
+        "kind": "h2o", "budget": 0.05, "recent": None, "sinks": 4, **(recorded or {})}
+    assert find_checkpoint(layout, "h2o", 0.05) == directory
+    ids, mask = left_padded(prompts(24, 17))
+    for mode in ("sum", "window"):
+        with apply(model, None, policy="h2o", budget=0.1, prefill_scores=mode, prefill_window=4):
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        assert out.shape == (2, ids.shape[1] + 3)
 
 
 def test_results_name_shipped_checkpoints_by_name_and_others_by_path(tmp_path):

@@ -33,6 +33,8 @@ def test_python_dash_m_less_cuda_is_the_command():
     (["eval", "--task", "passkey", "--methods", "baseline_plus"], "unknown methods"),
     (["eval", "--data", "x.txt", "--plot"], "--plot draws the results file"),
     (["eval"], "needs --data"),
+    (["eval", "--task", "passkey", "--prefill-scores", "window", "--prefill-window", "0"],
+     "--prefill-window: prefill_window must be at least 1"),
     (["train", "--data", "x.txt", "--output", "o", "--", "--port", "1"], "no arguments after --"),
 ])
 def test_bad_arguments_fail_before_loading_a_model(argv, message):
@@ -43,3 +45,10 @@ def test_bad_arguments_fail_before_loading_a_model(argv, message):
 def test_budgets_parse_as_counts_fractions_and_percentages():
     assert [cli.parse_budget(t) for t in ("51", "0.05", "5%")] == [51, 0.05, 0.05]
     assert cli.comma_list(cli.parse_budget)("0.02,0.05,64") == [0.02, 0.05, 64]
+
+
+def test_prefill_options_reach_the_policy_only_when_given():
+    parse = cli.build_parser().parse_args
+    args = parse(["eval", "--task", "passkey", "--prefill-scores", "window", "--prefill-window", "8"])
+    assert cli._prefill_options(args) == {"prefill_scores": "window", "prefill_window": 8}
+    assert cli._prefill_options(parse(["eval", "--data", "x.txt"])) == {}  # Policy's defaults apply

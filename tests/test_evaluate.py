@@ -123,6 +123,19 @@ def test_prefill_form_scores_the_continuation(tiny):
     assert everything == pytest.approx(result.perplexity["full"], rel=1e-5)
 
 
+def test_prefill_form_ranks_the_prompt_as_the_policy_says(tiny):
+    """The prefill form's cache takes the policy's prefill ranking: window and sum score differently, and the table
+    and results say which one ran."""
+    model, sequences, feature_maps = tiny
+    results = {mode: compare(model, sequences, Policy("h2o", budget=0.25, prefill_scores=mode, prefill_window=4),
+                             feature_maps, methods=("sparse",), form="prefill", prompt_length=32)
+               for mode in ("sum", "window")}
+    assert results["sum"].perplexity["sparse"] != pytest.approx(results["window"].perplexity["sparse"], rel=1e-6)
+    assert "prompt ranked by column sums" in results["sum"].table()
+    assert "prompt ranked by the last 4 rows" in results["window"].table()
+    assert results["window"].to_json()["policy"]["prefill_scores"] == "window"
+
+
 def test_cache_perplexity_refuses_a_prompt_without_continuation(tiny):
     model, sequences, _ = tiny
     with pytest.raises(ValueError, match="prompt must be 1 to 47 tokens"):

@@ -292,7 +292,10 @@ def test_press_is_apply_and_gives_explicit_caches():
     assert isinstance(cache, LessCache) and cache.feature_maps is feature_maps
     assert torch.equal(generate(model, ids, mask, 6, past_key_values=cache), within)
     assert not torch.equal(generate(model.set_attn_implementation("sdpa") or model, ids, mask, 6), within)
-    assert repr(press) == "LessPress(policy='h2o', budget=6, recent=None, lowrank=True)"
+    assert repr(press) == "LessPress(policy='h2o', budget=6, recent=None, prefill_scores='sum', lowrank=True)"
+    windowed = LessPress(policy="h2o", budget=6, prefill_scores="window", prefill_window=8)
+    assert repr(windowed) == ("LessPress(policy='h2o', budget=6, recent=None, prefill_scores='window', "
+                              "prefill_window=8, lowrank=True)")
 
 
 def test_press_refuses_bad_settings_before_it_meets_a_model():
@@ -348,6 +351,7 @@ def test_layers_less_does_not_own_run_the_models_own_attention(implementation, m
         (dict(policy="h2o", budget=4, recent=4, lowrank=False), "budget > recent"),
         (dict(policy="h2o", budget=1, lowrank=False), "at least 2"),
         (dict(policy="sliding"), "policy kind"),
+        (dict(policy="h2o", prefill_scores="snapkv", lowrank=False), "prefill_scores must be one of"),
         (dict(), "no LESS checkpoint is shipped"),
         (dict(feature_maps="from_another_model"), "does not fit this model"),
         (dict(feature_maps="lambda_feature_maps"), "fitted for policy 'lambda'"),

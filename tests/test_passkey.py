@@ -29,7 +29,8 @@ from less_cuda.passkey import (
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ROW_KEYS = {"method", "policy", "budget", "context_length", "depth", "accuracy", "trials"}
-SETTINGS_KEYS = {"policy", "budgets", "context_lengths", "depths", "trials", "seed", "filler", "needle", "feature_maps"}
+SETTINGS_KEYS = {"policy", "budgets", "context_lengths", "depths", "trials", "seed", "filler", "needle", "feature_maps",
+                 "prefill_scores", "prefill_window"}
 
 
 def toy_tokenizer(bos_first: bool) -> PreTrainedTokenizerFast:
@@ -147,6 +148,8 @@ def test_sample_refuses_bad_arguments(tokenizer, length, depth, match):
         ({"policy": "lambda", "budgets": [0.05], "context_lengths": [60]}, "budgets"),  # 3 tokens, not above 4 sinks
         ({"policy": "lru"}, "policy"),
         ({"trials": 0}, "trials"),
+        ({"prefill_scores": "snapkv"}, "prefill_scores"),
+        ({"prefill_window": 0}, "prefill_window"),
     ],
 )
 def test_evaluate_refuses_bad_arguments_before_running_the_model(tokenizer, override, match):
@@ -217,6 +220,25 @@ def test_evaluate_on_a_tiny_model_follows_the_schema():
     assert len(table) == 2 + len(lengths) * (1 + 2 * len(budgets))  # title, header, one line per method/budget/length
     assert table[1].split() == ["method", "policy", "budget", "length", "0.00", "1.00", "mean"]
     assert table[2].split()[:4] == ["full", "-", "-", "96"]
+
+
+def test_the_prefill_ranking_reaches_every_compressed_run_and_the_report(monkeypatch):
+    import less_cuda.passkey
+
+    tokenizer = toy_tokenizer(bos_first=False)
+    model = tiny_llama(len(tokenizer))
+    presses, apply = [], less_cuda.passkey.apply
+
+    def recording_apply(*args, **kwargs):
+        presses.append(kwargs)
+        return apply(*args, **kwargs)
+
+    monkeypatch.setattr(less_cuda.passkey, "apply", recording_apply)
+    report = evaluate_passkey(model, tokenizer, [96], [0.5], [16], policy="h2o", methods=("full", "sparse"), trials=1,
+                              prefill_scores="window", prefill_window=6)
+    assert len(presses) == 1 and (presses[0]["prefill_scores"], presses[0]["prefill_window"]) == ("window", 6)
+    assert (report["settings"]["prefill_scores"], report["settings"]["prefill_window"]) == ("window", 6)
+    assert "H2O prefill scores: window of the last 6 rows" in format_table(report).splitlines()[0]
 
 
 @pytest.mark.smollm2

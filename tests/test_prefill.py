@@ -1,12 +1,13 @@
 """prefill_attention: its output against torch's sdpa with the causal and padding mask, its column sums against
-reference.prefill_scores, and a LessCache prefill that now takes its H2O scores from the attention pass."""
+reference.prefill_scores and its window scores against reference.prefill_window_scores, the policy's prefill fields,
+and a LessCache prefill that takes its H2O scores from the attention pass."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from helpers import assert_close_ratio
+from helpers import assert_close_ratio, error_ratio
 from less_cuda import prefill as prefill_module
 from less_cuda import reference as ref
 from less_cuda import slots
@@ -62,18 +63,43 @@ def test_output_is_sdpa_and_scores_are_the_reference_column_sums(heads, padding,
     assert scores.masked_select(~valid[:, None, :]).eq(0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("padding", ["none", "left", "empty_row"])
+@pytest.mark.parametrize("heads", HEADS.values(), ids=HEADS.keys())
+@pytest.mark.parametrize(
+    "T,chunk,window",
+    [(37, 8, 5), (50, None, 1), (16, 16, 100), (40, 8, 13), (3, None, 32)],
+    ids=["T37c8W5", "T50W1", "T16W100", "T40c8W13", "T3W32"],
+)
+def test_window_scores_are_the_reference_window_scores(heads, padding, dtype, T, chunk, window):
+    """The last-rows scores of the one attention pass, for windows inside the prompt, of one row, and longer than the
+    prompt (or than a left-padded row's real tokens); the output is sdpa's whatever the scores."""
+    Hq, Hkv = heads
+    B, D, scale = 3, 16, 0.3
+    q, k, v = qkv(B, Hq, Hkv, T, D, dtype, seed=7)
+    valid = make_valid(B, T, padding)
+    out, scores = prefill_attention(q, k, v, valid, scale, chunk=chunk, window=window)
+    assert_close_ratio(out, sdpa_expected(q, k, v, valid, scale), what="output")
+    expected = ref.prefill_window_scores(q, k, valid, scale, window)
+    assert_close_ratio(scores, expected, dtype=torch.float32, what="window scores")
+    assert scores.masked_select(~valid[:, None, :]).eq(0).all()
+    if window < T:  # the scores do tell the window from the whole prompt
+        assert error_ratio(scores, ref.prefill_scores(q, k, valid, scale)) > 0.1
+
+
 @pytest.mark.parametrize("padding", ["none", "left", "empty_row"])
 @pytest.mark.parametrize("nb", [1, 2, 3])
-def test_batch_groups_and_chunks_do_not_change_the_result(padding, nb, monkeypatch):
+@pytest.mark.parametrize("window", [None, 6], ids=["sum", "window"])
+def test_batch_groups_and_chunks_do_not_change_the_result(padding, nb, window, monkeypatch):
     """Steps over nb batch rows at a time and any chunk of query rows give the same answer as one big step."""
     B, Hq, Hkv, T, D = 5, 6, 2, 41, 8
     q, k, v = qkv(B, Hq, Hkv, T, D, torch.float32, seed=3)
     valid = make_valid(B, T, padding)
     monkeypatch.setattr(prefill_module, "_batch_rows_per_step", lambda *args: B)
-    whole_out, whole_scores = prefill_attention(q, k, v, valid, 0.25, chunk=T)
+    whole_out, whole_scores = prefill_attention(q, k, v, valid, 0.25, chunk=T, window=window)
     monkeypatch.setattr(prefill_module, "_batch_rows_per_step", lambda *args: nb)
     for chunk in (1, 5, 32):
-        out, scores = prefill_attention(q, k, v, valid, 0.25, chunk=chunk)
+        out, scores = prefill_attention(q, k, v, valid, 0.25, chunk=chunk, window=window)
         assert_close_ratio(out, whole_out, what=f"output, chunk {chunk}")
         assert_close_ratio(scores, whole_scores, what=f"scores, chunk {chunk}")
 
@@ -95,10 +121,20 @@ def test_strided_inputs_as_transformers_hands_them_over():
     assert_close_ratio(scores, ref.prefill_scores(q, k, valid, 0.3), what="scores")
 
 
-def test_less_cache_prefill_keeps_the_slots_of_the_reference_scores(monkeypatch):
+def reference_scores(policy: Policy, q, k, valid, scale):
+    """The H2O prefill scores `policy` ranks a prompt by, from the reference."""
+    if policy.prefill_scores == "window":
+        return ref.prefill_window_scores(q, k, valid, scale, policy.prefill_window)
+    return ref.prefill_scores(q, k, valid, scale)
+
+
+@pytest.mark.parametrize("policy", [Policy("h2o", budget=6), Policy("h2o", budget=6, prefill_scores="window",
+                                                                    prefill_window=4)], ids=["sum", "window"])
+def test_less_cache_prefill_keeps_the_slots_of_the_reference_scores(policy, monkeypatch):
     """One forward over a left-padded prompt into a LessCache (H2O, low-rank): its logits are those of a full cache,
-    each layer's kept positions are exactly those that reference.prefill_scores selects, and attention runs once per
-    layer (the layer is handed the scores and computes none)."""
+    each layer's kept positions are exactly those that the reference scores of the policy's prefill_scores select,
+    the kept tokens start decoding with those scores, and attention runs once per layer (the layer is handed the
+    scores and computes none)."""
     model = tiny_llama()
     feature_maps = random_feature_maps(model, "h2o")
     calls = []
@@ -115,7 +151,7 @@ def test_less_cache_prefill_keeps_the_slots_of_the_reference_scores(monkeypatch)
     ids, mask = left_padded(prompts(23, 15, 19))
     with torch.no_grad():
         full_logits = model(ids, attention_mask=mask).logits
-        cache = LessCache(model, feature_maps, Policy("h2o", budget=6))
+        cache = LessCache(model, feature_maps, policy)
         logits = model(ids, attention_mask=mask, past_key_values=cache).logits
     real = mask.bool()
     assert_close_ratio(logits[real], full_logits[real], what="logits")
@@ -124,7 +160,7 @@ def test_less_cache_prefill_keeps_the_slots_of_the_reference_scores(monkeypatch)
     assert len(calls) == len(cache.layers)
     for (layer_idx, q, k, v, scale), layer in zip(calls, cache.layers):
         args = layer.resolved.as_args()
-        scores = ref.prefill_scores(q, k, valid, scale)
+        scores = reference_scores(policy, q, k, valid, scale)
         keep = slots.prefill_keep(scores, valid, *args)
         positions = slots.token_positions(valid)[:, None].expand(k.shape[:3])
         *_, slot_scores, slot_pos, index = slots.gather_tokens(keep, args[1] + 1, k, v, scores, positions)
@@ -138,15 +174,17 @@ def test_less_cache_prefill_keeps_the_slots_of_the_reference_scores(monkeypatch)
     assert (cache.layers[0].slots.pos >= 0).sum(-1).eq(6).all()  # the budget was applied
 
 
-def test_a_layer_given_no_scores_computes_the_same_ones():
+@pytest.mark.parametrize("policy", [Policy("h2o", budget=4), Policy("h2o", budget=4, prefill_scores="window",
+                                                                    prefill_window=3)], ids=["sum", "window"])
+def test_a_layer_given_no_scores_computes_the_same_ones(policy):
     model = tiny_llama()
     B, T = 2, 12
     q, k, v = qkv(B, 4, 2, T, 16, torch.float32, seed=5)
     valid = make_valid(B, T, "left")
-    given, alone = (LessCache(model, None, Policy("h2o", budget=4)).layers[0] for _ in range(2))
+    given, alone = (LessCache(model, None, policy).layers[0] for _ in range(2))
     for layer in (given, alone):
         layer.lazy_initialization(k, v)
-    given.prefill(q, k, v, valid, 0.25, scores=ref.prefill_scores(q, k, valid, 0.25))
+    given.prefill(q, k, v, valid, 0.25, scores=reference_scores(policy, q, k, valid, 0.25))
     alone.prefill(q, k, v, valid, 0.25)
     assert torch.equal(alone.slots.pos, given.slots.pos)
     assert_close_ratio(alone.slots.scores, given.slots.scores, what="scores")
@@ -163,3 +201,67 @@ def test_steps_take_enough_batch_rows_to_share_out_over_the_threads():
         assert prefill_module._batch_rows_per_step(8, 3, prefill_module.BLOCK_ELEMS, cpu) == 1  # the block cap
     finally:
         torch.set_num_threads(threads)
+
+
+def test_window_and_sum_keep_different_tokens_of_the_same_prompt():
+    """The selection follows the scores: on a prompt whose last rows attend elsewhere than the whole prompt does,
+    "window" keeps other heavy hitters than "sum" (else the tests above could not tell the two apart)."""
+    model = tiny_llama()
+    ids, mask = left_padded(prompts(40, 33))
+    kept = {}
+    for mode in ("sum", "window"):
+        cache = LessCache(model, None, Policy("h2o", budget=8, prefill_scores=mode, prefill_window=2))
+        with torch.no_grad():
+            model(ids, attention_mask=mask, past_key_values=cache)
+        kept[mode] = torch.stack([layer.slots.pos for layer in cache.layers])
+    assert not torch.equal(kept["sum"], kept["window"])
+
+
+def test_a_prompt_within_the_budget_is_kept_whole_whatever_the_scores():
+    model = tiny_llama()
+    ids, mask = left_padded(prompts(7, 5))
+    for mode in ("sum", "window"):
+        cache = LessCache(model, None, Policy("h2o", budget=8, prefill_scores=mode, prefill_window=1))
+        with torch.no_grad():
+            model(ids, attention_mask=mask, past_key_values=cache)
+        for layer in cache.layers:
+            held = (layer.slots.pos >= 0).sum(-1)
+            assert held.tolist() == [[7] * held.shape[1], [5] * held.shape[1]], mode
+
+
+@pytest.mark.parametrize(
+    "fields,error,message",
+    [
+        (dict(prefill_scores="snapkv"), ValueError, r"prefill_scores must be one of \['sum', 'window'\]"),
+        (dict(prefill_scores="window", prefill_window=0), ValueError, "prefill_window must be at least 1"),
+        (dict(prefill_window=-3), ValueError, "prefill_window must be at least 1"),
+        (dict(prefill_window=8.0), TypeError, "prefill_window must be an int"),
+        (dict(prefill_window=True), TypeError, "prefill_window must be an int"),
+        (dict(kind="lambda", prefill_scores="Window"), ValueError, "prefill_scores must be one of"),
+    ],
+)
+def test_bad_prefill_fields_name_the_field(fields, error, message):
+    with pytest.raises(error, match=message):
+        Policy(**{"budget": 8, **fields})
+
+
+def test_the_prefill_window_reaches_the_resolved_policy_under_h2o_only():
+    assert Policy("h2o", 8).resolve(100).prefill_window is None  # column sums
+    assert Policy("h2o", 8, prefill_scores="window", prefill_window=12).resolve(100).prefill_window == 12
+    # W beyond the prompt is not clipped here: the scoring clips it per batch row, to the row's real tokens.
+    assert Policy("h2o", 0.5, prefill_scores="window", prefill_window=64).resolve(10).prefill_window == 64
+    # Λ ranks by position: it ignores the prefill fields, as it ignores `recent`.
+    lam = Policy("lambda", 8, sinks=2, prefill_scores="window", prefill_window=3)
+    assert lam.score_window is None and lam.resolve(100) == Policy("lambda", 8, sinks=2).resolve(100)
+
+
+def test_lambda_keeps_the_same_tokens_whatever_the_prefill_scores():
+    model = tiny_llama()
+    ids, mask = left_padded(prompts(23, 15))
+    held = []
+    for mode in ("sum", "window"):
+        cache = LessCache(model, None, Policy("lambda", budget=6, sinks=2, prefill_scores=mode, prefill_window=2))
+        with torch.no_grad():
+            model(ids, attention_mask=mask, past_key_values=cache)
+        held.append(torch.stack([layer.slots.pos for layer in cache.layers]))
+    assert torch.equal(*held)

@@ -122,6 +122,35 @@ def test_prefill_scores_are_attention_column_sums():
     torch.testing.assert_close(scores[0, 0], torch.softmax(logits, -1).sum((1, 2))[0])
 
 
+def test_window_scores_are_the_last_rows_attention_max_pooled():
+    torch.manual_seed(4)
+    q, k = torch.randn(1, 2, 9, 4), torch.randn(1, 1, 9, 4)
+    scores = ref.prefill_window_scores(q, k, torch.ones(1, 9, dtype=torch.bool), 0.5, window=3)
+    logits = (q @ k.transpose(-1, -2) * 0.5).masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), -math.inf)
+    last_rows = torch.softmax(logits, -1)[0, :, -3:].sum((0, 1))  # [9]: the last 3 query rows of both heads
+    reach = ref.WINDOW_POOL // 2
+    pooled = torch.stack([last_rows[max(0, j - reach) : j + reach + 1].max() for j in range(9)])
+    torch.testing.assert_close(scores[0, 0], pooled)
+
+
+def test_window_scores_clip_the_window_to_each_rows_real_tokens():
+    """Left padding shifts nothing, and a window beyond a prompt scores all of its rows: the pooled column sums."""
+    torch.manual_seed(5)
+    T, pad = 12, 4
+    q, k = torch.randn(2, 4, T, 8), torch.randn(2, 2, T, 8)
+    valid = torch.ones(2, T, dtype=torch.bool)
+    valid[1, :pad] = False
+    for window in (1, 5, T - pad, T + 7):
+        padded = ref.prefill_window_scores(q, k, valid, 0.3, window)
+        alone = ref.prefill_window_scores(q[1:, :, pad:], k[1:, :, pad:], valid[1:, pad:], 0.3, window)
+        torch.testing.assert_close(padded[1, :, pad:], alone[0])
+        assert padded[1, :, :pad].eq(0).all()
+    whole = ref.prefill_window_scores(q, k, valid, 0.3, window=T)
+    sums = ref.prefill_scores(q, k, valid, 0.3)
+    pooled = torch.nn.functional.max_pool1d(sums, ref.WINDOW_POOL, stride=1, padding=ref.WINDOW_POOL // 2)
+    torch.testing.assert_close(whole, pooled.masked_fill(~valid[:, None], 0.0))
+
+
 def test_gather_tokens_packs_kept_tokens_in_position_order():
     keep = torch.tensor([[[True, False, True, True, False]]])
     values = torch.arange(5.0).view(1, 1, 5, 1) + 10

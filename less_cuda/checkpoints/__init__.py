@@ -21,7 +21,8 @@ def checkpoint_label(path: Union[str, Path]) -> str:
 def find_checkpoint(layout: dict, policy_kind: str, budget: Optional[Union[int, float]] = None) -> Optional[Path]:
     """The shipped checkpoint fitted for a model with this layout (see FeatureMapsConfig.layout) and policy kind, or
     None. Given a budget, the one fitted for the closest budget, with a warning when even that one is more than
-    BUDGET_TOLERANCE away (`FeatureMapsConfig.budget_mismatch`)."""
+    BUDGET_TOLERANCE away (`FeatureMapsConfig.budget_mismatch`). How H2O ranks a prompt at prefill
+    (`Policy.prefill_scores`) plays no part: a checkpoint serves every prefill ranking of its policy kind."""
     fitting = []
     for config_path in sorted(SHIPPED.glob(f"*/{CONFIG_NAME}")):
         config = FeatureMapsConfig.from_file(config_path)

@@ -132,7 +132,7 @@ class LessStateLayer(MambaBase, nn.Module):
         """Exact attention over one request's first tokens, then their compression into its state row."""
         q, k, v = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, T, D]
         valid = torch.ones(1, end - start, dtype=torch.bool, device=q.device)
-        attended, scores = prefill_attention(q, k, v, valid, self.scale)
+        attended, scores = prefill_attention(q, k, v, valid, self.scale, window=self.settings.resolved.prefill_window)
         if self.settings.resolved.policy_id != reference.H2O:  # Λ orders evictions by position alone
             scores = torch.zeros_like(scores)
         if self.feature_maps is None:

@@ -9,6 +9,10 @@ Overrides (all optional but one of `less_checkpoint` / `less_policy`):
                      max_model_len instead of per prompt as `LessCache` does.
     less_recent      H2O: newest tokens always kept (int or fraction of the budget); default half the budget.
     less_sinks       Λ: first tokens always kept; default 4.
+    less_prefill_scores, less_prefill_window
+                     H2O: how a prompt's tokens are ranked at prefill ("sum" / "window", and W; `Policy`). Never
+                     taken from the checkpoint: its maps are fitted on the decode rule, so any prefill ranking can
+                     use them.
 """
 
 from __future__ import annotations
@@ -63,7 +67,9 @@ def serving_settings(hf_config: Any, max_model_len: int) -> ServingSettings:
     if isinstance(budget, float):
         budget = max(2, round(budget * max_model_len))
     if kind == "h2o":
-        policy = Policy(kind, budget, recent=setting("recent", None))
+        prefill = {name: value for name in ("prefill_scores", "prefill_window")
+                   if (value := getattr(hf_config, f"less_{name}", None)) is not None}
+        policy = Policy(kind, budget, recent=setting("recent", None), **prefill)
     else:
         policy = Policy(kind, budget, sinks=setting("sinks", 4))
     return ServingSettings(policy, policy.resolve(budget), checkpoint, rank)

@@ -135,6 +135,9 @@ def test_settings_come_from_the_checkpoint_and_overrides(hf_model):
     sparse = serving_settings(config, 1000)
     assert (sparse.rank, sparse.checkpoint, sparse.resolved.recent) == (0, None, 20)
     assert sparse.load_feature_maps(torch.device("cpu")) is None
+    assert sparse.resolved.prefill_window is None  # the prompt ranked by column sums unless asked otherwise
+    config.less_prefill_scores, config.less_prefill_window = "window", 6
+    assert serving_settings(config, 1000).resolved.prefill_window == 6
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -142,6 +145,7 @@ def test_settings_come_from_the_checkpoint_and_overrides(hf_model):
     ({"less_checkpoint": str(CHECKPOINT["h2o"]), "less_policy": "lambda"}, "disagrees with the checkpoint"),
     ({"less_policy": "h2o", "less_budget": 8, "less_recent": 8}, "budget > recent"),
     ({"less_checkpoint": "/nonexistent"}, "no LESS checkpoint"),
+    ({"less_policy": "h2o", "less_prefill_scores": "snapkv"}, "prefill_scores must be one of"),
 ])  # fmt: skip
 def test_bad_settings_fail_clearly(hf_model, overrides, message):
     config = copy.deepcopy(hf_model[0].config)
