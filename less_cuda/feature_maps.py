@@ -58,7 +58,9 @@ class FeatureMapsConfig:
     head_dim: int
     hidden_size: int
     layers: list[int]
-    policy: dict = field(default_factory=dict)  # Policy fields: kind, budget, recent, sinks
+    # Policy fields: kind, budget, recent, sinks. The prefill fields (prefill_scores, prefill_window) are accepted but
+    # training never writes them: fitting runs the decode rule from the first token and never prefills.
+    policy: dict = field(default_factory=dict)
     rank: int = 8
     kernel_hidden: int = 64
     training: dict = field(default_factory=dict)  # how the maps were fitted (data, sequence length, ...): provenance

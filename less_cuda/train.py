@@ -48,6 +48,12 @@ def provenance(cfg: TrainConfig) -> dict:
     return {**settings, "budget_tokens": cfg.resolved_policy().budget}
 
 
+def fitted_policy(cfg: TrainConfig) -> dict:
+    """The policy a checkpoint records: what the fitting ran. Not the prefill ranking: fitting streams every token
+    through the decode rule and never prefills (so checkpoints stay readable by releases without those fields)."""
+    return {k: v for k, v in asdict(cfg.policy_spec()).items() if not k.startswith("prefill_")}
+
+
 def _check_progress(progress_dir: Path, cfg: TrainConfig) -> None:
     """Resume only a run with the same configuration: a stale progress directory would silently mix two runs."""
     record = progress_dir / "train_config.json"
@@ -135,7 +141,7 @@ def train(cfg: TrainConfig) -> FeatureMaps:
     kcfg = FeatureMapsConfig(
         base_model=str(model.config.name_or_path), **layout,
         layers=cfg.layers if cfg.layers is not None else attention_layers(model.config),
-        policy=asdict(cfg.policy_spec()), rank=cfg.rank, kernel_hidden=cfg.hidden or layout["head_dim"],
+        policy=fitted_policy(cfg), rank=cfg.rank, kernel_hidden=cfg.hidden or layout["head_dim"],
         training=provenance(cfg),
     )
     output = Path(cfg.output)

@@ -252,6 +252,7 @@ def test_cli_training_writes_a_checkpoint_that_beats_the_sparse_policy(tiny_mode
     feature_maps = FeatureMaps.from_pretrained(tmp_path / "ckpt")
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["policy"]["kind"] == "h2o" and config["rank"] == 4 and config["kernel_hidden"] == 8
+    assert set(config["policy"]) == {"kind", "budget", "recent", "sinks"}  # what fitting ran: no prefill ranking
     assert feature_maps.config.layers == [0, 1] and feature_maps.config.num_kv_heads == 2
     mse = json.loads((tmp_path / "ckpt" / "report.json").read_text())["validation_mse"]
     for layer in ("0", "1"):
