@@ -82,10 +82,8 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: flo
     if window is not None:
         if window < 1:
             raise ValueError(f"window must be at least 1 query row, got {window}")
-        position = valid.long().cumsum(dim=-1) - 1  # among the row's real tokens
-        in_window = valid & (position >= valid.sum(dim=-1, keepdim=True) - window)  # [B, T]
+        in_window, first = reference.window_rows(valid, window)  # steps ending before `first` add nothing
         row_weight = in_window.to(torch.float32)
-        first = int(in_window.any(dim=0).to(torch.int8).argmax())  # steps ending before it add nothing
 
     for b0 in range(0, B, nb):
         b1 = min(b0 + nb, B)

@@ -211,6 +211,14 @@ def prefill_scores(q: Tensor, k: Tensor, valid: Tensor, scale: float, chunk: int
     return scores
 
 
+def window_rows(valid: Tensor, window: int) -> tuple[Tensor, int]:
+    """The query rows of each batch row's window: in_window [B, T] bool, True on its last min(window, real tokens)
+    real rows; and the first position any row's window starts at (0 if none has one), before which nothing counts."""
+    position = valid.long().cumsum(dim=-1) - 1  # among the row's real tokens
+    in_window = valid & (position >= valid.sum(dim=-1, keepdim=True) - window)
+    return in_window, int(in_window.any(dim=0).to(torch.int8).argmax())
+
+
 def prefill_window_scores(q: Tensor, k: Tensor, valid: Tensor, scale: float, window: int) -> Tensor:
     """H2O scores of a prompt by what its end asks for (SnapKV): the attention of its last `window` query rows.
 
@@ -223,9 +231,7 @@ def prefill_window_scores(q: Tensor, k: Tensor, valid: Tensor, scale: float, win
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
-    position = valid.long().cumsum(dim=-1) - 1  # among the row's real tokens
-    in_window = valid & (position >= valid.sum(dim=-1, keepdim=True) - window)  # [B, T]
-    first = int(in_window.any(dim=0).to(torch.int8).argmax())  # no row before it is in any window (0 if none is)
+    in_window, first = window_rows(valid, window)
     rows = torch.arange(first, T, device=q.device)
     cols = torch.arange(T, device=q.device)
     qw = q[:, :, first:].float().reshape(B, Hkv, G * (T - first), D)
