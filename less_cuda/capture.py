@@ -15,14 +15,6 @@ from .evaluate import attention_function
 CAPTURE_ATTENTION = "less_capture"
 
 
-def attention_layers(model_config) -> list[int]:
-    """Indices of the full-attention layers (all of them for Llama; hybrid models list `layer_types`)."""
-    config = model_config.get_text_config(decoder=True)
-    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    return [i for i, kind in enumerate(types) if kind == "full_attention"]
-
-
-
 @dataclass
 class LayerCapture:
     """One layer's attention inputs over N sequences: q [N, Hq, T, D], k, v [N, Hkv, T, D] (post-RoPE, model

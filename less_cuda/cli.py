@@ -38,7 +38,8 @@ def comma_list(convert):
 
 def _add_model_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.add_argument("--model", default=defaults["model"],
-                        help="'smollm2', a transformers model directory or hub name, or a .gguf file")
+                        help="'smollm2' or 'gemma3-270m' (offline, from their wheels), a transformers model "
+                             "directory or hub name, or a .gguf file")
     parser.add_argument("--gguf-file", default=None,
                         help="GGUF file inside the --model directory (as from_pretrained's gguf_file)")
     parser.add_argument("--dtype", default=defaults["dtype"], choices=DTYPE_NAMES, help="model dtype")

@@ -27,10 +27,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import ops, reference, slots
 from .attention import keep_attention_implementation
+from .models import full_attention_layers
 from .cache import LessCache
 from .feature_maps import FeatureMaps
 from .policy import Policy
@@ -60,7 +62,9 @@ def baseline_plus(policy: Policy, length: int, head_dim: int, rank: int, dtype: 
 
 def parallel_attention_function(policy: Policy, feature_maps: Optional[FeatureMaps],
                                 attention: Callable = reference.parallel_attention) -> Callable:
-    """A transformers attention function applying `policy` (and LESS when `feature_maps` is given) at every layer.
+    """A transformers attention function applying `policy` (and LESS when `feature_maps` is given) at every
+    full-attention layer. Other layers (sliding-window ones) run sdpa with the mask transformers made for them, as
+    LessCache leaves them their own cache layers.
 
     transformers calls it as f(module, query [B, Hq, T, D], key, value [B, Hkv, T, D], attention_mask, scaling=...)
     with post-RoPE query/key; `module.layer_idx` names the layer. Returns (out [B, T, Hq, D], None). The sequences
@@ -71,6 +75,8 @@ def parallel_attention_function(policy: Policy, feature_maps: Optional[FeatureMa
 
     def attend(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                scaling: Optional[float] = None, **kwargs) -> tuple[Tensor, None]:
+        if module.layer_idx not in full_attention_layers(module.config):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         if attention_mask is not None and not bool(attention_mask.any(dim=-2).all()):  # a key no query sees: padding
             raise ValueError("the parallel-form evaluation takes unpadded sequences")
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling

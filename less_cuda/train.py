@@ -26,12 +26,12 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .cache import model_layout
-from .capture import attention_layers, capture
+from .capture import capture
 from .data import tokenizer_splits
 from .distributed import init_distributed, share_layer_results
 from .evaluate import compare, gap_closed
 from .feature_maps import FeatureMaps, FeatureMapsConfig
-from .models import DTYPES, load_model
+from .models import DTYPES, full_attention_layers, load_model
 from .train_config import TrainConfig
 from .train_end_to_end import EndToEndTrainer
 from .train_layers import report, train_layer
@@ -140,7 +140,7 @@ def train(cfg: TrainConfig) -> FeatureMaps:
     layout = model_layout(model.config)
     kcfg = FeatureMapsConfig(
         base_model=str(model.config.name_or_path), **layout,
-        layers=cfg.layers if cfg.layers is not None else attention_layers(model.config),
+        layers=cfg.layers if cfg.layers is not None else full_attention_layers(model.config),
         policy=fitted_policy(cfg), rank=cfg.rank, kernel_hidden=cfg.hidden or layout["head_dim"],
         training=provenance(cfg),
     )

@@ -20,7 +20,7 @@ class TrainConfig:
 
     data: str
     output: str
-    model: str = "smollm2"  # "smollm2" (offline SmolLM2-135M-Instruct), a transformers model directory / name, a .gguf
+    model: str = "smollm2"  # a name in models.NAMED_MODELS, a transformers model directory / name, or a .gguf
     gguf_file: Optional[str] = None  # a GGUF file inside the `model` directory
     policy: str = "h2o"
     budget: Union[int, float] = 0.05

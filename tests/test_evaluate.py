@@ -26,6 +26,7 @@ from less_cuda.feature_maps import FeatureMaps, FeatureMapsConfig
 from less_cuda.models import load_model
 from less_cuda.policy import Policy
 from helpers import WIKITEXT, missing_input
+from test_hf_integration import prompts, random_feature_maps, tiny_qwen2_with_a_sliding_layer
 from test_train import tiny_model_dir  # noqa: F401  (a fixture)
 
 
@@ -109,6 +110,21 @@ def test_streaming_form_is_the_parallel_form(tiny, kind):
     assert streaming.budget_tokens == parallel.budget_tokens
     assert model.config._attn_implementation == "sdpa"  # the cache switched it to "less"; restored after
 
+
+def test_sliding_window_layers_keep_their_window_in_the_parallel_form():
+    """Only full-attention layers are compressed: a sliding-window layer keeps its window (6 of 20 tokens here) in
+    the parallel form as in the streaming cache, where it has its own cache layer."""
+    model = tiny_qwen2_with_a_sliding_layer()
+    sequences = torch.stack(prompts(20, 20))
+    feature_maps = random_feature_maps(model, layers=[0])
+    everything = Policy("h2o", budget=20)
+    assert perplexity(model, sequences, parallel_attention_function(everything, feature_maps)) == pytest.approx(
+        perplexity(model, sequences), rel=1e-5)
+    policy = Policy("h2o", budget=0.3)
+    parallel = compare(model, sequences, policy, feature_maps, methods=("full", "less"))
+    streaming = compare(model, sequences, policy, feature_maps, methods=("less",), form="streaming", batch_size=2)
+    assert streaming.perplexity["less"] == pytest.approx(parallel.perplexity["less"], rel=1e-4)
+    assert parallel.perplexity["less"] != pytest.approx(parallel.perplexity["full"], rel=1e-4)  # layer 0 evicts
 
 def test_prefill_form_scores_the_continuation(tiny):
     model, sequences, feature_maps = tiny
