@@ -261,6 +261,18 @@ def test_the_shipped_smollm2_checkpoints_match_their_own_budget_silently(kind):
         find_checkpoint(SMOLLM2_LAYOUT, kind, 0.5)
 
 
+def test_apply_picks_the_shipped_smollm2_h2o_checkpoint_by_budget():
+    """H2O ships 5% and 2% maps: each budget finds its own, silently; Λ has only 5%, which a 2% budget gets with a
+    warning (2.5x away)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert find_checkpoint(SMOLLM2_LAYOUT, "h2o", 0.02).name == "smollm2-135m-h2o-2pct"
+        assert find_checkpoint(SMOLLM2_LAYOUT, "h2o", 20).name == "smollm2-135m-h2o-2pct"  # 20 of 1024 tokens
+        assert find_checkpoint(SMOLLM2_LAYOUT, "h2o", 0.05).name == "smollm2-135m-h2o-5pct"
+        assert find_checkpoint(SMOLLM2_LAYOUT, "h2o", 0.1).name == "smollm2-135m-h2o-5pct"
+    with pytest.warns(UserWarning, match="budget 0.02 is 2.5x from it"):
+        assert find_checkpoint(SMOLLM2_LAYOUT, "lambda", 0.02).name == "smollm2-135m-lambda-5pct"
+
 def test_the_shipped_configs_predate_the_prefill_fields():
     """The configs as shipped record no prefill ranking; they load with Policy's defaults for it."""
     for kind in ("h2o", "lambda"):
