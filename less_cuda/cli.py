@@ -163,8 +163,9 @@ def _methods(args: argparse.Namespace, allowed: tuple[str, ...]) -> tuple[str, .
     return methods
 
 
-def _checkpoints(args: argparse.Namespace, model) -> dict[str, Optional[str]]:
-    """The feature-map checkpoint of each policy kind asked for: --checkpoint, or the shipped one."""
+def _checkpoints(args: argparse.Namespace, model, budget=None) -> dict[str, Optional[str]]:
+    """The feature-map checkpoint of each policy kind asked for: --checkpoint, or the shipped one (given a budget,
+    the one fitted closest to it)."""
     from .cache import model_layout
     from .checkpoints import find_checkpoint
 
@@ -175,7 +176,7 @@ def _checkpoints(args: argparse.Namespace, model) -> dict[str, Optional[str]]:
         if len(args.policy) > 1:
             raise SystemExit("--checkpoint holds feature maps for one policy: give one --policy with it")
         return {args.policy[0]: args.checkpoint}
-    found = {kind: find_checkpoint(model_layout(model.config), kind) for kind in args.policy}
+    found = {kind: find_checkpoint(model_layout(model.config), kind, budget) for kind in args.policy}
     return {kind: str(path) if path is not None else None for kind, path in found.items()}
 
 
@@ -240,9 +241,10 @@ def _perplexity_results(args, model, tokenizer, checkpoints, methods) -> dict:
     print(f"{len(sequences)} held-out sequences of {args.seq_len} tokens (held-out #{args.skip} on), "
           f"{args.form} form")
     results, full = [], {}  # the full cache does not depend on the policy: scored once
-    for kind, checkpoint in checkpoints.items():
-        feature_maps = load_feature_maps(model, checkpoint, kind) if checkpoint is not None else None
+    for kind in checkpoints:
         for budget in args.budgets:
+            checkpoint = _checkpoints(args, model, budget)[kind]
+            feature_maps = load_feature_maps(model, checkpoint, kind, budget=budget) if checkpoint is not None else None
             policy = Policy(kind=kind, budget=budget, recent=args.recent, sinks=args.sinks, **_prefill_options(args))
             result = compare(model, sequences, policy, feature_maps, args.batch_size,
                              tuple(m for m in methods if m not in full), args.form, prompt_length,
@@ -259,9 +261,9 @@ def _passkey_results(args, model, tokenizer, checkpoints, methods) -> dict:
     from .passkey import evaluate_passkey, format_table
 
     runs = []
-    for kind, checkpoint in checkpoints.items():  # the press loads the checkpoint; the report names it
+    for kind in checkpoints:  # --checkpoint, or the shipped ones picked per budget; the report names them
         runs.append(evaluate_passkey(model, tokenizer, args.lengths, args.depths, args.budgets, policy=kind,
-                                     methods=methods, feature_maps=checkpoint if "less" in methods else None,
+                                     methods=methods, feature_maps=args.checkpoint if "less" in methods else None,
                                      trials=args.trials, seed=args.seed, filler=args.filler,
                                      **_prefill_options(args)))
     # One results file for all policies; the full cache does not depend on the policy, so it is kept once.

@@ -213,15 +213,15 @@ def _accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sample
 
 
 def _checkpoint_name(
-    model: PreTrainedModel, feature_maps: Union[FeatureMaps, str, Path, None], policy: str
+    model: PreTrainedModel, feature_maps: Union[FeatureMaps, str, Path, None], policy: str, budgets: Sequence
 ) -> Optional[str]:
-    """The feature maps' checkpoint for the report: the path given, the shipped checkpoint's name, or None when
-    only a `FeatureMaps` object was given."""
+    """The feature maps' checkpoint for the report: the path given, the names of the shipped checkpoints the budgets
+    picked (", "-joined), or None when only a `FeatureMaps` object was given."""
     if isinstance(feature_maps, (str, Path)):
         return checkpoint_label(feature_maps)
     if feature_maps is None:
-        shipped = find_checkpoint(model_layout(model.config), policy)
-        return None if shipped is None else checkpoint_label(shipped)
+        shipped = {find_checkpoint(model_layout(model.config), policy, budget) for budget in budgets}
+        return None if None in shipped else ", ".join(sorted(checkpoint_label(path) for path in shipped))
     return None
 
 
@@ -295,7 +295,8 @@ def evaluate_passkey(
         for length in context_lengths
         for depth in depths
     }
-    maps = load_feature_maps(model, feature_maps, policy) if "less" in methods else None  # loaded once, not per cell
+    maps = {budget: load_feature_maps(model, feature_maps, policy, budget=budget)  # once per budget, not per cell
+            for budget in budgets} if "less" in methods else None
     runs = [("full", None)] if "full" in methods else []
     runs += [(method, budget) for budget in (budgets if compressed else ()) for method in compressed]
 
@@ -307,7 +308,7 @@ def evaluate_passkey(
                 if method == "full":
                     accuracy = _accuracy(model, tokenizer, samples)
                 else:
-                    options = {"feature_maps": maps} if method == "less" else {"lowrank": False}
+                    options = {"feature_maps": maps[budget]} if method == "less" else {"lowrank": False}
                     with apply(model, policy=policy, budget=budget, **options, **prefill):
                         accuracy = _accuracy(model, tokenizer, samples)
                 results.append({
@@ -320,7 +321,7 @@ def evaluate_passkey(
         "policy": policy, "budgets": list(budgets), "context_lengths": list(context_lengths), "depths": list(depths),
         "trials": trials, "seed": seed, "filler": prompts.filler_description, **prefill,
         "needle": {"text": prompts.needle.text, "question": prompts.needle.question, "answer": prompts.needle.answer},
-        "feature_maps": _checkpoint_name(model, feature_maps, policy) if "less" in methods else None,
+        "feature_maps": _checkpoint_name(model, feature_maps, policy, budgets) if "less" in methods else None,
     }
     return {
         "kind": "passkey", "model": model.config.name_or_path, "package_version": __version__,
