@@ -201,7 +201,7 @@ def run_eval(args: argparse.Namespace) -> None:
             raise SystemExit(f"no LESS checkpoint is shipped for this model and policy {missing[0]!r}: pass "
                              "--checkpoint, or give --methods without less and baseline_plus")
     results = (_perplexity_results if args.task == "perplexity" else _passkey_results)(
-        args, model, tokenizer, checkpoints, methods)
+        args, model, tokenizer, methods)
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
         print(f"results written to {args.output}")
@@ -225,7 +225,7 @@ def _run_settings(args: argparse.Namespace) -> dict:
     return {"package_version": __version__, "model": args.model, "settings": settings}
 
 
-def _perplexity_results(args, model, tokenizer, checkpoints, methods) -> dict:
+def _perplexity_results(args, model, tokenizer, methods) -> dict:
     from .checkpoints import checkpoint_label
     from .data import tokenizer_splits
     from .evaluate import compare
@@ -241,7 +241,7 @@ def _perplexity_results(args, model, tokenizer, checkpoints, methods) -> dict:
     print(f"{len(sequences)} held-out sequences of {args.seq_len} tokens (held-out #{args.skip} on), "
           f"{args.form} form")
     results, full = [], {}  # the full cache does not depend on the policy: scored once
-    for kind in checkpoints:
+    for kind in args.policy:
         for budget in args.budgets:
             checkpoint = _checkpoints(args, model, budget)[kind]
             feature_maps = load_feature_maps(model, checkpoint, kind, budget=budget) if checkpoint is not None else None
@@ -257,11 +257,11 @@ def _perplexity_results(args, model, tokenizer, checkpoints, methods) -> dict:
             "sequences": len(sequences), "prompt_length": prompt_length, "results": results}
 
 
-def _passkey_results(args, model, tokenizer, checkpoints, methods) -> dict:
+def _passkey_results(args, model, tokenizer, methods) -> dict:
     from .passkey import evaluate_passkey, format_table
 
     runs = []
-    for kind in checkpoints:  # --checkpoint, or the shipped ones picked per budget; the report names them
+    for kind in args.policy:  # --checkpoint, or the shipped ones picked per budget; the report names them
         runs.append(evaluate_passkey(model, tokenizer, args.lengths, args.depths, args.budgets, policy=kind,
                                      methods=methods, feature_maps=args.checkpoint if "less" in methods else None,
                                      trials=args.trials, seed=args.seed, filler=args.filler,
