@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from . import train_config
-from .train_config import DTYPE_NAMES, TrainConfig
+from .train_config import AUTOCAST_NAMES, DTYPE_NAMES, TrainConfig
 
 EVAL_METHODS = ("full", "sparse", "baseline_plus", "less")  # evaluate.METHODS, without importing torch
 EVAL_FORMS = ("parallel", "streaming", "prefill")  # evaluate.FORMS
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--e2e-epochs", type=int, default=defaults["e2e_epochs"], help="epochs of the end-to-end stage")
     fit.add_argument("--e2e-lr", type=float, default=defaults["e2e_lr"],
                      help="peak learning rate of the end-to-end stage")
+    fit.add_argument("--autocast", default=defaults["autocast"], choices=AUTOCAST_NAMES,
+                     help="the end-to-end stage's forward passes under autocast (the maps stay fp32): auto is "
+                          "bfloat16 on a GPU and none on a CPU")
 
     ev = commands.add_parser("eval", help="perplexity (full cache, sparse policy, Baseline+, LESS) or passkey "
                                           "retrieval accuracy")

@@ -80,15 +80,21 @@ def parallel_attention_function(policy: Policy, feature_maps: Optional[FeatureMa
         if attention_mask is not None and not bool(attention_mask.any(dim=-2).all()):  # a key no query sees: padding
             raise ValueError("the parallel-form evaluation takes unpadded sequences")
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        resolved = policy.resolve(query.shape[2])
-        with torch.no_grad():  # the policy's discrete choices take no gradient
-            kept = slots.kept_masks(query, key, scale, *resolved.as_args(), attend=ops.less_decode_attention,
-                                    evict_=ops.less_score_and_evict_)
-        layer = module.layer_idx
-        lowrank = feature_maps is not None and feature_maps.has_layer(layer)
-        phi = feature_maps.phi(layer, query) if lowrank else None
-        psi = feature_maps.psi(layer, key) if lowrank else None
-        return attention(query, key, value, kept, phi, psi, scale).transpose(1, 2), None
+        device = query.device.type
+        if torch.is_autocast_enabled(device):
+            # Under autocast the projections and RoPE can hand over mixed dtypes; the ops take one (the autocast
+            # one, as sdpa would), with φ(q), ψ(k) and the state in fp32 as at inference.
+            query, key, value = (x.to(torch.get_autocast_dtype(device)) for x in (query, key, value))
+        with torch.autocast(device, enabled=False):
+            resolved = policy.resolve(query.shape[2])
+            with torch.no_grad():  # the policy's discrete choices take no gradient
+                kept = slots.kept_masks(query, key, scale, *resolved.as_args(), attend=ops.less_decode_attention,
+                                        evict_=ops.less_score_and_evict_)
+            layer = module.layer_idx
+            lowrank = feature_maps is not None and feature_maps.has_layer(layer)
+            phi = feature_maps.phi(layer, query) if lowrank else None
+            psi = feature_maps.psi(layer, key) if lowrank else None
+            return attention(query, key, value, kept, phi, psi, scale).transpose(1, 2), None
 
     return attend
 

@@ -8,10 +8,13 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 if TYPE_CHECKING:
+    import torch
+
     from .policy import Policy, ResolvedPolicy
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torch dtypes by name: models.DTYPES
 STAGES = ("layer", "end-to-end")  # in the order they run
+AUTOCAST_NAMES = ("auto", "bfloat16", "none")  # the end-to-end stage's autocast: auto is bfloat16 on a GPU only
 
 
 @dataclass
@@ -44,6 +47,7 @@ class TrainConfig:
     init: Optional[str] = None  # checkpoint directory the end-to-end stage starts from (default: `output`)
     e2e_epochs: int = 2
     e2e_lr: float = 2e-3
+    autocast: str = "auto"  # AUTOCAST_NAMES: the end-to-end stage's forward passes (the maps stay fp32)
 
     def __post_init__(self) -> None:
         self.policy_spec()  # raises on a bad policy
@@ -51,6 +55,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {list(DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.autocast not in AUTOCAST_NAMES:
+            raise ValueError(f"autocast must be one of {list(AUTOCAST_NAMES)}, got {self.autocast!r}")
         self.stages = tuple(self.stages)
         if not self.stages or any(stage not in STAGES for stage in self.stages) or list(self.stages) != sorted(
                 set(self.stages), key=STAGES.index):
@@ -80,6 +86,14 @@ class TrainConfig:
 
     def resolved_policy(self) -> ResolvedPolicy:
         return self.policy_spec().resolve(self.seq_len)
+
+    def autocast_dtype(self, device_type: str) -> Optional[torch.dtype]:
+        """The dtype the end-to-end stage autocasts its forward passes to on `device_type` (None: no autocast)."""
+        import torch
+
+        if self.autocast == "bfloat16" or (self.autocast == "auto" and device_type == "cuda"):
+            return torch.bfloat16
+        return None
 
     def learning_rate(self, step: int, total: int, peak: Optional[float] = None) -> float:
         """The learning rate at optimizer step `step` of `total`, peaking at `peak` (default `lr`)."""

@@ -8,6 +8,8 @@ inference policy code, `slots.kept_masks` on the ops), with the output computed 
 (`step_attention.kept_attention`, differentiable). The loss is KL(p_full || p_LESS) of the next-token distributions,
 averaged over the positions where the policy has evicted something (t >= budget + 1; before that LESS is exact).
 The model's own weights stay frozen; the gradient reaches each layer's φ/ψ through every layer above it.
+On a GPU the forward passes run under bf16 autocast (`TrainConfig.autocast`, "auto"); φ/ψ, the recurrent state and
+the loss stay fp32.
 
 Data parallel under torchrun: each process takes its share of every batch and its loss is that share of the batch's
 mean, so the summed gradients (`distributed.all_reduce_gradients`) are those of one process with the whole batch.
@@ -71,6 +73,7 @@ class EndToEndTrainer:
         self.partial = progress_dir / PARTIAL_NAME
         self.start = cfg.resolved_policy().num_slots  # the first position where the policy has evicted a token
         self.function = parallel_attention_function(cfg.policy_spec(), feature_maps, kept_attention)
+        self.autocast_dtype = cfg.autocast_dtype(self.device.type)
         self.epoch = 0
         self.best_val = math.inf
         self.best_state = self._state()
@@ -93,10 +96,11 @@ class EndToEndTrainer:
     def batch_kl(self, ids: Tensor) -> Tensor:
         """Summed next-token KL of the rows ids [B, T] (this process's share of a batch), differentiable in φ/ψ."""
         ids = ids.to(self.device)
-        with torch.no_grad():
-            full = self.model(input_ids=ids, use_cache=False).logits
-        with attention_function(self.model, self.function, END_TO_END_ATTENTION):
-            less = self.model(input_ids=ids, use_cache=False).logits
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            with torch.no_grad():
+                full = self.model(input_ids=ids, use_cache=False).logits
+            with attention_function(self.model, self.function, END_TO_END_ATTENTION):
+                less = self.model(input_ids=ids, use_cache=False).logits
         return next_token_kl(full, less, self.start)
 
     @torch.no_grad()

@@ -13,6 +13,11 @@ import pytest
 import torch
 
 from less_cuda import cli, train_end_to_end
+from less_cuda.evaluate import attention_function, parallel_attention_function
+from less_cuda.feature_maps import FeatureMaps
+from less_cuda.policy import Policy
+from less_cuda.step_attention import kept_attention
+from less_cuda.train_config import TrainConfig
 from test_train import REPO, read_checkpoint, tiny_args, tiny_model_dir  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -103,6 +108,53 @@ def test_end_to_end_defaults_to_the_checkpoint_in_output(tiny_model_dir, layer_c
     assert json.loads((output / "report.json").read_text())["stages"] == ["end-to-end"]
     assert any(not torch.equal(a, b) for a, b in zip(read_checkpoint(layer_checkpoint).values(),
                                                      read_checkpoint(output).values()))
+
+
+def test_end_to_end_under_bfloat16_autocast_lowers_the_validation_kl(tiny_model_dir, layer_checkpoint, tmp_path):  # noqa: F811
+    # The GPU default (`--autocast auto`); run here under CPU autocast, which takes the same code path.
+    cli.main(end_to_end_args(tiny_model_dir, tmp_path / "bf16", layer_checkpoint, "--e2e-lr", "1e-2",
+                             "--autocast", "bfloat16"))
+    e2e = json.loads((tmp_path / "bf16" / "report.json").read_text())["end_to_end"]
+    assert e2e["validation_kl_best"] < e2e["validation_kl_before"], e2e
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config["training"]["autocast"] == "bfloat16"
+
+
+def test_autocast_is_bfloat16_on_a_gpu_only_by_default():
+    cfg = lambda **kw: TrainConfig(data="x.txt", output="o", **kw)  # noqa: E731
+    assert cfg().autocast_dtype("cuda") == torch.bfloat16 and cfg().autocast_dtype("cpu") is None
+    assert cfg(autocast="bfloat16").autocast_dtype("cpu") == torch.bfloat16
+    assert cfg(autocast="none").autocast_dtype("cuda") is None
+    with pytest.raises(ValueError, match="autocast must be one of"):
+        cfg(autocast="float16")
+
+
+def test_the_training_attention_under_autocast_stays_near_fp32_and_reaches_the_maps(tiny_model_dir,  # noqa: F811
+                                                                                    layer_checkpoint):
+    """Under autocast the projections hand the attention bf16 (or mixed) q, k, v; the ops take them in bf16 with
+    φ/ψ in fp32. The KL against the full model stays within bf16 rounding of the fp32 one, with gradients."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval().requires_grad_(False)
+    maps = FeatureMaps.from_pretrained(layer_checkpoint)
+    function = parallel_attention_function(Policy(kind="h2o", budget=8), maps, kept_attention)
+    ids = torch.randint(0, 260, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def kl(autocast: bool) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.no_grad():
+                full = model(input_ids=ids, use_cache=False).logits
+            with attention_function(model, function, "less_autocast_test"):
+                less = model(input_ids=ids, use_cache=False).logits
+        assert less.dtype == (torch.bfloat16 if autocast else torch.float32)
+        return train_end_to_end.next_token_kl(full, less, 9) / (ids.numel() - 2 * 9)
+
+    exact, low = kl(False), kl(True)
+    value, expected = float(low.detach()), float(exact.detach())
+    assert 0 < value and abs(value - expected) < 0.1 * expected + 1e-3, (value, expected)
+    low.backward()
+    grads = [p.grad for p in maps.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
 @pytest.mark.slow
