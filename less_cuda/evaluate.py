@@ -60,6 +60,12 @@ def baseline_plus(policy: Policy, length: int, head_dim: int, rank: int, dtype: 
     return replace(policy, budget=resolved.budget + extra)
 
 
+def _token_counts(policy: Policy, length: int) -> Policy:
+    """`policy` with its fractional budget and H2O recent share resolved against `length` tokens."""
+    resolved = policy.resolve(length)
+    return replace(policy, budget=resolved.budget, recent=resolved.recent if policy.kind == "h2o" else None)
+
+
 def parallel_attention_function(policy: Policy, feature_maps: Optional[FeatureMaps],
                                 attention: Callable = reference.parallel_attention) -> Callable:
     """A transformers attention function applying `policy` (and LESS when `feature_maps` is given) at every
@@ -240,14 +246,13 @@ def compare(model, sequences: Tensor, policy: Policy, feature_maps: Optional[Fea
         raise ValueError(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     T = sequences.shape[1]
     budget_length = (prompt_length or T // 2) if form == "prefill" else T
-    if form == "streaming":  # the cache resolves a fraction on its first call, one token here: resolve it now
-        resolved = policy.resolve(T)
-        policy = replace(policy, budget=resolved.budget, recent=resolved.recent if policy.kind == "h2o" else None)
     if feature_maps is None and {"less", "baseline_plus"} & set(methods):
         raise ValueError("LESS and Baseline+ (sized by the state's bytes) need feature maps")
     dtype = next(model.parameters()).dtype
     plus = (baseline_plus(policy, budget_length, feature_maps.config.head_dim, feature_maps.rank, dtype)
             if feature_maps is not None else policy)
+    if form == "streaming":  # the cache resolves a fraction on its first call, one token here: resolve both now
+        policy, plus = _token_counts(policy, T), _token_counts(plus, T)
     settings = {"sparse": (policy, None), "baseline_plus": (plus, None), "less": (policy, feature_maps)}
     ppl = {}
     for method in methods:

@@ -102,12 +102,14 @@ def test_streaming_form_is_the_parallel_form(tiny, kind):
     feature_maps = FeatureMaps(replace(h2o_maps.config, policy={"kind": kind}))
     feature_maps.load_state_dict(h2o_maps.state_dict())
     policy = Policy(kind, budget=0.2, sinks=2)  # a fraction: the streaming form resolves it against T
-    parallel = compare(model, sequences, policy, feature_maps, methods=("sparse", "less"))
-    streaming = compare(model, sequences, policy, feature_maps, methods=("sparse", "less"), form="streaming",
-                        batch_size=2)
-    for method in ("sparse", "less"):
+    methods = ("sparse", "baseline_plus", "less")
+    parallel = compare(model, sequences, policy, feature_maps, methods=methods)
+    streaming = compare(model, sequences, policy, feature_maps, methods=methods, form="streaming", batch_size=2)
+    for method in methods:
         assert streaming.perplexity[method] == pytest.approx(parallel.perplexity[method], rel=1e-4), method
     assert streaming.budget_tokens == parallel.budget_tokens
+    T = sequences.shape[1]  # Baseline+'s extra slots split between recent and heavy hitters as in the parallel form
+    assert streaming.baseline_plus.resolve(T) == parallel.baseline_plus.resolve(T)
     assert model.config._attn_implementation == "sdpa"  # the cache switched it to "less"; restored after
 
 
