@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from . import train_config
-from .train_config import AUTOCAST_NAMES, DTYPE_NAMES, TrainConfig
+from .train_config import AUTOCAST_NAMES, DTYPE_NAMES, INPUT_SCALINGS, TrainConfig
 
 EVAL_METHODS = ("full", "sparse", "baseline_plus", "less")  # evaluate.METHODS, without importing torch
 EVAL_FORMS = ("parallel", "streaming", "prefill")  # evaluate.FORMS
@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--autocast", default=defaults["autocast"], choices=AUTOCAST_NAMES,
                      help="the end-to-end stage's forward passes under autocast (the maps stay fp32): auto is "
                           "bfloat16 on a GPU and none on a CPU")
+    fit.add_argument("--input-scaling", default=defaults["input_scaling"], choices=INPUT_SCALINGS,
+                     help="rms (default): fit φ/ψ's first layers as if the queries and keys were divided by their "
+                          "RMS over the training data, which keeps models with large q/k (Gemma 3) trainable; none: "
+                          "as they are (how the shipped SmolLM2 maps were fitted)")
 
     ev = commands.add_parser("eval", help="perplexity (full cache, sparse policy, Baseline+, LESS) or passkey "
                                           "retrieval accuracy")

@@ -31,6 +31,7 @@ from .data import tokenizer_splits
 from .distributed import init_distributed, share_layer_results
 from .evaluate import compare, gap_closed
 from .feature_maps import FeatureMaps, FeatureMapsConfig
+from .input_scaling import input_rms
 from .models import DTYPES, full_attention_layers, load_model
 from .train_config import TrainConfig
 from .train_end_to_end import EndToEndTrainer
@@ -112,7 +113,12 @@ def _end_to_end_stage(cfg: TrainConfig, model, feature_maps: FeatureMaps, splits
                          f"for batch_size {cfg.batch_size}")
     if rank == 0:
         before = compare(model, val_seqs, cfg.policy_spec(), feature_maps, cfg.batch_size).perplexity
-    trainer = EndToEndTrainer(cfg, model, feature_maps, progress_dir, rank, world)
+    scales = None
+    if cfg.input_scaling == "rms":  # the scale of each layer's queries and keys, from the first training batch
+        captured = capture(model, train_seqs[: cfg.batch_size], feature_maps.config.layers, cfg.batch_size,
+                           "input scale")
+        scales = {layer: (input_rms(c.q), input_rms(c.k)) for layer, c in captured.items()}
+    trainer = EndToEndTrainer(cfg, model, feature_maps, progress_dir, rank, world, scales)
     trainer.fit(train_seqs, val_seqs)
     result = {"validation_kl_before": trainer.initial_val, "validation_kl_best": trainer.best_val,
               "timing": trainer.timing()}

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torch dtypes by name: models.DTYPES
 STAGES = ("layer", "end-to-end")  # in the order they run
 AUTOCAST_NAMES = ("auto", "bfloat16", "none")  # the end-to-end stage's autocast: auto is bfloat16 on a GPU only
+INPUT_SCALINGS = ("rms", "none")  # how φ/ψ's first layers are fitted: see the module input_scaling
 
 
 @dataclass
@@ -48,6 +49,7 @@ class TrainConfig:
     e2e_epochs: int = 2
     e2e_lr: float = 2e-3
     autocast: str = "auto"  # AUTOCAST_NAMES: the end-to-end stage's forward passes (the maps stay fp32)
+    input_scaling: str = "rms"  # INPUT_SCALINGS: "rms" fits φ/ψ's first layers as if q, k were unit-scale
 
     def __post_init__(self) -> None:
         self.policy_spec()  # raises on a bad policy
@@ -57,6 +59,8 @@ class TrainConfig:
             raise ValueError(f"dtype must be one of {list(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.autocast not in AUTOCAST_NAMES:
             raise ValueError(f"autocast must be one of {list(AUTOCAST_NAMES)}, got {self.autocast!r}")
+        if self.input_scaling not in INPUT_SCALINGS:
+            raise ValueError(f"input_scaling must be one of {list(INPUT_SCALINGS)}, got {self.input_scaling!r}")
         self.stages = tuple(self.stages)
         if not self.stages or any(stage not in STAGES for stage in self.stages) or list(self.stages) != sorted(
                 set(self.stages), key=STAGES.index):

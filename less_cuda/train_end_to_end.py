@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from .distributed import all_reduce_gradients
 from .evaluate import attention_function, parallel_attention_function
 from .feature_maps import FeatureMaps
+from .input_scaling import param_groups, set_learning_rate
 from .step_attention import kept_attention
 from .train_config import TrainConfig
 from .train_state import load_training_state, save_training_state
@@ -60,16 +61,19 @@ class EndToEndTrainer:
     weights by validation KL; after every epoch the whole state goes to `<progress>/end_to_end.partial.safetensors`.
 
     Sequences are [N, T] token ids without padding. rank / world: this process among the torchrun processes.
+    input_rms: {layer: (RMS of its queries, of its keys)} (`input_scaling`); None: 1 for every layer.
     """
 
     def __init__(self, cfg: TrainConfig, model, feature_maps: FeatureMaps, progress_dir: Path, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, input_rms: Optional[dict[int, tuple[float, float]]] = None):
         self.cfg, self.model, self.feature_maps = cfg, model, feature_maps
         self.rank, self.world = rank, world
         self.device = next(model.parameters()).device
         model.requires_grad_(False)
         self.parameters = [p for p in feature_maps.parameters()]
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=cfg.e2e_lr, weight_decay=0.0)
+        layers = {name: (maps, *(input_rms or {}).get(int(name), (1.0, 1.0)))
+                  for name, maps in feature_maps.layer_kernels.items()}
+        self.optimizer = torch.optim.AdamW(param_groups(layers), lr=cfg.e2e_lr, weight_decay=0.0)
         self.partial = progress_dir / PARTIAL_NAME
         self.start = cfg.resolved_policy().num_slots  # the first position where the policy has evicted a token
         self.function = parallel_attention_function(cfg.policy_spec(), feature_maps, kept_attention)
@@ -133,8 +137,8 @@ class EndToEndTrainer:
             order = torch.randperm(len(train), generator=generator)
             for i in range(steps_per_epoch):
                 started = time.perf_counter()
-                for group in self.optimizer.param_groups:
-                    group["lr"] = cfg.learning_rate(self.epoch * steps_per_epoch + i, total, cfg.e2e_lr)
+                lr = cfg.learning_rate(self.epoch * steps_per_epoch + i, total, cfg.e2e_lr)
+                set_learning_rate(self.optimizer, lr)
                 batch = train[order[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
                 loss = self.batch_kl(self._my_rows(batch)) / (len(batch) * scored)
                 self.optimizer.zero_grad(set_to_none=False)

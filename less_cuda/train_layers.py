@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .capture import LayerCapture
 from .evaluate import baseline_plus
 from .feature_maps import FeatureMapsConfig, LayerFeatureMaps
+from .input_scaling import input_rms, param_groups, scale_initial_weights, set_learning_rate
 from .models import DTYPES
 from .policy import ResolvedPolicy
 from .step_attention import PolicySteps, batched_policy_steps, step_attention
@@ -113,17 +114,20 @@ MSE_KEYS = ("sparse", "baseline_plus", "less")
 
 class LayerTrainer:
     """Trains one layer's φ/ψ with AdamW, keeping the best epoch by validation MSE; after every epoch its whole
-    state (weights, best weights, optimizer moments, epoch) goes to `<progress>/layer_<i>.partial.safetensors`."""
+    state (weights, best weights, optimizer moments, epoch) goes to `<progress>/layer_<i>.partial.safetensors`.
+    q_rms, k_rms: the RMS of the layer's training queries and keys (`input_scaling`; 1 for --input-scaling none)."""
 
     def __init__(self, cfg: TrainConfig, kcfg: FeatureMapsConfig, layer: int, progress_dir: Path,
-                 device: torch.device):
+                 device: torch.device, q_rms: float = 1.0, k_rms: float = 1.0):
         self.cfg, self.layer = cfg, layer
         with torch.random.fork_rng():  # the layer's init depends on its index only, not on the rank that trains it
             torch.manual_seed(cfg.seed * 100_003 + layer)
             feature_maps = LayerFeatureMaps(kcfg.num_heads, kcfg.num_kv_heads, kcfg.head_dim, kcfg.kernel_hidden,
                                             kcfg.rank)
+        scale_initial_weights(feature_maps, q_rms, k_rms)
         self.feature_maps = feature_maps.to(device)
-        self.optimizer = torch.optim.AdamW(self.feature_maps.parameters(), lr=cfg.lr, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(param_groups({str(layer): (self.feature_maps, q_rms, k_rms)}), lr=cfg.lr,
+                                           weight_decay=0.0)
         self.partial = progress_dir / f"layer_{layer}.partial.safetensors"
         self.epoch = 0
         self.best_val = math.inf
@@ -153,8 +157,7 @@ class LayerTrainer:
             order = torch.randperm(len(train), generator=generator).to(train.q.device)
             self.feature_maps.train()
             for i in range(steps_per_epoch):
-                for group in self.optimizer.param_groups:
-                    group["lr"] = cfg.learning_rate(self.epoch * steps_per_epoch + i, total)
+                set_learning_rate(self.optimizer, cfg.learning_rate(self.epoch * steps_per_epoch + i, total))
                 # A random subset of the scored steps: neighbouring steps carry nearly the same signal, and a
                 # training step costs in proportion to the decode steps it computes.
                 at = (train.start + torch.randperm(T - train.start, generator=generator)[: cfg.positions]).sort()
@@ -195,7 +198,8 @@ def train_layer(
     policy = cfg.resolved_policy()
     desc = f"layer {layer} policy"
     train, val = LayerData.build(train_cap, policy, device, desc), LayerData.build(val_cap, policy, device, desc)
-    trainer = LayerTrainer(cfg, kcfg, layer, progress_dir, device)
+    scales = (input_rms(train.q), input_rms(train.k)) if cfg.input_scaling == "rms" else (1.0, 1.0)
+    trainer = LayerTrainer(cfg, kcfg, layer, progress_dir, device, *scales)
     trainer.fit(train, val, position)
     plus = baseline_plus(cfg.policy_spec(), cfg.seq_len, kcfg.head_dim, kcfg.rank, DTYPES[cfg.dtype])
     val_plus = val.with_policy(plus.resolve(cfg.seq_len), desc)
