@@ -217,7 +217,8 @@ def train_layer(
 
 def report(results: dict[int, LayerResult]) -> str:
     """Per-layer validation MSE table: sparse policy alone, Baseline+, LESS, and the share of the sparse error LESS
-    removes."""
+    removes; then a warning naming the layers whose maps do not beat the sparse policy (as Gemma 3's layer 11 did
+    before `input_scaling`), whose state then carries almost nothing."""
     def row(label: object, m: dict[str, float]) -> str:
         ratio = m["less"] / m["sparse"] if m["sparse"] > 0 else float("nan")
         return f"{label:>5}  {m['sparse']:>10.4e}  {m['baseline_plus']:>10.4e}  {m['less']:>10.4e}  {ratio:>13.3f}"
@@ -225,4 +226,9 @@ def report(results: dict[int, LayerResult]) -> str:
     mean = {k: sum(r.mse[k] for r in results.values()) / len(results) for k in MSE_KEYS}
     lines = [f"{'layer':>5}  {'sparse':>10}  {'baseline+':>10}  {'LESS':>10}  {'LESS / sparse':>13}"]
     lines += [row(layer, results[layer].mse) for layer in sorted(results)]
-    return "\n".join([*lines, row("mean", mean)])
+    lines.append(row("mean", mean))
+    failed = [layer for layer in sorted(results) if results[layer].mse["less"] >= results[layer].mse["sparse"]]
+    if failed:
+        lines.append(f"warning: the maps of layers {failed} do not beat the sparse policy on validation, so their "
+                     "state carries almost nothing; try more sequences or epochs, or another --lr")
+    return "\n".join(lines)

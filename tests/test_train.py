@@ -259,6 +259,14 @@ def test_cli_training_writes_a_checkpoint_that_beats_the_sparse_policy(tiny_mode
         assert mse[layer]["less"] < mse[layer]["sparse"], mse
 
 
+def test_the_layer_report_names_layers_whose_maps_do_not_beat_the_sparse_policy():
+    mse = {"sparse": 2.0, "baseline_plus": 1.9}
+    results = {layer: train_layers.LayerResult({}, {**mse, "less": less}) for layer, less in ((5, 1.0), (11, 2.0))}
+    text = train_layers.report(results)
+    assert text.splitlines()[-1].startswith("warning: the maps of layers [11] do not beat the sparse policy")
+    assert "warning" not in train_layers.report({5: results[5]})
+
+
 def test_resume_after_an_interruption_gives_the_same_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     cli.main(tiny_args(tiny_model_dir, tmp_path / "straight", "--epochs", "3"))
 
