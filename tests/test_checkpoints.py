@@ -261,6 +261,16 @@ def test_the_shipped_smollm2_checkpoints_match_their_own_budget_silently(kind):
         find_checkpoint(SMOLLM2_LAYOUT, kind, 0.5)
 
 
+@pytest.mark.parametrize("kind", ["h2o", "lambda"])
+def test_the_shipped_gemma3_checkpoints_are_found_by_their_layout(kind):
+    """Gemma 3 270M (MQA, head_dim 256, 18 layers): its own 5% maps, never SmolLM2's."""
+    gemma3 = {"num_layers": 18, "num_heads": 4, "num_kv_heads": 1, "head_dim": 256, "hidden_size": 640}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        directory = find_checkpoint(gemma3, kind, 0.05)
+    assert directory.name == f"gemma3-270m-{kind}-5pct"
+    assert FeatureMaps.from_pretrained(directory).config.layers == [5, 11, 17]
+
 def test_apply_picks_the_shipped_smollm2_h2o_checkpoint_by_budget():
     """H2O ships 5% and 2% maps: each budget finds its own, silently; Λ has only 5%, which a 2% budget gets with a
     warning (2.5x away)."""

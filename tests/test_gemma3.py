@@ -1,7 +1,8 @@
 """Gemma 3 270M, a second model family through the generic path: MQA (4 query heads, 1 KV head), head_dim 256, and
 five sliding-window layers (window 512) to each full-attention one. LESS compresses only the full-attention layers;
-the sliding-window layers keep the cache layers transformers gives them. No Gemma checkpoint ships (fitted maps did
-not beat the sparse policy there, README), so these tests use untrained maps. Reduced forms: one held-out sequence."""
+the sliding-window layers keep the cache layers transformers gives them. The mechanism tests use untrained maps; the
+shipped Gemma checkpoints (H2O and Λ at 5%) must beat the sparse policy and Baseline+. Reduced forms: one held-out
+sequence."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from test_hf_integration import random_feature_maps
 
 from less_cuda import Policy, apply
 from less_cuda.evaluate import compare
-from less_cuda.models import full_attention_layers
+from less_cuda.models import GEMMA3_NAME, full_attention_layers
 
 pytestmark = [pytest.mark.gemma3, pytest.mark.slow]
 
@@ -35,9 +36,19 @@ def gemma3():
 def test_only_the_full_attention_layers_are_compressed(gemma3):
     model, _, _ = gemma3
     assert full_attention_layers(model.config) == [5, 11, 17]
-    with pytest.raises(ValueError, match="no LESS checkpoint is shipped"):  # and apply() says what to pass instead
-        with apply(model, policy="h2o", budget=0.05):
-            pass
+
+
+@pytest.mark.parametrize("kind", ["h2o", "lambda"])
+def test_shipped_checkpoints_beat_sparse_and_baseline_plus_on_held_out_text(gemma3, kind):
+    from less_cuda.integration import load_feature_maps
+
+    model, _, sequence = gemma3
+    feature_maps = load_feature_maps(model, None, kind, budget=0.05)  # what apply() finds for Gemma
+    assert feature_maps.config.base_model == GEMMA3_NAME and feature_maps.config.layers == [5, 11, 17]
+    result = compare(model, sequence, Policy(kind, budget=0.05), feature_maps,
+                     methods=("sparse", "baseline_plus", "less"))
+    ppl = result.perplexity
+    assert ppl["less"] < ppl["baseline_plus"] < ppl["sparse"], ppl
 
 
 def test_streaming_cache_matches_the_parallel_form(gemma3):
