@@ -11,6 +11,7 @@ path and the checkpoint format do not change. `--input-scaling none` (c = 1) tra
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
@@ -20,8 +21,12 @@ from .feature_maps import LayerFeatureMaps
 
 
 def input_rms(x: Tensor) -> float:
-    """The RMS of one coordinate of x [..., D] over all of it (fp32)."""
-    return float(x.float().square().mean().sqrt())
+    """The RMS of one coordinate of x [..., D] over all of it (fp32); a ValueError when it is 0 or not finite, which
+    no model's queries or keys give and which would poison every weight."""
+    rms = float(x.float().square().mean().sqrt())
+    if not 0 < rms < math.inf:
+        raise ValueError(f"cannot fit feature maps on inputs with an RMS of {rms} (all zero, or not finite)")
+    return rms
 
 
 def scale_initial_weights(maps: LayerFeatureMaps, q_rms: float, k_rms: float) -> None:

@@ -32,6 +32,9 @@ def test_scaled_first_layers_train_exactly_as_on_unit_scale_inputs():
     q, k = 6.0 * torch.randn(2, 4, 32, 16), 0.2 * torch.randn(2, 2, 32, 16)
     q_rms, k_rms = input_rms(q), input_rms(k)
     assert q_rms == pytest.approx(6.0, rel=0.1) and k_rms == pytest.approx(0.2, rel=0.1)
+    for bad in (torch.zeros(2, 3), torch.full((2, 3), float("nan")), torch.full((2, 3), float("inf"))):
+        with pytest.raises(ValueError, match="cannot fit feature maps on inputs with an RMS of"):
+            input_rms(bad)
     unit = LayerFeatureMaps(4, 2, 16, hidden=8, rank=4)
     with torch.no_grad():
         unit.psi_scale.fill_(1.0)
