@@ -71,8 +71,8 @@ class EndToEndTrainer:
         self.device = next(model.parameters()).device
         model.requires_grad_(False)
         self.parameters = [p for p in feature_maps.parameters()]
-        layers = {name: (maps, *(input_rms or {}).get(int(name), (1.0, 1.0)))
-                  for name, maps in feature_maps.layer_kernels.items()}
+        layers = {name: (maps, *(input_rms[int(name)] if input_rms is not None else (1.0, 1.0)))
+                  for name, maps in feature_maps.layer_kernels.items()}  # every layer has its scales, or none has
         self.optimizer = torch.optim.AdamW(param_groups(layers), lr=cfg.e2e_lr, weight_decay=0.0)
         self.partial = progress_dir / PARTIAL_NAME
         self.start = cfg.resolved_policy().num_slots  # the first position where the policy has evicted a token
