@@ -22,9 +22,9 @@ import platform
 import torch
 
 from less_cuda import less_decode_attention, less_score_and_evict_, less_state_update_
-from less_cuda.ops import less_decode_step_
-from less_cuda import reference as ref
-from less_cuda import slots
+from less_cuda.core.ops import less_decode_step_
+from less_cuda.core import reference as ref
+from less_cuda.core import state as slots
 
 HEADS = {"smollm2": (9, 3, 64), "llama": (32, 8, 128)}
 RANK = 8

@@ -85,7 +85,7 @@ def plot_benchmark_json(session) -> None:
     if json_path is None or not Path(json_path).is_file():
         report(session, "--plot: nothing to draw; it plots the file --benchmark-json names (make bench passes it)")
         return
-    from less_cuda.plots import plot_file
+    from less_cuda.eval.plots import plot_file
 
     try:
         report(session, f"--plot: wrote {plot_file(json_path)}")

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from conftest import RATIOS, Ratio
 
 from less_cuda import less_decode_step_
-from less_cuda import reference as ref
-from less_cuda.slots import SlotCache
+from less_cuda.core import reference as ref
+from less_cuda.core.state import SlotCache
 
 HEADS = {"smollm2": (9, 3, 64), "llama": (32, 8, 128)}
 RANK = 8

@@ -18,8 +18,8 @@ import pytest
 import torch
 from conftest import RATIOS, Ratio, record
 
-from less_cuda.generation_timing import kv_cache_bytes, timed_generate
-from less_cuda.integration import apply
+from less_cuda.eval.timing import kv_cache_bytes, timed_generate
+from less_cuda.hf.press import apply
 
 WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 SETTINGS = {"batch 1, 1k prompt": (1, 1024), "batch 8, 2k prompts": (8, 2048), "batch 8, 4k prompts": (8, 4096)}
@@ -40,7 +40,7 @@ RATIOS.append(Ratio("decode tokens/s, LESS vs sparse H2O (within 10%)", "batch 1
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from less_cuda.models import load_smollm2
+    from less_cuda.hf.models import load_smollm2
 
     return load_smollm2(torch.float32)
 

@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from less_cuda.generation_timing import kv_cache_bytes, timed_generate
-from less_cuda.integration import apply, load_feature_maps
-from less_cuda.models import load_smollm2
+from less_cuda.eval.timing import kv_cache_bytes, timed_generate
+from less_cuda.hf.press import apply, load_feature_maps
+from less_cuda.hf.models import load_smollm2
 
 BUDGET = 128  # tokens kept per layer and KV head
 NEW_TOKENS = 32

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Union
 
-from . import train_config
-from .train_config import AUTOCAST_NAMES, DTYPE_NAMES, INPUT_SCALINGS, TrainConfig
+from .train import config as train_config
+from .train.config import AUTOCAST_NAMES, DTYPE_NAMES, INPUT_SCALINGS, TrainConfig
 
 EVAL_METHODS = ("full", "sparse", "baseline_plus", "less")  # evaluate.METHODS, without importing torch
 EVAL_FORMS = ("parallel", "streaming", "prefill")  # evaluate.FORMS
@@ -173,7 +173,7 @@ def _methods(args: argparse.Namespace, allowed: tuple[str, ...]) -> tuple[str, .
 def _checkpoints(args: argparse.Namespace, model, budget=None) -> dict[str, Optional[str]]:
     """The feature-map checkpoint of each policy kind asked for: --checkpoint, or the shipped one (given a budget,
     the one fitted closest to it)."""
-    from .cache import model_layout
+    from .hf.cache import model_layout
     from .checkpoints import find_checkpoint
 
     for kind in args.policy:
@@ -188,8 +188,8 @@ def _checkpoints(args: argparse.Namespace, model, budget=None) -> dict[str, Opti
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from .models import DTYPES, load_model
-    from .policy import Policy
+    from .hf.models import DTYPES, load_model
+    from .core.policy import Policy
 
     methods = _methods(args, EVAL_METHODS if args.task == "perplexity" else PASSKEY_METHODS)
     if args.plot and not args.output:
@@ -213,7 +213,7 @@ def run_eval(args: argparse.Namespace) -> None:
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
         print(f"results written to {args.output}")
     if args.plot:
-        from .plots import plot_file
+        from .eval.plots import plot_file
 
         print(f"plot written to {plot_file(args.output)}")
 
@@ -234,10 +234,10 @@ def _run_settings(args: argparse.Namespace) -> dict:
 
 def _perplexity_results(args, model, tokenizer, methods) -> dict:
     from .checkpoints import checkpoint_label
-    from .data import tokenizer_splits
-    from .evaluate import compare
-    from .integration import load_feature_maps
-    from .policy import Policy
+    from .hf.data import tokenizer_splits
+    from .eval.perplexity import compare
+    from .hf.press import load_feature_maps
+    from .core.policy import Policy
 
     splits = tokenizer_splits(args.data, tokenizer, args.seq_len, args.val_fraction)
     sequences = splits.validation[args.skip : args.skip + args.sequences]
@@ -265,7 +265,7 @@ def _perplexity_results(args, model, tokenizer, methods) -> dict:
 
 
 def _passkey_results(args, model, tokenizer, methods) -> dict:
-    from .passkey import evaluate_passkey, format_table
+    from .eval.passkey import evaluate_passkey, format_table
 
     runs = []
     for kind in args.policy:  # --checkpoint, or the shipped ones picked per budget; the report names them
@@ -283,7 +283,7 @@ def _passkey_results(args, model, tokenizer, methods) -> dict:
 
 
 def run_plot(args: argparse.Namespace) -> None:
-    from .plots import plot_file
+    from .eval.plots import plot_file
 
     print(f"plot written to {plot_file(args.results, args.output)}")
 
@@ -297,7 +297,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if passed_on and args.command != "serve":
         raise SystemExit(f"less-cuda {args.command} takes no arguments after --")
     if args.command == "train":
-        from .train import train
+        from .train.run import train
 
         train(TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}))
     elif args.command == "serve":

@@ -40,7 +40,7 @@ def smollm2():
     """(model, tokenizer): SmolLM2-135M-Instruct in fp32, frozen, loaded once for the whole session. Tests that
     switch its attention implementation or wrap `generate` restore them (apply / LessPress do)."""
     from helpers import missing_input
-    from less_cuda.models import load_model
+    from less_cuda.hf.models import load_model
 
     try:
         return load_model("smollm2", torch.float32)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from less_cuda import reference
-from less_cuda.slots import SlotCache
+from less_cuda.core import reference
+from less_cuda.core.state import SlotCache
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt"
 """Real text for the tests that need it: beside the repository, as the project's machines and CI lay it out."""

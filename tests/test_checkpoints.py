@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import less_cuda.checkpoints
-from less_cuda.cache import model_layout
+from less_cuda.hf.cache import model_layout
 from less_cuda.checkpoints import find_checkpoint
-from less_cuda.feature_maps import CONFIG_NAME, WEIGHTS_NAME, FeatureMaps
-from less_cuda.integration import apply
+from less_cuda.core.feature_maps import CONFIG_NAME, WEIGHTS_NAME, FeatureMaps
+from less_cuda.hf.press import apply
 from test_feature_maps import SMOLLM2_LAYOUT, tiny_config
 from test_hf_integration import left_padded, prompts, tiny_llama
 

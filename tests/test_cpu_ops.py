@@ -12,8 +12,9 @@ import torch
 
 import less_cuda._C  # noqa: F401  (registers torch.ops.less_cuda)
 from helpers import assert_close_ratio
-from less_cuda import reference as ref
-from less_cuda import less_decode_attention, less_score_and_evict_, slots
+from less_cuda.core import reference as ref
+from less_cuda import less_decode_attention, less_score_and_evict_
+from less_cuda.core import state as slots
 
 ops = torch.ops.less_cuda
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

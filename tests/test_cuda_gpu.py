@@ -15,8 +15,9 @@ from helpers import assert_close_ratio, clone_cache, reference_steps
 from test_cuda_kernels import decode_inputs, step_inputs
 
 import less_cuda  # noqa: F401  (loads the op registrations)
-from less_cuda import ops as less_ops
-from less_cuda import reference, slots
+from less_cuda.core import ops as less_ops
+from less_cuda.core import reference
+from less_cuda.core import state as slots
 
 OPS = ["decode_attention", "score_and_evict_", "state_fold", "state_update_", "decode_step_"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

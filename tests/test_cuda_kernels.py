@@ -16,7 +16,9 @@ import pytest
 import torch
 from helpers import assert_close_ratio, assert_same_step, clone_cache, reference_steps
 
-from less_cuda import reference, slots
+from less_cuda.core import reference
+
+from less_cuda.core import state as slots
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "csrc" / "testing"))
 import harness_build  # noqa: E402

@@ -7,9 +7,9 @@ import pytest
 import torch
 from helpers import assert_close_ratio, assert_same_step, clone_cache, reference_steps
 
-from less_cuda import ops
-from less_cuda import reference as ref
-from less_cuda.slots import SlotCache
+from less_cuda.core import ops
+from less_cuda.core import reference as ref
+from less_cuda.core.state import SlotCache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

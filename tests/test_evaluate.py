@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from less_cuda import cli
-from less_cuda.evaluate import (
+from less_cuda.eval.perplexity import (
     attention_function,
     baseline_plus,
     cache_perplexity,
@@ -21,10 +21,10 @@ from less_cuda.evaluate import (
     parallel_attention_function,
     perplexity,
 )
-from less_cuda.cache import LessCache
-from less_cuda.feature_maps import FeatureMaps, FeatureMapsConfig
-from less_cuda.models import load_model
-from less_cuda.policy import Policy
+from less_cuda.hf.cache import LessCache
+from less_cuda.core.feature_maps import FeatureMaps, FeatureMapsConfig
+from less_cuda.hf.models import load_model
+from less_cuda.core.policy import Policy
 from helpers import WIKITEXT, missing_input
 from test_hf_integration import prompts, random_feature_maps, tiny_qwen2_with_a_sliding_layer
 from test_train import tiny_model_dir  # noqa: F401  (a fixture)
@@ -223,7 +223,7 @@ def test_eval_command_runs_the_passkey_task(tiny_model_dir, tmp_path, capsys):  
 @pytest.fixture(scope="module")
 def smollm2_held_out(smollm2):
     """SmolLM2 and the last held-out WikiText-2 sequence of 1024 tokens."""
-    from less_cuda.data import tokenizer_splits
+    from less_cuda.hf.data import tokenizer_splits
 
     if not WIKITEXT.is_file():
         missing_input(f"WikiText-2 validation text not found at {WIKITEXT}")
@@ -235,7 +235,7 @@ def smollm2_held_out(smollm2):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["h2o", "lambda"])
 def test_shipped_checkpoints_beat_sparse_and_baseline_plus_on_held_out_text(smollm2_held_out, kind):
-    from less_cuda.integration import load_feature_maps
+    from less_cuda.hf.press import load_feature_maps
 
     model, sequence = smollm2_held_out
     feature_maps = load_feature_maps(model, None, kind)  # the checkpoint shipped for SmolLM2, as apply() finds it
@@ -251,7 +251,7 @@ def test_shipped_checkpoints_beat_sparse_and_baseline_plus_on_held_out_text(smol
 def test_smollm2_streaming_cache_matches_the_parallel_form(smollm2_held_out, kind):
     """Reduced form: two 128-token pieces of held-out text, the shipped feature maps, 5% budget (6 tokens). The
     sparse policy runs the same cache path with an empty state."""
-    from less_cuda.integration import load_feature_maps
+    from less_cuda.hf.press import load_feature_maps
 
     model, sequence = smollm2_held_out
     sequences = sequence.view(8, 128)[:2]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from less_cuda.checkpoints import SHIPPED, find_checkpoint
-from less_cuda.feature_maps import CONFIG_NAME, WEIGHTS_NAME, FeatureMaps, FeatureMapsConfig
+from less_cuda.core.feature_maps import CONFIG_NAME, WEIGHTS_NAME, FeatureMaps, FeatureMapsConfig
 
 SMOLLM2_LAYOUT = {"num_layers": 30, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64, "hidden_size": 576}
 SHIPPED_DIRS = sorted(p.parent for p in SHIPPED.glob("*/config.json"))

@@ -24,11 +24,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
 
-from less_cuda import ops
-from less_cuda import reference as ref
-from less_cuda.feature_maps import LayerFeatureMaps
-from less_cuda.policy import policy_id
-from less_cuda.slots import SlotCache
+from less_cuda.core import ops
+from less_cuda.core import reference as ref
+from less_cuda.core.feature_maps import LayerFeatureMaps
+from less_cuda.core.policy import policy_id
+from less_cuda.core.state import SlotCache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,8 +12,8 @@ from helpers import WIKITEXT, missing_input
 from test_hf_integration import random_feature_maps
 
 from less_cuda import Policy, apply
-from less_cuda.evaluate import compare
-from less_cuda.models import GEMMA3_NAME, full_attention_layers
+from less_cuda.eval.perplexity import compare
+from less_cuda.hf.models import GEMMA3_NAME, full_attention_layers
 
 pytestmark = [pytest.mark.gemma3, pytest.mark.slow]
 
@@ -21,8 +21,8 @@ pytestmark = [pytest.mark.gemma3, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def gemma3():
     """(model, tokenizer, the last held-out WikiText-2 sequence of 1024 tokens), fp32, loaded once."""
-    from less_cuda.data import tokenizer_splits
-    from less_cuda.models import load_model
+    from less_cuda.hf.data import tokenizer_splits
+    from less_cuda.hf.models import load_model
 
     if not WIKITEXT.is_file():
         missing_input(f"WikiText-2 validation text not found at {WIKITEXT}")
@@ -40,7 +40,7 @@ def test_only_the_full_attention_layers_are_compressed(gemma3):
 
 @pytest.mark.parametrize("kind", ["h2o", "lambda"])
 def test_shipped_checkpoints_beat_sparse_and_baseline_plus_on_held_out_text(gemma3, kind):
-    from less_cuda.integration import load_feature_maps
+    from less_cuda.hf.press import load_feature_maps
 
     model, _, sequence = gemma3
     feature_maps = load_feature_maps(model, None, kind, budget=0.05)  # what apply() finds for Gemma

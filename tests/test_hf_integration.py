@@ -9,13 +9,13 @@ from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, Qwen
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from helpers import assert_close_ratio
-from less_cuda import reference as ref
-from less_cuda import slots
-from less_cuda.attention import less_attention
-from less_cuda.cache import LessCache, LessLayer, model_layout
-from less_cuda.feature_maps import FeatureMaps, FeatureMapsConfig
-from less_cuda.integration import LessPress, apply
-from less_cuda.policy import Policy
+from less_cuda.core import reference as ref
+from less_cuda.core import state as slots
+from less_cuda.hf.attention import less_attention
+from less_cuda.hf.cache import LessCache, LessLayer, model_layout
+from less_cuda.core.feature_maps import FeatureMaps, FeatureMapsConfig
+from less_cuda.hf.press import LessPress, apply
+from less_cuda.core.policy import Policy
 
 VOCAB, PAD = 128, 0
 
@@ -261,7 +261,7 @@ def test_apply_finds_the_shipped_checkpoint_or_loads_a_directory(tmp_path, monke
         expected = generate(model, ids, mask, 6)
     with apply(model, str(tmp_path), budget=6):
         assert torch.equal(generate(model, ids, mask, 6), expected)
-    monkeypatch.setattr("less_cuda.integration.find_checkpoint",
+    monkeypatch.setattr("less_cuda.hf.press.find_checkpoint",
                         lambda layout, kind, budget=None: tmp_path if kind == "h2o" else None)
     with apply(model, budget=6):
         assert torch.equal(generate(model, ids, mask, 6), expected)

@@ -9,15 +9,17 @@ import json
 import pytest
 import torch
 
-from less_cuda import cli, train_end_to_end
-from less_cuda.capture import capture
-from less_cuda.data import tokenizer_splits
-from less_cuda.feature_maps import FeatureMapsConfig, LayerFeatureMaps
-from less_cuda.models import load_model
-from less_cuda.input_scaling import input_rms, param_groups, scale_initial_weights, set_learning_rate
-from less_cuda.policy import Policy
-from less_cuda.train_config import TrainConfig
-from less_cuda.train_layers import LayerData, LayerTrainer, validation_mse
+from less_cuda import cli
+
+from less_cuda.train import end_to_end as train_end_to_end
+from less_cuda.train.capture import capture
+from less_cuda.hf.data import tokenizer_splits
+from less_cuda.core.feature_maps import FeatureMapsConfig, LayerFeatureMaps
+from less_cuda.hf.models import load_model
+from less_cuda.train.input_scaling import input_rms, param_groups, scale_initial_weights, set_learning_rate
+from less_cuda.core.policy import Policy
+from less_cuda.train.config import TrainConfig
+from less_cuda.train.layer_stage import LayerData, LayerTrainer, validation_mse
 from test_train import layer_inputs, tiny_args, tiny_model_dir  # noqa: F401  (fixtures)
 
 

@@ -12,10 +12,12 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from less_cuda import less_decode_attention, less_score_and_evict_, less_state_fold, ops
-from less_cuda.cache import LessCache, LessLayer
-from less_cuda.integration import apply
-from less_cuda.policy import Policy
+from less_cuda import less_decode_attention, less_score_and_evict_, less_state_fold
+
+from less_cuda.core import ops
+from less_cuda.hf.cache import LessCache, LessLayer
+from less_cuda.hf.press import apply
+from less_cuda.core.policy import Policy
 from test_cpu_ops import decode_inputs
 from test_decode_step import new_token, random_cache
 from test_hf_integration import VOCAB, generate, left_padded, prompts, random_feature_maps, tiny_llama

@@ -17,9 +17,9 @@ import pytest
 import torch
 from helpers import assert_same_step, clone_cache, error_ratio, reference_steps
 
-from less_cuda import ops
-from less_cuda import reference as ref
-from less_cuda.slots import SlotCache
+from less_cuda.core import ops
+from less_cuda.core import reference as ref
+from less_cuda.core.state import SlotCache
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 

@@ -22,8 +22,8 @@ import math
 import pytest
 import torch
 
-from less_cuda import reference as ref
-from less_cuda import slots
+from less_cuda.core import reference as ref
+from less_cuda.core import state as slots
 
 
 def fixed_slot_stream(q, k, v, phi, psi, scale, prompt_len, policy, budget, recent, sinks):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import less_cuda
-from less_cuda import reference as ref
+from less_cuda.core import reference as ref
 
 ops = torch.ops.less_cuda
 

@@ -11,9 +11,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from helpers import WIKITEXT, missing_input
-from less_cuda.cache import model_layout
-from less_cuda.feature_maps import FeatureMaps, FeatureMapsConfig
-from less_cuda.passkey import (
+from less_cuda.hf.cache import model_layout
+from less_cuda.core.feature_maps import FeatureMaps, FeatureMapsConfig
+from less_cuda.eval.passkey import (
     DEFAULT_FILLER,
     INTRO,
     METHODS,
@@ -223,17 +223,17 @@ def test_evaluate_on_a_tiny_model_follows_the_schema():
 
 
 def test_the_prefill_ranking_reaches_every_compressed_run_and_the_report(monkeypatch):
-    import less_cuda.passkey
+    import less_cuda.eval.passkey
 
     tokenizer = toy_tokenizer(bos_first=False)
     model = tiny_llama(len(tokenizer))
-    presses, apply = [], less_cuda.passkey.apply
+    presses, apply = [], less_cuda.eval.passkey.apply
 
     def recording_apply(*args, **kwargs):
         presses.append(kwargs)
         return apply(*args, **kwargs)
 
-    monkeypatch.setattr(less_cuda.passkey, "apply", recording_apply)
+    monkeypatch.setattr(less_cuda.eval.passkey, "apply", recording_apply)
     report = evaluate_passkey(model, tokenizer, [96], [0.5], [16], policy="h2o", methods=("full", "sparse"), trials=1,
                               prefill_scores="window", prefill_window=6)
     assert len(presses) == 1 and (presses[0]["prefill_scores"], presses[0]["prefill_window"]) == ("window", 6)

@@ -8,7 +8,7 @@ import json
 import pytest
 from matplotlib.image import imread
 
-from less_cuda.plots import plot_bench, plot_file, plot_passkey, plot_perplexity
+from less_cuda.eval.plots import plot_bench, plot_file, plot_passkey, plot_perplexity
 
 
 def perplexity_entry(kind: str, budget: float, **perplexity: float) -> dict:

@@ -8,13 +8,13 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from helpers import assert_close_ratio, error_ratio
-from less_cuda import prefill as prefill_module
-from less_cuda import reference as ref
-from less_cuda import slots
-from less_cuda.attention import less_attention
-from less_cuda.cache import LessCache
-from less_cuda.policy import Policy
-from less_cuda.prefill import prefill_attention
+from less_cuda.core import prefill as prefill_module
+from less_cuda.core import reference as ref
+from less_cuda.core import state as slots
+from less_cuda.hf.attention import less_attention
+from less_cuda.hf.cache import LessCache
+from less_cuda.core.policy import Policy
+from less_cuda.core.prefill import prefill_attention
 from test_hf_integration import left_padded, prompts, random_feature_maps, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -147,7 +147,7 @@ def test_less_cache_prefill_keeps_the_slots_of_the_reference_scores(policy, monk
         raise AssertionError("the layer recomputed the prompt's attention")
 
     monkeypatch.setitem(AttentionInterface._global_mapping, "less", recording_attention)
-    monkeypatch.setattr("less_cuda.cache.prefill_attention", no_second_pass)
+    monkeypatch.setattr("less_cuda.hf.cache.prefill_attention", no_second_pass)
     ids, mask = left_padded(prompts(23, 15, 19))
     with torch.no_grad():
         full_logits = model(ids, attention_mask=mask).logits

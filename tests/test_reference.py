@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from less_cuda import reference as ref
-from less_cuda import slots
-from less_cuda.policy import Policy
+from less_cuda.core import reference as ref
+from less_cuda.core import state as slots
+from less_cuda.core.policy import Policy
 
 
 def _stream(q, k, v, phi, psi, scale, policy, budget, recent, sinks):

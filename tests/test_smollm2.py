@@ -4,7 +4,7 @@ LESS with its low-rank state runs only where a checkpoint for SmolLM2 is shipped
 import pytest
 import torch
 
-from less_cuda.integration import apply
+from less_cuda.hf.press import apply
 
 pytestmark = pytest.mark.smollm2
 
@@ -72,18 +72,18 @@ def test_a_text_generation_pipeline_runs_under_a_press(smollm2, monkeypatch):
     """transformers' pipeline calls `model.generate` itself: inside the press block every call gets a LessCache."""
     from transformers import pipeline
 
-    import less_cuda.integration
+    import less_cuda.hf.press
     from less_cuda import LessPress
 
     model, tokenizer = smollm2
     made = []
 
-    class RecordingCache(less_cuda.integration.LessCache):
+    class RecordingCache(less_cuda.hf.press.LessCache):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(less_cuda.integration, "LessCache", RecordingCache)
+    monkeypatch.setattr(less_cuda.hf.press, "LessCache", RecordingCache)
     story = " ".join(f"Step {i}: the robot moved crate {i} to shelf {i % 7}." for i in range(1, 31))
     prompt = story + " Where did crate 12 go?"
     press = LessPress(policy="h2o", budget=32)
@@ -99,7 +99,7 @@ def test_a_text_generation_pipeline_runs_under_a_press(smollm2, monkeypatch):
 
 def test_a_gguf_file_loads_as_a_model_path(smollm2):
     """`--model path/to/file.gguf` is `--model path/to --gguf-file file.gguf`, as from_pretrained takes it."""
-    from less_cuda.models import load_model, smollm2_gguf_path
+    from less_cuda.hf.models import load_model, smollm2_gguf_path
 
     model, tokenizer = smollm2
     loaded, loaded_tokenizer = load_model(str(smollm2_gguf_path()), torch.float32)

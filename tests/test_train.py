@@ -15,14 +15,17 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import WIKITEXT, assert_close_ratio, missing_input
-from less_cuda import cli, ops, reference, slots
-from less_cuda import train_layers
-from less_cuda.capture import capture
-from less_cuda.data import expected_bos, load_splits, pack, read_text, split_articles
-from less_cuda.feature_maps import FeatureMaps, LayerFeatureMaps
-from less_cuda.models import load_model
-from less_cuda.policy import Policy
-from less_cuda.step_attention import kept_attention, policy_steps, step_attention
+from less_cuda import cli
+from less_cuda.core import ops
+from less_cuda.core import reference
+from less_cuda.core import state as slots
+from less_cuda.train import layer_stage as train_layers
+from less_cuda.train.capture import capture
+from less_cuda.hf.data import expected_bos, load_splits, pack, read_text, split_articles
+from less_cuda.core.feature_maps import FeatureMaps, LayerFeatureMaps
+from less_cuda.hf.models import load_model
+from less_cuda.core.policy import Policy
+from less_cuda.core.step_attention import kept_attention, policy_steps, step_attention
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the of lobster river season army song album road church game team city league storm ship".split()

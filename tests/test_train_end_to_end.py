@@ -12,12 +12,14 @@ import sys
 import pytest
 import torch
 
-from less_cuda import cli, train_end_to_end
-from less_cuda.evaluate import attention_function, parallel_attention_function
-from less_cuda.feature_maps import FeatureMaps
-from less_cuda.policy import Policy
-from less_cuda.step_attention import kept_attention
-from less_cuda.train_config import TrainConfig
+from less_cuda import cli
+
+from less_cuda.train import end_to_end as train_end_to_end
+from less_cuda.eval.perplexity import attention_function, parallel_attention_function
+from less_cuda.core.feature_maps import FeatureMaps
+from less_cuda.core.policy import Policy
+from less_cuda.core.step_attention import kept_attention
+from less_cuda.train.config import TrainConfig
 from test_train import REPO, read_checkpoint, tiny_args, tiny_model_dir  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -27,7 +27,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 import less_cuda  # noqa: E402
-from less_cuda.models import export_smollm2  # noqa: E402
+from less_cuda.hf.models import export_smollm2  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT = Path(less_cuda.__file__).parent / "checkpoints" / "smollm2-135m-h2o-5pct"

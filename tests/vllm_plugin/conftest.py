@@ -16,7 +16,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from less_cuda.models import export_smollm2  # noqa: E402
+from less_cuda.hf.models import export_smollm2  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

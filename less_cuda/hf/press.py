@@ -20,9 +20,9 @@ from transformers import PreTrainedModel
 
 from .attention import keep_attention_implementation
 from .cache import LessCache, model_layout
-from .checkpoints import find_checkpoint
-from .feature_maps import FeatureMaps
-from .policy import DEFAULT_PREFILL_SCORES, DEFAULT_PREFILL_WINDOW, Policy
+from ..checkpoints import find_checkpoint
+from ..core.feature_maps import FeatureMaps
+from ..core.policy import DEFAULT_PREFILL_SCORES, DEFAULT_PREFILL_WINDOW, Policy
 
 
 def load_feature_maps(

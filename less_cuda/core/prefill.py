@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import reference, slots
+from . import reference, state
 from .ops import less_state_update_
 from .policy import ResolvedPolicy
 
@@ -162,7 +162,7 @@ def _mask_padding(blocks: Tensor, valid: Tensor, s: int, e: int, width: int) -> 
 @torch.no_grad()
 def compress_prompt(
     k: Tensor, v: Tensor, psi: Tensor, valid: Tensor, scores: Tensor, resolved: ResolvedPolicy
-) -> slots.SlotCache:
+) -> state.SlotCache:
     """A prompt's compressed cache. k, v [B, Hkv, T, D]; psi [B, Hkv, T, R] fp32 (R = 0 without feature maps);
     valid [B, T] bool; scores [B, Hkv, T] fp32, the H2O prefill scores of `resolved.prefill_window` (column sums or
     window scores, from `prefill_attention`; zeros under Λ, which orders by position alone). The kept tokens start
@@ -173,9 +173,9 @@ def compress_prompt(
     every other real token is folded into H, z in one call. Positions count real tokens only.
     """
     B, Hkv, T, D = k.shape
-    keep = slots.prefill_keep(scores, valid, *resolved.as_args())
-    positions = slots.token_positions(valid)[:, None, :].expand(B, Hkv, T)
-    slot_k, slot_v, slot_psi, slot_scores, slot_pos, index = slots.gather_tokens(
+    keep = state.prefill_keep(scores, valid, *resolved.as_args())
+    positions = state.token_positions(valid)[:, None, :].expand(B, Hkv, T)
+    slot_k, slot_v, slot_psi, slot_scores, slot_pos, index = state.gather_tokens(
         keep, resolved.num_slots, k, v, psi, scores, positions
     )
     R = psi.shape[-1]
@@ -184,4 +184,4 @@ def compress_prompt(
     if R:
         less_state_update_(H, z, psi.contiguous(), v.contiguous(), valid[:, None, :] & ~keep)
     pos = torch.where(index >= 0, slot_pos, reference.EMPTY).to(torch.int32)
-    return slots.SlotCache(slot_k, slot_v, slot_psi, pos, slot_scores, H, z, valid.sum(dim=-1).to(torch.int32))
+    return state.SlotCache(slot_k, slot_v, slot_psi, pos, slot_scores, H, z, valid.sum(dim=-1).to(torch.int32))

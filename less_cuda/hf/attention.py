@@ -29,7 +29,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .prefill import prefill_attention
+from ..core.prefill import prefill_attention
 
 ATTN_IMPLEMENTATION = "less"
 FALLBACKS = ("sdpa", "eager")  # what a layer without a LessLayer can run with the boolean sdpa mask it is given

@@ -25,17 +25,17 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .cache import model_layout
+from ..hf.cache import model_layout
 from .capture import capture
-from .data import tokenizer_splits
+from ..hf.data import tokenizer_splits
 from .distributed import init_distributed, share_layer_results
-from .evaluate import compare, gap_closed
-from .feature_maps import FeatureMaps, FeatureMapsConfig
+from ..eval.perplexity import compare, gap_closed
+from ..core.feature_maps import FeatureMaps, FeatureMapsConfig
 from .input_scaling import input_rms
-from .models import DTYPES, full_attention_layers, load_model
-from .train_config import TrainConfig
-from .train_end_to_end import EndToEndTrainer
-from .train_layers import report, train_layer
+from ..hf.models import DTYPES, full_attention_layers, load_model
+from .config import TrainConfig
+from .end_to_end import EndToEndTrainer
+from .layer_stage import report, train_layer
 
 PROGRESS_DIR = "progress"
 

@@ -2,7 +2,7 @@
 (`less-cuda eval`), in three forms:
 
 - "parallel": every full-attention layer runs the "less_parallel" attention function. The policy's kept sets for
-  the whole sequence come from `slots.kept_masks` driven by the compiled ops (the policy code of the cache),
+  the whole sequence come from `state.kept_masks` driven by the compiled ops (the policy code of the cache),
   and the output from `reference.parallel_attention` with φ(q), ψ(k) of the layer's post-RoPE queries and keys
   (LESS) or without them (the sparse policy alone). Every token streams through the policy from the start.
 - "streaming": the real `LessCache`, fed one token per forward call from the first token on, the budget resolved
@@ -30,12 +30,12 @@ from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import ops, reference, slots
-from .attention import keep_attention_implementation
-from .models import full_attention_layers
-from .cache import LessCache
-from .feature_maps import FeatureMaps
-from .policy import Policy
+from ..core import ops, reference, state
+from ..hf.attention import keep_attention_implementation
+from ..hf.models import full_attention_layers
+from ..hf.cache import LessCache
+from ..core.feature_maps import FeatureMaps
+from ..core.policy import Policy
 
 ATTENTION = "less_parallel"
 METHODS = ("full", "sparse", "baseline_plus", "less")
@@ -94,7 +94,7 @@ def parallel_attention_function(policy: Policy, feature_maps: Optional[FeatureMa
         with torch.autocast(device, enabled=False):
             resolved = policy.resolve(query.shape[2])
             with torch.no_grad():  # the policy's discrete choices take no gradient
-                kept = slots.kept_masks(query, key, scale, *resolved.as_args(), attend=ops.less_decode_attention,
+                kept = state.kept_masks(query, key, scale, *resolved.as_args(), attend=ops.less_decode_attention,
                                         evict_=ops.less_score_and_evict_)
             layer = module.layer_idx
             lowrank = feature_maps is not None and feature_maps.has_layer(layer)

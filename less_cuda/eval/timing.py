@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 
-from .cache import LessCache, layer_nbytes
+from ..hf.cache import LessCache, layer_nbytes
 
 
 class StepClock(StoppingCriteria):

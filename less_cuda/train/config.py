@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 if TYPE_CHECKING:
     import torch
 
-    from .policy import Policy, ResolvedPolicy
+    from ..core.policy import Policy, ResolvedPolicy
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torch dtypes by name: models.DTYPES
 STAGES = ("layer", "end-to-end")  # in the order they run
@@ -84,7 +84,7 @@ class TrainConfig:
                              f"{self.seq_len}-token sequences: nothing to train")
 
     def policy_spec(self) -> Policy:
-        from .policy import Policy  # torch: imported when a run is configured, not for `less-cuda --help`
+        from ..core.policy import Policy  # torch: imported when a run is configured, not for `less-cuda --help`
 
         return Policy(kind=self.policy, budget=self.budget, recent=self.recent, sinks=self.sinks)
 

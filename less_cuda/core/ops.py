@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._build import load_extension
+from .._build import load_extension
 from .policy import policy_id
-from .slots import SlotCache
+from .state import SlotCache
 
 load_extension()  # less_cuda._C's op registrations, once its build record matches the running torch
 _ops = torch.ops.less_cuda

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:  # a type only: slots imports this module
-    from .slots import SlotCache
+    from .state import SlotCache
 
 H2O = 0
 """Policy id: keep the `recent` newest tokens plus the heavy hitters by accumulated attention."""

@@ -23,14 +23,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .capture import LayerCapture
-from .evaluate import baseline_plus
-from .feature_maps import FeatureMapsConfig, LayerFeatureMaps
+from ..eval.perplexity import baseline_plus
+from ..core.feature_maps import FeatureMapsConfig, LayerFeatureMaps
 from .input_scaling import input_rms, param_groups, scale_initial_weights, set_learning_rate
-from .models import DTYPES
-from .policy import ResolvedPolicy
-from .step_attention import PolicySteps, batched_policy_steps, step_attention
-from .train_config import TrainConfig
-from .train_state import load_training_state, save_training_state
+from ..hf.models import DTYPES
+from ..core.policy import ResolvedPolicy
+from ..core.step_attention import PolicySteps, batched_policy_steps, step_attention
+from .config import TrainConfig
+from .resume import load_training_state, save_training_state
 
 
 def output_mse(out: Tensor, target: Tensor, o_proj: Tensor, start: int) -> Tensor:

@@ -4,7 +4,7 @@ distribution, starting from the per-layer stage's maps.
 Per-layer fitting is teacher-forced: each layer learns on the hidden states of the unmodified model, but at
 inference it sees those that the compressed layers below it produced, so the per-layer errors compound. Here the
 model runs with every full-attention layer compressed, as in the parallel evaluation form (the kept sets from the
-inference policy code, `slots.kept_masks` on the ops), with the output computed step by step through the ops
+inference policy code, `state.kept_masks` on the ops), with the output computed step by step through the ops
 (`step_attention.kept_attention`, differentiable). The loss is KL(p_full || p_LESS) of the next-token distributions,
 averaged over the positions where the policy has evicted something (t >= budget + 1; before that LESS is exact).
 The model's own weights stay frozen; the gradient reaches each layer's φ/ψ through every layer above it.
@@ -31,12 +31,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .distributed import all_reduce_gradients
-from .evaluate import attention_function, parallel_attention_function
-from .feature_maps import FeatureMaps
+from ..eval.perplexity import attention_function, parallel_attention_function
+from ..core.feature_maps import FeatureMaps
 from .input_scaling import param_groups, set_learning_rate
-from .step_attention import kept_attention
-from .train_config import TrainConfig
-from .train_state import load_training_state, save_training_state
+from ..core.step_attention import kept_attention
+from .config import TrainConfig
+from .resume import load_training_state, save_training_state
 
 END_TO_END_ATTENTION = "less_end_to_end"
 PARTIAL_NAME = "end_to_end.partial.safetensors"

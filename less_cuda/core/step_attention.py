@@ -1,6 +1,6 @@
 """The compressed cache's decode output at every step of whole sequences at once, for training.
 
-`policy_steps` runs the policy over a sequence through the compiled ops, as the cache does (`slots.kept_masks`:
+`policy_steps` runs the policy over a sequence through the compiled ops, as the cache does (`state.kept_masks`:
 H2O's token-by-token loop driven by `ops.less_decode_attention` / `ops.less_score_and_evict_`, Λ's in closed form),
 and records which tokens occupy the slots at each step and when each token leaves them. The policy's choices do not depend on φ/ψ. `step_attention` then computes
 step t's output as `ops.less_decode_attention` of query t over step t's slots and the state H_t, z_t folded
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import ops, slots
+from . import ops, state
 from .policy import ResolvedPolicy
 
 
@@ -40,10 +40,10 @@ class PolicySteps:
 
     @staticmethod
     def from_kept(kept: Tensor, num_slots: int) -> "PolicySteps":
-        """The steps described by kept [B, Hkv, T, T] bool (`slots.stream_kept_masks`), which holds at most
+        """The steps described by kept [B, Hkv, T, T] bool (`state.stream_kept_masks`), which holds at most
         `num_slots` tokens per step."""
         B, Hkv, T, _ = kept.shape
-        (slot_index,) = slots.gather_tokens(kept.transpose(1, 2).reshape(B * T, Hkv, T), num_slots)
+        (slot_index,) = state.gather_tokens(kept.transpose(1, 2).reshape(B * T, Hkv, T), num_slots)
         # Eviction is final, so the evicted sets grow step by step and one step index per token describes them all.
         evicted = torch.ones(T, T, dtype=torch.bool, device=kept.device).tril() & ~kept
         left = evicted.any(dim=2)
@@ -54,7 +54,7 @@ class PolicySteps:
 
 def policy_steps(q: Tensor, k: Tensor, scale: float, policy: ResolvedPolicy) -> PolicySteps:
     """Run the policy over q [B, Hq, T, D], k [B, Hkv, T, D] through the compiled ops, as the cache does."""
-    kept = slots.kept_masks(
+    kept = state.kept_masks(
         q, k, scale, *policy.as_args(), attend=ops.less_decode_attention, evict_=ops.less_score_and_evict_
     )
     return PolicySteps.from_kept(kept, policy.num_slots)
@@ -121,7 +121,7 @@ def step_attention(
 
 def kept_attention(q: Tensor, k: Tensor, v: Tensor, kept: Tensor, phi_q: Optional[Tensor], psi_k: Optional[Tensor],
                    scale: float) -> Tensor:
-    """`reference.parallel_attention`'s contract (kept [B, Hkv, T, T] from `slots.stream_kept_masks`, out
+    """`reference.parallel_attention`'s contract (kept [B, Hkv, T, T] from `state.stream_kept_masks`, out
     [B, Hq, T, D]) computed step by step through the ops: the same values at O((S + R) D) per step, differentiable
     in q, k, v, phi_q and psi_k."""
     steps = PolicySteps.from_kept(kept, max(1, int(kept.sum(dim=-1).max())))

@@ -27,12 +27,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from . import __version__
-from .cache import model_layout
-from .checkpoints import checkpoint_label, find_checkpoint
-from .feature_maps import FeatureMaps
-from .integration import apply, load_feature_maps
-from .policy import DEFAULT_PREFILL_SCORES, DEFAULT_PREFILL_WINDOW, POLICY_IDS, Policy
+from .. import __version__
+from ..hf.cache import model_layout
+from ..checkpoints import checkpoint_label, find_checkpoint
+from ..core.feature_maps import FeatureMaps
+from ..hf.press import apply, load_feature_maps
+from ..core.policy import DEFAULT_PREFILL_SCORES, DEFAULT_PREFILL_WINDOW, POLICY_IDS, Policy
 
 METHODS = ("full", "sparse", "less")
 """full: the model's own cache; sparse: the policy alone (`apply(..., lowrank=False)`); less: the policy plus the

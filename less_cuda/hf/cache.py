@@ -6,7 +6,7 @@ rank-R state H, z: its size stops growing once the budget is reached. The sparse
 machinery with R = 0 (no feature maps, an empty state that attention ignores exactly).
 
 Positions given to the policy are each real token's index among the real tokens of its row
-(`slots.token_positions`), so left padding shifts nothing; pad tokens are never attended, scored, kept or folded.
+(`state.token_positions`), so left padding shifts nothing; pad tokens are never attended, scored, kept or folded.
 
 A prompt fed to a fresh cache in one forward call is compressed at once (exact attention, H2O scores — column sums
 or the attention of the prompt's last query rows, `Policy.prefill_scores` —, keep the recent and top-scoring tokens,
@@ -31,12 +31,12 @@ from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
-from . import reference, slots
+from ..core import reference, state
 from .attention import announce, use_less_attention
-from .feature_maps import FeatureMaps
-from .ops import less_decode_step_
-from .policy import Policy, ResolvedPolicy
-from .prefill import compress_prompt, prefill_attention
+from ..core.feature_maps import FeatureMaps
+from ..core.ops import less_decode_step_
+from ..core.policy import Policy, ResolvedPolicy
+from ..core.prefill import compress_prompt, prefill_attention
 
 
 def model_layout(config: PretrainedConfig) -> dict:
@@ -54,7 +54,7 @@ def model_layout(config: PretrainedConfig) -> dict:
 class LessLayer(CacheLayerMixin):
     """One full-attention layer under LESS (H2O or Λ, with or without the low-rank state).
 
-    State: a `slots.SlotCache` with S = budget + 1 slots per (batch row, KV head) and R = 0 without feature maps.
+    State: a `state.SlotCache` with S = budget + 1 slots per (batch row, KV head) and R = 0 without feature maps.
 
     transformers' protocol: `update` receives the new tokens' k/v and returns them unchanged (a compressed layer
     cannot hand back the full history); the "less" attention function then calls `prefill` (first call) or
@@ -72,7 +72,7 @@ class LessLayer(CacheLayerMixin):
         self.policy = policy
         self.feature_maps = feature_maps
         self.resolved: Optional[ResolvedPolicy] = None
-        self.slots: Optional[slots.SlotCache] = None
+        self.slots: Optional[state.SlotCache] = None
         self.seen = 0  # columns seen, padding included: what transformers counts for masks and positions
         self.awaiting_attention = False
 

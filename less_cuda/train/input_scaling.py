@@ -17,7 +17,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .feature_maps import LayerFeatureMaps
+from ..core.feature_maps import LayerFeatureMaps
 
 
 def input_rms(x: Tensor) -> float:

@@ -9,8 +9,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from .feature_maps import LayerFeatureMaps
-from .train_layers import MSE_KEYS, LayerResult
+from ..core.feature_maps import LayerFeatureMaps
+from .layer_stage import MSE_KEYS, LayerResult
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
