@@ -23,7 +23,7 @@ TORCH_LIBRARY(less_cuda, m) {
   m.def("state_fold(Tensor psi, Tensor v, Tensor? mask) -> (Tensor, Tensor)");
   // (b) in place: H += dH, z += dz (the decode path: no allocation, one writer per element)
   m.def("state_update_(Tensor(a!) H, Tensor(b!) z, Tensor psi, Tensor v, Tensor? mask) -> ()");
-  // Inference form of one layer's feature maps (LayerKernels.phi / .psi): q [B,Hq,T,D], k [B,Hkv,T,D] and the
+  // Inference form of one layer's feature maps (LayerFeatureMaps.phi / .psi): q [B,Hq,T,D], k [B,Hkv,T,D] and the
   // fp32 weights -> phi [B,Hq,T,R], psi [B,Hkv,T,R] fp32
   m.def(
       "feature_maps(Tensor q, Tensor k, Tensor phi_w1, Tensor phi_w2, Tensor psi_w1, Tensor psi_w2, "

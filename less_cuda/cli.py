@@ -1,11 +1,12 @@
 """The `less-cuda` command (also `python -m less_cuda`, and torchrun's `-m less_cuda train`):
 - `less-cuda train ...` fits feature maps (`less_cuda.train`);
-- `less-cuda eval ...` compares perplexities in the parallel, streaming or prefill form (`less_cuda.evaluate`), or
-  runs the passkey retrieval task (`less_cuda.passkey`);
-- `less-cuda plot RESULTS.json` draws a results file (`less_cuda.plots`);
+- `less-cuda eval ...` compares perplexities in the parallel, streaming or prefill form (`less_cuda.eval.perplexity`),
+  or runs the passkey retrieval task (`less_cuda.eval.passkey`);
+- `less-cuda plot RESULTS.json` draws a results file (`less_cuda.eval.plots`);
 - `less-cuda serve ...` starts vLLM's server with LESS (`less_cuda.vllm`).
 
-Building the parser imports neither torch nor transformers: each command imports what it needs when it runs."""
+Building the parser imports neither torch nor transformers: the names it offers come from torch-free modules, and
+each command imports what it needs when it runs."""
 
 from __future__ import annotations
 
@@ -15,13 +16,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Union
 
+from .core.policy import POLICY_IDS, PREFILL_SCORES
+from .eval.methods import FORMS, METHODS, PASSKEY_METHODS
 from .train import config as train_config
 from .train.config import AUTOCAST_NAMES, DTYPE_NAMES, INPUT_SCALINGS, TrainConfig
 
-EVAL_METHODS = ("full", "sparse", "baseline_plus", "less")  # evaluate.METHODS, without importing torch
-EVAL_FORMS = ("parallel", "streaming", "prefill")  # evaluate.FORMS
-PASSKEY_METHODS = ("full", "sparse", "less")
-PREFILL_SCORES = ("sum", "window")  # policy.PREFILL_SCORES, without importing torch
+BUDGET_HELP = "cached tokens per layer and KV head: a count (51) or a fraction (0.05, 5%%)"
 
 
 def parse_budget(text: str) -> Union[int, float]:
@@ -36,6 +36,13 @@ def comma_list(convert):
     return lambda text: [convert(item) for item in text.split(",") if item]
 
 
+def policy_kind(text: str) -> str:
+    """An argparse type for a policy kind: one of POLICY_IDS."""
+    if text not in POLICY_IDS:
+        raise argparse.ArgumentTypeError(f"unknown policy {text!r}: choose from {', '.join(POLICY_IDS)}")
+    return text
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.add_argument("--model", default=defaults["model"],
                         help="'smollm2' or 'gemma3-270m' (offline, from their wheels), a transformers model "
@@ -47,17 +54,18 @@ def _add_model_arguments(parser: argparse.ArgumentParser, defaults: dict) -> Non
 
 def _add_policy_arguments(parser: argparse.ArgumentParser, defaults: dict, several: bool = False) -> None:
     if several:
-        parser.add_argument("--policy", type=comma_list(str), default=[defaults["policy"]],
+        parser.add_argument("--policy", type=comma_list(policy_kind), default=[defaults["policy"]],
                             help="h2o, lambda, or both comma-separated")
     else:
-        parser.add_argument("--policy", default=defaults["policy"], choices=["h2o", "lambda"])
+        parser.add_argument("--policy", default=defaults["policy"], choices=list(POLICY_IDS))
     parser.add_argument("--recent", type=parse_budget, default=defaults["recent"],
                         help="H2O: newest tokens always kept, count or fraction of the budget (default half)")
     parser.add_argument("--sinks", type=int, default=defaults["sinks"], help="Λ: first tokens always kept")
 
 
-def _add_text_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
-    parser.add_argument("--data", required=True, help="text file, or Hugging Face dataset name[:config]")
+def _add_text_arguments(parser, defaults: dict, required: bool) -> None:
+    parser.add_argument("--data", required=required, default=None,
+                        help="text file, or Hugging Face dataset name[:config]")
     parser.add_argument("--seq-len", type=int, default=defaults["seq_len"])
     parser.add_argument("--val-fraction", type=float, default=defaults["val_fraction"],
                         help="share of the articles held out (the tail of the text)")
@@ -65,15 +73,23 @@ def _add_text_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = train_config.defaults()
-    budget_help = "cached tokens per layer and KV head: a count (51) or a fraction (0.05, 5%%)"
     parser = argparse.ArgumentParser(prog="less-cuda", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_train_command(commands, defaults)
+    _add_eval_command(commands, defaults)
+    plot = commands.add_parser("plot", help="draw a results JSON file (eval, passkey, or make bench's) as a PNG")
+    plot.add_argument("results", help="JSON file written by `less-cuda eval --output` or `make bench`")
+    plot.add_argument("--output", default=None, help="PNG path (default: beside the results file)")
+    _add_serve_command(commands)
+    return parser
 
+
+def _add_train_command(commands, defaults: dict) -> None:
     fit = commands.add_parser("train", help="fit the LESS feature maps of a model (torchrun: several processes)")
     _add_model_arguments(fit, defaults)
-    _add_text_arguments(fit, defaults)
+    _add_text_arguments(fit, defaults, required=True)
     _add_policy_arguments(fit, defaults)
-    fit.add_argument("--budget", type=parse_budget, default=defaults["budget"], help=budget_help)
+    fit.add_argument("--budget", type=parse_budget, default=defaults["budget"], help=BUDGET_HELP)
     fit.add_argument("--output", required=True, help="checkpoint directory (progress for resuming is kept inside)")
     fit.add_argument("--rank", type=int, default=defaults["rank"], help="R, the rank of the low-rank state")
     fit.add_argument("--hidden", type=int, default=defaults["hidden"], help="φ/ψ hidden width (default: head_dim)")
@@ -104,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "RMS over the training data, which keeps models with large q/k (Gemma 3) trainable; none: "
                           "as they are (how the shipped SmolLM2 maps were fitted)")
 
+
+def _add_eval_command(commands, defaults: dict) -> None:
     ev = commands.add_parser("eval", help="perplexity (full cache, sparse policy, Baseline+, LESS) or passkey "
                                           "retrieval accuracy")
     _add_model_arguments(ev, defaults)
@@ -116,21 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="H2O with --prefill-scores window: the query rows scored (default: the policy's, 8)")
     ev.add_argument("--task", default="perplexity", choices=["perplexity", "passkey"])
     ev.add_argument("--budgets", "--budget", type=comma_list(parse_budget), default=[defaults["budget"]],
-                    help=budget_help + "; several comma-separated give a sweep")
+                    help=BUDGET_HELP + "; several comma-separated give a sweep")
     ev.add_argument("--checkpoint", default=None,
                     help="feature maps (default: the shipped one for model + policy); one policy only")
     ev.add_argument("--methods", default=None,
-                    help=f"comma-separated subset (perplexity: {','.join(EVAL_METHODS)}; "
+                    help=f"comma-separated subset (perplexity: {','.join(METHODS)}; "
                          f"passkey: {','.join(PASSKEY_METHODS)})")
     ev.add_argument("--batch-size", type=int, default=1)
     ev.add_argument("--output", default=None, help="write the results to this JSON file")
     ev.add_argument("--plot", action="store_true", help="also draw the results beside --output (PNG)")
     text = ev.add_argument_group("perplexity task")
-    text.add_argument("--data", default=None, help="text file, or Hugging Face dataset name[:config]")
-    text.add_argument("--seq-len", type=int, default=defaults["seq_len"])
-    text.add_argument("--val-fraction", type=float, default=defaults["val_fraction"],
-                      help="share of the articles held out (the tail of the text)")
-    text.add_argument("--form", default="parallel", choices=EVAL_FORMS,
+    _add_text_arguments(text, defaults, required=False)
+    text.add_argument("--form", default="parallel", choices=FORMS,
                       help="parallel (every token streams through the policy, computed at once), streaming (the "
                            "real cache, token by token), prefill (a compressed prompt, then decoding)")
     text.add_argument("--prompt-fraction", type=float, default=0.5,
@@ -146,20 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--seed", type=int, default=0)
     key.add_argument("--filler", default=None, help="text file to hide the key in (default: repeated sentences)")
 
-    plot = commands.add_parser("plot", help="draw a results JSON file (eval, passkey, or make bench's) as a PNG")
-    plot.add_argument("results", help="JSON file written by `less-cuda eval --output` or `make bench`")
-    plot.add_argument("--output", default=None, help="PNG path (default: beside the results file)")
 
+def _add_serve_command(commands) -> None:
     srv = commands.add_parser("serve", help="vLLM's OpenAI-compatible server with LESS layers (needs vLLM)",
                               epilog="Arguments after -- go to `vllm serve` unchanged (e.g. -- --port 8001).")
     srv.add_argument("model", help="a transformers model directory, or 'smollm2' (converted once from the GGUF)")
     srv.add_argument("--checkpoint", default=None,
                      help="LESS feature maps; they give the policy, budget and rank (without: sparse-only --policy)")
-    srv.add_argument("--policy", default=None, choices=["h2o", "lambda"])
+    srv.add_argument("--policy", default=None, choices=list(POLICY_IDS))
     srv.add_argument("--budget", type=int, default=None,
                      help="tokens kept per layer, request and KV head (default: the checkpoint's budget, a "
                           "fraction resolved against vLLM's max_model_len)")
-    return parser
 
 
 def _methods(args: argparse.Namespace, allowed: tuple[str, ...]) -> tuple[str, ...]:
@@ -173,12 +185,9 @@ def _methods(args: argparse.Namespace, allowed: tuple[str, ...]) -> tuple[str, .
 def _checkpoints(args: argparse.Namespace, model, budget=None) -> dict[str, Optional[str]]:
     """The feature-map checkpoint of each policy kind asked for: --checkpoint, or the shipped one (given a budget,
     the one fitted closest to it)."""
-    from .hf.cache import model_layout
     from .checkpoints import find_checkpoint
+    from .hf.models import model_layout
 
-    for kind in args.policy:
-        if kind not in ("h2o", "lambda"):
-            raise SystemExit(f"unknown policy {kind!r}: choose h2o, lambda or both")
     if args.checkpoint is not None:
         if len(args.policy) > 1:
             raise SystemExit("--checkpoint holds feature maps for one policy: give one --policy with it")
@@ -187,17 +196,29 @@ def _checkpoints(args: argparse.Namespace, model, budget=None) -> dict[str, Opti
     return {kind: str(path) if path is not None else None for kind, path in found.items()}
 
 
-def run_eval(args: argparse.Namespace) -> None:
-    from .hf.models import DTYPES, load_model
+def _prefill_options(args: argparse.Namespace) -> dict:
+    """--prefill-scores and --prefill-window as `Policy` keyword arguments; one not given keeps the policy's default."""
+    given = {"prefill_scores": args.prefill_scores, "prefill_window": args.prefill_window}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _policy(args: argparse.Namespace, kind: str):
+    """The `Policy` the eval arguments describe for one kind, at its default budget (each run sets its own)."""
     from .core.policy import Policy
 
-    methods = _methods(args, EVAL_METHODS if args.task == "perplexity" else PASSKEY_METHODS)
+    return Policy(kind=kind, recent=args.recent, sinks=args.sinks, **_prefill_options(args))
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from .hf.models import DTYPES, load_model
+
+    methods = _methods(args, METHODS if args.task == "perplexity" else PASSKEY_METHODS)
     if args.plot and not args.output:
         raise SystemExit("--plot draws the results file: give --output RESULTS.json")
     if args.task == "perplexity" and args.data is None:
         raise SystemExit("the perplexity task needs --data (a text file or a dataset name)")
     try:
-        Policy(**_prefill_options(args))  # a bad --prefill-window fails before the model loads
+        _policy(args, args.policy[0])  # a bad --prefill-window fails before the model loads
     except ValueError as error:
         raise SystemExit(f"--prefill-window: {error}") from None
     model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.gguf_file)
@@ -218,12 +239,6 @@ def run_eval(args: argparse.Namespace) -> None:
         print(f"plot written to {plot_file(args.output)}")
 
 
-def _prefill_options(args: argparse.Namespace) -> dict:
-    """--prefill-scores and --prefill-window as `Policy` keyword arguments; one not given keeps the policy's default."""
-    given = {"prefill_scores": args.prefill_scores, "prefill_window": args.prefill_window}
-    return {name: value for name, value in given.items() if value is not None}
-
-
 def _run_settings(args: argparse.Namespace) -> dict:
     """The command's settings for a results file: every argument, and the package version."""
     from . import __version__
@@ -233,11 +248,12 @@ def _run_settings(args: argparse.Namespace) -> dict:
 
 
 def _perplexity_results(args, model, tokenizer, methods) -> dict:
+    from dataclasses import replace
+
     from .checkpoints import checkpoint_label
-    from .hf.data import tokenizer_splits
     from .eval.perplexity import compare
+    from .hf.data import tokenizer_splits
     from .hf.press import load_feature_maps
-    from .core.policy import Policy
 
     splits = tokenizer_splits(args.data, tokenizer, args.seq_len, args.val_fraction)
     sequences = splits.validation[args.skip : args.skip + args.sequences]
@@ -252,9 +268,8 @@ def _perplexity_results(args, model, tokenizer, methods) -> dict:
         for budget in args.budgets:
             checkpoint = _checkpoints(args, model, budget)[kind]
             feature_maps = load_feature_maps(model, checkpoint, kind, budget=budget) if checkpoint is not None else None
-            policy = Policy(kind=kind, budget=budget, recent=args.recent, sinks=args.sinks, **_prefill_options(args))
-            result = compare(model, sequences, policy, feature_maps, args.batch_size,
-                             tuple(m for m in methods if m not in full), args.form, prompt_length,
+            result = compare(model, sequences, replace(_policy(args, kind), budget=budget), feature_maps,
+                             args.batch_size, tuple(m for m in methods if m not in full), args.form, prompt_length,
                              checkpoint_label(checkpoint) if checkpoint is not None else None)
             full = full or {m: p for m, p in result.perplexity.items() if m == "full"}
             result.perplexity = {**full, **result.perplexity}
@@ -266,13 +281,14 @@ def _perplexity_results(args, model, tokenizer, methods) -> dict:
 
 def _passkey_results(args, model, tokenizer, methods) -> dict:
     from .eval.passkey import evaluate_passkey, format_table
+    from .hf.press import SHIPPED
 
     runs = []
     for kind in args.policy:  # --checkpoint, or the shipped ones picked per budget; the report names them
-        runs.append(evaluate_passkey(model, tokenizer, args.lengths, args.depths, args.budgets, policy=kind,
-                                     methods=methods, feature_maps=args.checkpoint if "less" in methods else None,
-                                     trials=args.trials, seed=args.seed, filler=args.filler,
-                                     **_prefill_options(args)))
+        runs.append(evaluate_passkey(model, tokenizer, args.lengths, args.depths, args.budgets,
+                                     policy=_policy(args, kind), methods=methods,
+                                     feature_maps=args.checkpoint or SHIPPED, trials=args.trials, seed=args.seed,
+                                     filler=args.filler))
     # One results file for all policies; the full cache does not depend on the policy, so it is kept once.
     results = runs[0]
     for run in runs[1:]:
@@ -280,12 +296,6 @@ def _passkey_results(args, model, tokenizer, methods) -> dict:
     results.update(_run_settings(args))
     print(format_table(results))
     return results
-
-
-def run_plot(args: argparse.Namespace) -> None:
-    from .eval.plots import plot_file
-
-    print(f"plot written to {plot_file(args.results, args.output)}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -305,6 +315,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         serve(args.model, args.checkpoint, args.policy, args.budget, passed_on)
     elif args.command == "plot":
-        run_plot(args)
+        from .eval.plots import plot_file
+
+        print(f"plot written to {plot_file(args.results, args.output)}")
     else:
         run_eval(args)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import less_cuda.checkpoints
-from less_cuda.hf.cache import model_layout
+from less_cuda.hf.models import model_layout
 from less_cuda.checkpoints import find_checkpoint
 from less_cuda.core.feature_maps import CONFIG_NAME, WEIGHTS_NAME, FeatureMaps
 from less_cuda.hf.press import apply

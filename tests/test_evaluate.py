@@ -11,20 +11,14 @@ import pytest
 import torch
 
 from less_cuda import cli
-from less_cuda.eval.perplexity import (
-    attention_function,
-    baseline_plus,
-    cache_perplexity,
-    compare,
-    gap_closed,
-    lowrank_state_bytes,
-    parallel_attention_function,
-    perplexity,
-)
-from less_cuda.hf.cache import LessCache
 from less_cuda.core.feature_maps import FeatureMaps, FeatureMapsConfig
+from less_cuda.core.policy import Policy, baseline_plus, lowrank_state_bytes
+from less_cuda.eval.comparison import gap_closed
+from less_cuda.eval.perplexity import cache_perplexity, compare, perplexity
+from less_cuda.hf.attention import attention_function
+from less_cuda.hf.cache import LessCache
 from less_cuda.hf.models import load_model
-from less_cuda.core.policy import Policy
+from less_cuda.hf.parallel import ATTENTION, parallel_attention_function
 from helpers import WIKITEXT, missing_input
 from test_hf_integration import prompts, random_feature_maps, tiny_qwen2_with_a_sliding_layer
 from test_train import tiny_model_dir  # noqa: F401  (a fixture)
@@ -70,7 +64,7 @@ def test_less_with_an_empty_state_is_its_sparse_policy(tiny):
     silent = FeatureMaps(feature_maps.config)
     silent.load_state_dict(feature_maps.state_dict())
     with torch.no_grad():
-        for layer in silent.layer_kernels.values():
+        for layer in silent.layers.values():
             layer.psi_scale.zero_()
     sparse = perplexity(model, sequences, parallel_attention_function(policy, None))
     assert perplexity(model, sequences, parallel_attention_function(policy, silent)) == pytest.approx(sparse, rel=1e-6)
@@ -174,7 +168,7 @@ def test_padding_is_refused(tiny):
     model, sequences, _ = tiny
     mask = torch.ones_like(sequences)
     mask[0, :4] = 0
-    with attention_function(model, parallel_attention_function(Policy("h2o", budget=8), None)):
+    with attention_function(model, parallel_attention_function(Policy("h2o", budget=8), None), ATTENTION):
         with pytest.raises(ValueError, match="unpadded"):
             model(input_ids=sequences, attention_mask=mask)
 

@@ -36,7 +36,7 @@ def test_phi_and_psi_are_nonnegative_fp32_with_the_documented_shapes():
 @pytest.mark.parametrize("world", [1, 2])
 def test_a_tensor_parallel_share_computes_its_heads_of_the_whole(world):
     """vLLM splits query and KV heads into equal contiguous blocks per rank; each rank's φ/ψ are those heads'."""
-    layer = FeatureMaps(tiny_config()).layer_kernels["0"]
+    layer = FeatureMaps(tiny_config()).layer(0)
     with torch.no_grad():  # untrained ψ scales are tiny and equal: make every head's weights differ visibly
         for p in layer.parameters():
             p.copy_(torch.randn_like(p))
@@ -55,7 +55,7 @@ def test_fused_features_match_the_differentiable_form(dtype, shape):
     from helpers import assert_close_ratio
 
     feature_maps = FeatureMaps(tiny_config(kernel_hidden=24, rank=8))
-    layer = feature_maps.layer_kernels["0"]
+    layer = feature_maps.layer(0)
     with torch.no_grad():
         layer.psi_scale.uniform_(-1.0, 1.0)  # negative scales too: psi takes their absolute value
         layer.psi_interaction_scale.uniform_(-1.0, 1.0)
@@ -74,7 +74,7 @@ def test_features_keep_gradients_when_they_are_needed():
     feature_maps = FeatureMaps(tiny_config())
     phi, psi = feature_maps.features(0, torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16))
     (phi.sum() + psi.sum()).backward()
-    assert feature_maps.layer_kernels["0"].phi_mlp.w1.grad is not None
+    assert feature_maps.layer(0).phi_mlp.w1.grad is not None
 
 
 def test_untrained_psi_folds_almost_nothing():

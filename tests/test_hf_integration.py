@@ -12,7 +12,9 @@ from helpers import assert_close_ratio
 from less_cuda.core import reference as ref
 from less_cuda.core import state as slots
 from less_cuda.hf.attention import less_attention
-from less_cuda.hf.cache import LessCache, LessLayer, model_layout
+from less_cuda.hf.cache import LessCache
+from less_cuda.hf.layer import LessLayer
+from less_cuda.hf.models import model_layout
 from less_cuda.core.feature_maps import FeatureMaps, FeatureMapsConfig
 from less_cuda.hf.press import LessPress, apply
 from less_cuda.core.policy import Policy
@@ -43,7 +45,7 @@ def random_feature_maps(model, kind: str = "h2o", rank: int = 4, layers=None) ->
     torch.manual_seed(1)
     feature_maps = FeatureMaps(config)
     with torch.no_grad():
-        for maps in feature_maps.layer_kernels.values():
+        for maps in feature_maps.layers.values():
             maps.psi_scale.fill_(1.0)
     return feature_maps
 

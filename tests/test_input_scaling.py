@@ -96,7 +96,7 @@ def test_the_end_to_end_stage_steps_the_first_layers_by_their_inputs_scale(tiny_
     def spy(self, *args, **kwargs):
         init(self, *args, **kwargs)
         scales = {id(p): group["lr_scale"] for group in self.optimizer.param_groups for p in group["params"]}
-        for layer, maps in self.feature_maps.layer_kernels.items():
+        for layer, maps in self.feature_maps.layers.items():
             seen[int(layer)] = [scales[id(w)] for w in (maps.phi_mlp.w1, maps.psi_mlp.w1, maps.phi_mlp.w2)]
 
     monkeypatch.setattr(train_end_to_end.EndToEndTrainer, "__init__", spy)

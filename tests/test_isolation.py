@@ -15,7 +15,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from less_cuda import less_decode_attention, less_score_and_evict_, less_state_fold
 
 from less_cuda.core import ops
-from less_cuda.hf.cache import LessCache, LessLayer
+from less_cuda.hf.cache import LessCache
+from less_cuda.hf.layer import LessLayer
 from less_cuda.hf.press import apply
 from less_cuda.core.policy import Policy
 from test_cpu_ops import decode_inputs

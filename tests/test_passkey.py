@@ -11,8 +11,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from helpers import WIKITEXT, missing_input
-from less_cuda.hf.cache import model_layout
+from less_cuda.hf.models import model_layout
 from less_cuda.core.feature_maps import FeatureMaps, FeatureMapsConfig
+from less_cuda.core.policy import Policy
 from less_cuda.eval.passkey import (
     DEFAULT_FILLER,
     INTRO,
@@ -148,14 +149,14 @@ def test_sample_refuses_bad_arguments(tokenizer, length, depth, match):
         ({"policy": "lambda", "budgets": [0.05], "context_lengths": [60]}, "budgets"),  # 3 tokens, not above 4 sinks
         ({"policy": "lru"}, "policy"),
         ({"trials": 0}, "trials"),
-        ({"prefill_scores": "snapkv"}, "prefill_scores"),
-        ({"prefill_window": 0}, "prefill_window"),
+        ({"policy": lambda: Policy("h2o", prefill_scores="snapkv")}, "prefill_scores"),
+        ({"policy": lambda: Policy("h2o", prefill_window=0)}, "prefill_window"),
     ],
 )
 def test_evaluate_refuses_bad_arguments_before_running_the_model(tokenizer, override, match):
     args = dict(context_lengths=[300], depths=[0.5], budgets=[0.1], trials=1) | override
-    with pytest.raises(ValueError, match=match):
-        evaluate_passkey(None, tokenizer, **args)  # the model is never reached
+    with pytest.raises(ValueError, match=match):  # a policy given as a factory is built here, inside the check
+        evaluate_passkey(None, tokenizer, **{k: v() if callable(v) else v for k, v in args.items()})
 
 
 @pytest.mark.parametrize(
@@ -234,8 +235,8 @@ def test_the_prefill_ranking_reaches_every_compressed_run_and_the_report(monkeyp
         return apply(*args, **kwargs)
 
     monkeypatch.setattr(less_cuda.eval.passkey, "apply", recording_apply)
-    report = evaluate_passkey(model, tokenizer, [96], [0.5], [16], policy="h2o", methods=("full", "sparse"), trials=1,
-                              prefill_scores="window", prefill_window=6)
+    report = evaluate_passkey(model, tokenizer, [96], [0.5], [16], methods=("full", "sparse"), trials=1,
+                              policy=Policy("h2o", prefill_scores="window", prefill_window=6))
     assert len(presses) == 1 and (presses[0]["prefill_scores"], presses[0]["prefill_window"]) == ("window", 6)
     assert (report["settings"]["prefill_scores"], report["settings"]["prefill_window"]) == ("window", 6)
     assert "H2O prefill scores: window of the last 6 rows" in format_table(report).splitlines()[0]

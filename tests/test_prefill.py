@@ -143,11 +143,14 @@ def test_less_cache_prefill_keeps_the_slots_of_the_reference_scores(policy, monk
         calls.append((module.layer_idx, query, key, value, kwargs["scaling"]))
         return less_attention(module, query, key, value, attention_mask, **kwargs)
 
-    def no_second_pass(*args, **kwargs):
-        raise AssertionError("the layer recomputed the prompt's attention")
+    passes = []
+
+    def counted_pass(*args, **kwargs):
+        passes.append(args[0].shape)
+        return prefill_attention(*args, **kwargs)
 
     monkeypatch.setitem(AttentionInterface._global_mapping, "less", recording_attention)
-    monkeypatch.setattr("less_cuda.hf.cache.prefill_attention", no_second_pass)
+    monkeypatch.setattr("less_cuda.core.compressed_layer.prefill_attention", counted_pass)
     ids, mask = left_padded(prompts(23, 15, 19))
     with torch.no_grad():
         full_logits = model(ids, attention_mask=mask).logits
@@ -158,6 +161,7 @@ def test_less_cache_prefill_keeps_the_slots_of_the_reference_scores(policy, monk
 
     valid = mask.bool()
     assert len(calls) == len(cache.layers)
+    assert len(passes) == len(cache.layers), "the layer recomputed the prompt's attention"
     for (layer_idx, q, k, v, scale), layer in zip(calls, cache.layers):
         args = layer.resolved.as_args()
         scores = reference_scores(policy, q, k, valid, scale)
@@ -176,18 +180,18 @@ def test_less_cache_prefill_keeps_the_slots_of_the_reference_scores(policy, monk
 
 @pytest.mark.parametrize("policy", [Policy("h2o", budget=4), Policy("h2o", budget=4, prefill_scores="window",
                                                                     prefill_window=3)], ids=["sum", "window"])
-def test_a_layer_given_no_scores_computes_the_same_ones(policy):
+def test_a_layer_ranks_the_prompt_by_the_reference_scores(policy):
     model = tiny_llama()
     B, T = 2, 12
     q, k, v = qkv(B, 4, 2, T, 16, torch.float32, seed=5)
     valid = make_valid(B, T, "left")
-    given, alone = (LessCache(model, None, policy).layers[0] for _ in range(2))
-    for layer in (given, alone):
-        layer.lazy_initialization(k, v)
-    given.prefill(q, k, v, valid, 0.25, scores=reference_scores(policy, q, k, valid, 0.25))
-    alone.prefill(q, k, v, valid, 0.25)
-    assert torch.equal(alone.slots.pos, given.slots.pos)
-    assert_close_ratio(alone.slots.scores, given.slots.scores, what="scores")
+    layer = LessCache(model, None, policy).layers[0]
+    layer.lazy_initialization(k, v)
+    layer.prefill(q, k, v, valid, 0.25)
+    psi = torch.zeros(*k.shape[:3], 0)
+    given = prefill_module.compress_prompt(k, v, psi, valid, reference_scores(policy, q, k, valid, 0.25), layer.resolved)
+    assert torch.equal(layer.slots.pos, given.pos)
+    assert_close_ratio(layer.slots.scores, given.scores, what="scores")
 
 
 def test_steps_take_enough_batch_rows_to_share_out_over_the_threads():
@@ -246,13 +250,13 @@ def test_bad_prefill_fields_name_the_field(fields, error, message):
 
 
 def test_the_prefill_window_reaches_the_resolved_policy_under_h2o_only():
-    assert Policy("h2o", 8).resolve(100).prefill_window is None  # column sums
-    assert Policy("h2o", 8, prefill_scores="window", prefill_window=12).resolve(100).prefill_window == 12
+    assert Policy("h2o", 8).resolve(100).prompt_window is None  # column sums
+    assert Policy("h2o", 8, prefill_scores="window", prefill_window=12).resolve(100).prompt_window == 12
     # W beyond the prompt is not clipped here: the scoring clips it per batch row, to the row's real tokens.
-    assert Policy("h2o", 0.5, prefill_scores="window", prefill_window=64).resolve(10).prefill_window == 64
+    assert Policy("h2o", 0.5, prefill_scores="window", prefill_window=64).resolve(10).prompt_window == 64
     # Λ ranks by position: it ignores the prefill fields, as it ignores `recent`.
     lam = Policy("lambda", 8, sinks=2, prefill_scores="window", prefill_window=3)
-    assert lam.score_window is None and lam.resolve(100) == Policy("lambda", 8, sinks=2).resolve(100)
+    assert lam.prompt_window is None and lam.resolve(100) == Policy("lambda", 8, sinks=2).resolve(100)
 
 
 def test_lambda_keeps_the_same_tokens_whatever_the_prefill_scores():

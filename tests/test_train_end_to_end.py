@@ -15,7 +15,8 @@ import torch
 from less_cuda import cli
 
 from less_cuda.train import end_to_end as train_end_to_end
-from less_cuda.eval.perplexity import attention_function, parallel_attention_function
+from less_cuda.hf.attention import attention_function
+from less_cuda.hf.parallel import parallel_attention_function
 from less_cuda.core.feature_maps import FeatureMaps
 from less_cuda.core.policy import Policy
 from less_cuda.core.step_attention import kept_attention

@@ -1,5 +1,5 @@
-// less_cuda::feature_maps on CPU: phi(q) and psi(k) of one layer in one call (LayerKernels.phi / .psi in
-// less_cuda/feature_maps.py, which stays the differentiable form that training uses). At decode the feature maps run
+// less_cuda::feature_maps on CPU: phi(q) and psi(k) of one layer in one call (LayerFeatureMaps.phi / .psi in
+// less_cuda/core/feature_maps.py, which stays the differentiable form that training uses). At decode the feature maps run
 // once per layer and token on a few rows, where a chain of small torch ops costs more than their arithmetic.
 //
 // Per row x [D] of head h: y = gelu(gelu(x W1[h]) W2[h]) (exact, erf-based GELU), W1 [D,E], W2 [E,R];

@@ -41,6 +41,8 @@ from .policy import Policy
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "kernels.safetensors"
+STORED_PREFIX = "layer_kernels"
+"""What format version 1 calls `FeatureMaps.layers` in the weights file: "layer_kernels.<layer>.phi_mlp.w1", ..."""
 BUDGET_TOLERANCE = 2.0
 """A budget within this factor of the one a checkpoint was fitted for uses it without a warning: feature maps fitted
 at 5% still help at 4% or 8%, but the further the budget, the more the evicted tokens differ from the ones they
@@ -111,9 +113,37 @@ class FeatureMapsConfig:
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from None
 
+    @classmethod
+    def from_checkpoint(cls, directory: Union[str, Path]) -> "FeatureMapsConfig":
+        """The config of the checkpoint in `directory` (`from_file`), without reading its weights. Raises
+        FileNotFoundError when the directory lacks config.json or kernels.safetensors."""
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"no LESS checkpoint at {directory}: {name} is missing")
+        return cls.from_file(directory / CONFIG_NAME)
+
     def layout(self) -> dict:
         """The model facts a checkpoint must agree with."""
         return {k: getattr(self, k) for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size")}
+
+    def check_compatible(self, layout: dict, policy_kind: Optional[str] = None, rank: Optional[int] = None,
+                         budget: Optional[Union[int, float]] = None) -> None:
+        """Raise a clear ValueError if these feature maps were fitted for another model layout, policy or rank, or
+        (when `budget` is given) for a budget more than BUDGET_TOLERANCE from it. `less_cuda.apply` only warns about
+        the budget; pass it here to make a mismatch an error."""
+        mine = self.layout()
+        diff = {k: (mine[k], layout.get(k)) for k in mine if layout.get(k) != mine[k]}
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in diff.items())
+            raise ValueError(f"LESS checkpoint for {self.base_model!r} does not fit this model ({detail})")
+        kind = self.policy.get("kind")
+        if policy_kind is not None and kind is not None and policy_kind != kind:
+            raise ValueError(f"LESS checkpoint was fitted for policy {kind!r}, not {policy_kind!r}")
+        if rank is not None and rank != self.rank:
+            raise ValueError(f"LESS checkpoint has rank {self.rank}, but rank {rank} was asked for")
+        if budget is not None and (message := self.budget_mismatch(budget)):
+            raise ValueError(message)
 
     def budget_gap(self, budget: Union[int, float]) -> Optional[float]:
         """By what factor (>= 1) `budget` differs from the budget these maps were fitted for, or None when that is
@@ -229,8 +259,7 @@ class FeatureMaps(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        # "layer_kernels" (like kernels.safetensors) is the name format version 1 stores the weights under.
-        self.layer_kernels = nn.ModuleDict(
+        self.layers = nn.ModuleDict(
             {str(i): LayerFeatureMaps(c.num_heads, c.num_kv_heads, c.head_dim, c.kernel_hidden, c.rank)
              for i in c.layers}
         )
@@ -240,17 +269,21 @@ class FeatureMaps(nn.Module):
         return self.config.rank
 
     def has_layer(self, layer: int) -> bool:
-        return str(layer) in self.layer_kernels
+        return str(layer) in self.layers
+
+    def layer(self, layer: int) -> LayerFeatureMaps:
+        """The φ/ψ of one layer."""
+        return self.layers[str(layer)]
 
     def phi(self, layer: int, q: Tensor) -> Tensor:
-        return self.layer_kernels[str(layer)].phi(q)
+        return self.layer(layer).phi(q)
 
     def psi(self, layer: int, k: Tensor) -> Tensor:
-        return self.layer_kernels[str(layer)].psi(k)
+        return self.layer(layer).psi(k)
 
     def features(self, layer: int, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """(phi(q), psi(k)) of one layer; see `LayerFeatureMaps.features`."""
-        return self.layer_kernels[str(layer)].features(q, k)
+        return self.layer(layer).features(q, k)
 
     def save_pretrained(self, directory: Union[str, Path], dtype: torch.dtype = torch.float16) -> None:
         """Write config.json and kernels.safetensors into `directory`, the tensors in `dtype` (fp16 halves the size;
@@ -258,7 +291,7 @@ class FeatureMaps(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        tensors = {name: p.detach().to("cpu", dtype).contiguous() for name, p in self.state_dict().items()}
+        tensors = {_stored(name): p.detach().to("cpu", dtype).contiguous() for name, p in self.state_dict().items()}
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format_version": str(FORMAT_VERSION)})
 
     @classmethod
@@ -266,11 +299,9 @@ class FeatureMaps(nn.Module):
         """Load a checkpoint written by `save_pretrained`: config.json through `FeatureMapsConfig.from_file`, the
         weights with safetensors (never pickle), checked by `_read_weights` before any is copied in."""
         directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"no LESS checkpoint at {directory}: {name} is missing")
-        feature_maps = cls(FeatureMapsConfig.from_file(directory / CONFIG_NAME))
-        feature_maps.load_state_dict(feature_maps._read_weights(directory / WEIGHTS_NAME))  # into fp32 parameters
+        feature_maps = cls(FeatureMapsConfig.from_checkpoint(directory))
+        weights = feature_maps._read_weights(directory / WEIGHTS_NAME)
+        feature_maps.load_state_dict({"layers" + name.removeprefix(STORED_PREFIX): t for name, t in weights.items()})
         return feature_maps.to(device) if device is not None else feature_maps
 
     def _read_weights(self, path: Path) -> dict[str, Tensor]:
@@ -284,7 +315,7 @@ class FeatureMaps(nn.Module):
             raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
         if version != str(FORMAT_VERSION):
             raise ValueError(f"{path} has format_version {version}, this less_cuda reads {FORMAT_VERSION}")
-        expected = {name: tuple(p.shape) for name, p in self.state_dict().items()}
+        expected = {_stored(name): tuple(p.shape) for name, p in self.state_dict().items()}
         missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
         if missing or unexpected:
             raise ValueError(f"{path} does not hold the tensors its config describes: missing {_listed(missing)}, "
@@ -298,28 +329,15 @@ class FeatureMaps(nn.Module):
             raise ValueError(f"{path} is damaged or does not match its config: {_listed(problems)}")
         return tensors
 
-    def check_compatible(
-        self,
-        layout: dict,
-        policy_kind: Optional[str] = None,
-        rank: Optional[int] = None,
-        budget: Optional[Union[int, float]] = None,
-    ) -> None:
-        """Raise a clear ValueError if these feature maps were fitted for another model layout, policy or rank, or
-        (when `budget` is given) for a budget more than BUDGET_TOLERANCE from it. `less_cuda.apply` only warns about
-        the budget; pass it here to make a mismatch an error."""
-        mine = self.config.layout()
-        diff = {k: (mine[k], layout.get(k)) for k in mine if layout.get(k) != mine[k]}
-        if diff:
-            detail = ", ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in diff.items())
-            raise ValueError(f"LESS checkpoint for {self.config.base_model!r} does not fit this model ({detail})")
-        kind = self.config.policy.get("kind")
-        if policy_kind is not None and kind is not None and policy_kind != kind:
-            raise ValueError(f"LESS checkpoint was fitted for policy {kind!r}, not {policy_kind!r}")
-        if rank is not None and rank != self.config.rank:
-            raise ValueError(f"LESS checkpoint has rank {self.config.rank}, but rank {rank} was asked for")
-        if budget is not None and (message := self.config.budget_mismatch(budget)):
-            raise ValueError(message)
+    def check_compatible(self, layout: dict, policy_kind: Optional[str] = None, rank: Optional[int] = None,
+                         budget: Optional[Union[int, float]] = None) -> None:
+        """`FeatureMapsConfig.check_compatible` of these maps' config."""
+        self.config.check_compatible(layout, policy_kind, rank, budget)
+
+
+def _stored(name: str) -> str:
+    """A `FeatureMaps.state_dict` name as the weights file stores it ("layers.5.psi_scale" -> "layer_kernels.5...")."""
+    return STORED_PREFIX + name.removeprefix("layers")
 
 
 def _listed(items: list[str], shown: int = 4) -> str:

@@ -1,14 +1,19 @@
-"""The sparse policy configuration: which tokens keep their K/V, validated once at the boundary."""
+"""The sparse policy: which tokens keep their K/V, validated once at the boundary, and what it costs in tokens.
+
+No torch here: the command line builds its choices from these names without loading it.
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
-from typing import Optional, Union
+from dataclasses import dataclass, replace
+from typing import Any, Optional, Union
 
-from .reference import H2O, LAMBDA
-
+H2O = 0
+"""Policy id: keep the `recent` newest tokens plus the heavy hitters by accumulated attention."""
+LAMBDA = 1
+"""Policy id (Λ-shaped attention): keep the first `sinks` tokens plus the newest ones."""
 POLICY_IDS = {"h2o": H2O, "lambda": LAMBDA}
 PREFILL_SCORES = ("sum", "window")
 """How H2O ranks a prompt's tokens at prefill: "sum", the column sums of the whole prompt's attention; "window",
@@ -16,7 +21,7 @@ the attention of the prompt's last `prefill_window` query rows, max-pooled over 
 (`reference.prefill_window_scores`)."""
 DEFAULT_PREFILL_SCORES = "sum"
 """H2O's own rule stays the default: "window" finds a passkey that "sum" never keeps, but on plain text (WikiText-2,
-prefill form, SmolLM2, 5%) it cost the sparse policy 10-15% perplexity (LESS 2-4%); README, Passkey."""
+prefill form, SmolLM2, 5%) it cost the sparse policy 10-15% perplexity (LESS 2-4%); docs/results.md."""
 DEFAULT_PREFILL_WINDOW = 8
 """W: on SmolLM2 passkey prompts the last 8 rows kept the key where 32 did not; more rows add text before the
 question, whose attention outweighs the question's own."""
@@ -97,10 +102,15 @@ class Policy:
                           f"prompt needs at least {needed} tokens, or give the budget as a token count")
 
     @property
-    def score_window(self) -> Optional[int]:
-        """The query rows H2O's prefill ranks a prompt's tokens by: the last `prefill_window` under "window", None
-        for all of them (the column sums) under "sum" and under Λ, which ranks by position."""
-        return self.prefill_window if self.kind == "h2o" and self.prefill_scores == "window" else None
+    def scores_prompt(self) -> bool:
+        """Whether the policy ranks a prompt's tokens by attention scores (H2O); Λ ranks them by position alone."""
+        return self.kind == "h2o"
+
+    @property
+    def prompt_window(self) -> Optional[int]:
+        """The query rows a prompt's tokens are ranked by: the last `prefill_window` under H2O's "window", None for
+        all of them (the column sums) under "sum", and under Λ, which needs no scores."""
+        return self.prefill_window if self.scores_prompt and self.prefill_scores == "window" else None
 
     def resolve(self, length: int) -> "ResolvedPolicy":
         """Token counts for a prompt (or training sequence) of `length` tokens."""
@@ -115,24 +125,35 @@ class Policy:
             if recent >= budget:
                 raise self._too_small(length, f"H2O needs budget > recent to keep any heavy hitter: budget {budget}, "
                                               f"recent {recent}", recent)
-            return ResolvedPolicy(POLICY_IDS["h2o"], budget, recent, 0, self.score_window)
+            return ResolvedPolicy(H2O, budget, recent, 0, self.prompt_window)
         if self.sinks >= budget:
             raise self._too_small(length, f"Λ needs budget > sinks to keep any recent token: budget {budget}, sinks "
                                           f"{self.sinks}", self.sinks)
-        return ResolvedPolicy(POLICY_IDS["lambda"], budget, budget - self.sinks, self.sinks)
+        return ResolvedPolicy(LAMBDA, budget, budget - self.sinks, self.sinks)
+
+    def in_tokens(self, length: int) -> "Policy":
+        """This policy with its fractional budget (and H2O's recent share) fixed to the token counts it resolves to
+        at `length` tokens: what a cache that sizes its state once, before it sees a prompt, runs."""
+        resolved = self.resolve(length)
+        return replace(self, budget=resolved.budget, recent=resolved.recent if self.kind == "h2o" else None)
 
 
 @dataclass(frozen=True)
 class ResolvedPolicy:
-    """What the ops take: policy id (reference.H2O / reference.LAMBDA) and token counts; and, for the prefill, the
-    query rows H2O ranks a prompt's tokens by: prefill_window W (the last W rows, `prefill.prefill_attention`), or
-    None for the column sums over all of them (and under Λ, which ranks by position)."""
+    """What the ops take: policy id (H2O / LAMBDA) and token counts; and, for the prefill, the query rows H2O ranks a
+    prompt's tokens by: prompt_window W (the last W rows, `prefill.prefill_attention`), or None for the column sums
+    over all of them (and under Λ, which ranks by position)."""
 
     policy_id: int
     budget: int
     recent: int
     sinks: int
-    prefill_window: Optional[int] = None
+    prompt_window: Optional[int] = None
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether a prompt's tokens are ranked by attention scores (H2O) rather than by position (Λ)."""
+        return self.policy_id == H2O
 
     @property
     def num_slots(self) -> int:
@@ -143,3 +164,21 @@ class ResolvedPolicy:
         """(policy, budget, recent, sinks) in the order of `score_and_evict_`."""
         return self.policy_id, self.budget, self.recent, self.sinks
 
+
+def lowrank_state_bytes(head_dim: int, rank: int, num_slots: int) -> int:
+    """fp32 bytes LESS adds per (layer, batch row, KV head): H (R x D), z (R) and psi(k) of every slot (R each)."""
+    return 4 * rank * (head_dim + 1 + num_slots)
+
+
+def baseline_plus(policy: Policy, length: int, head_dim: int, rank: int, dtype: Any) -> Policy:
+    """Baseline+: the sparse policy given, as extra tokens, the bytes LESS's state costs at sequence length `length`.
+
+    Extra tokens = ceil(state bytes / (K + V bytes of one token in `dtype`, a torch dtype)): rounded up, in the
+    baseline's favour. The token-count fields keep their meaning (H2O's `recent` stays a share of the larger budget
+    when it was left to its default or given as a fraction; Λ keeps its sinks and gives the extra slots to recent
+    tokens).
+    """
+    resolved = policy.resolve(length)
+    token_bytes = 2 * head_dim * dtype.itemsize
+    extra = math.ceil(lowrank_state_bytes(head_dim, rank, resolved.num_slots) / token_bytes)
+    return replace(policy, budget=resolved.budget + extra)

@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import reference, state
+from . import state
 from .ops import less_state_update_
 from .policy import ResolvedPolicy
+from .ranking import WINDOW_POOL, window_rows
 
 DEFAULT_CHUNK = 64
 """Query rows per step on CPU. Measured on SmolLM2's shape (9 / 3 heads, D 64; B 8 x 2k and B 1 x 1k tokens):
@@ -49,7 +50,7 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: flo
 
     q [B, Hq, T, D]; k [B, Hkv, T, D]; v [B, Hkv, T, Dv]; valid [B, T] bool (False on padding); scale the logit
     scale; chunk query rows per step (None: a per-device default); window: None for the column sums, or W >= 1
-    for the window scores (`ResolvedPolicy.prefill_window`).
+    for the window scores (`ResolvedPolicy.prompt_window`).
     Returns out [B, Hq, T, Dv] in q's dtype (a transposed view of a contiguous [B, T, Hq, Dv] tensor, the layout
     transformers wants back) and scores [B, Hkv, T] fp32.
     out: real query rows attend to the real keys at or before them (as sdpa with the causal and padding mask);
@@ -58,74 +59,91 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: flo
     query rows only, max-pooled over positions (`reference.prefill_window_scores`); 0 on padding. Math in fp32
     whatever q's dtype.
     """
-    B, Hq, T, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
-    G = Hq // Hkv
-    if chunk is None:
-        chunk = DEFAULT_CHUNK if q.device.type == "cpu" else CUDA_CHUNK
-    chunk = max(1, min(chunk, T))
-    nb = _batch_rows_per_step(B, Hkv, Hq * chunk * T, q.device)
-    f32 = dict(dtype=torch.float32, device=q.device)
-    # One copy each, in the layouts the matmuls read: k^T per (b, h) and contiguous v (transformers hands both over
-    # as strided views of the projections).
-    kt = k.to(torch.float32).transpose(-1, -2).contiguous()
-    vf = v.to(torch.float32).contiguous()
-    out = torch.empty(B, T, Hq, Dv, dtype=q.dtype, device=q.device)
-    scores = torch.zeros(B, Hkv, T, **f32)
-    # Buffers for the largest step, reused by every step (sliced to the step's shape).
-    probs_buf = torch.empty(nb * Hq * chunk * T, **f32)
-    q_buf = torch.empty(nb * Hq * chunk * D, **f32)
-    o_buf = torch.empty(nb * Hq * chunk * Dv, **f32)
-    upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu_(1)
-    in_place = q.device.type == "cpu"  # the CPU softmax kernel is verified safe in place (tests/test_prefill.py)
-    padded = not bool(valid.all())
-    if window is not None:
-        if window < 1:
-            raise ValueError(f"window must be at least 1 query row, got {window}")
-        in_window, first = reference.window_rows(valid, window)  # steps ending before `first` add nothing
-        row_weight = in_window.to(torch.float32)
+    if window is not None and window < 1:
+        raise ValueError(f"window must be at least 1 query row, got {window}")
+    one_pass = _Pass(q, k, v, valid, scale, chunk, window)
+    for b0 in range(0, q.shape[0], one_pass.nb):
+        one_pass.attend_group(b0, min(b0 + one_pass.nb, q.shape[0]))
+    return one_pass.finish()
 
-    for b0 in range(0, B, nb):
-        b1 = min(b0 + nb, B)
+
+class _Pass:
+    """The state of one `prefill_attention` call: the inputs in the layouts the matmuls read, the outputs, and
+    buffers for the largest step, reused by every step (sliced to the step's shape)."""
+
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float, chunk: Optional[int],
+                 window: Optional[int]):
+        B, Hq, T, D = q.shape
+        self.Hkv, self.Dv = k.shape[1], v.shape[-1]
+        self.G = Hq // self.Hkv
+        if chunk is None:
+            chunk = DEFAULT_CHUNK if q.device.type == "cpu" else CUDA_CHUNK
+        self.chunk = max(1, min(chunk, T))
+        self.nb = _batch_rows_per_step(B, self.Hkv, Hq * self.chunk * T, q.device)
+        self.q, self.valid, self.scale, self.window = q, valid, scale, window
+        f32 = dict(dtype=torch.float32, device=q.device)
+        # One copy each, in the layouts the matmuls read: k^T per (b, h) and contiguous v (transformers hands both
+        # over as strided views of the projections).
+        self.kt = k.to(torch.float32).transpose(-1, -2).contiguous()
+        self.vf = v.to(torch.float32).contiguous()
+        self.out = torch.empty(B, T, Hq, self.Dv, dtype=q.dtype, device=q.device)
+        self.scores = torch.zeros(B, self.Hkv, T, **f32)
+        self.probs_buf = torch.empty(self.nb * Hq * self.chunk * T, **f32)
+        self.q_buf = torch.empty(self.nb * Hq * self.chunk * D, **f32)
+        self.o_buf = torch.empty(self.nb * Hq * self.chunk * self.Dv, **f32)
+        self.upper = torch.ones(self.chunk, self.chunk, dtype=torch.bool, device=q.device).triu_(1)
+        self.in_place = q.device.type == "cpu"  # the CPU softmax kernel is verified safe in place (test_prefill.py)
+        self.padded = not bool(valid.all())
+        if window is not None:
+            in_window, self.first = window_rows(valid, window)  # steps ending before `first` add nothing
+            self.row_weight = in_window.to(torch.float32)
+
+    def attend_group(self, b0: int, b1: int) -> None:
+        """Every step of batch rows b0..b1-1: `chunk` query rows at a time against the key columns they can see."""
+        q, G, Hkv, Dv = self.q, self.G, self.Hkv, self.Dv
+        T, D = q.shape[2], q.shape[3]
         n_b = b1 - b0
         bh = n_b * Hkv
-        kt_g = kt[b0:b1].view(bh, D, T)
-        v_g = vf[b0:b1].view(bh, T, Dv)
-        scores_g = scores[b0:b1].view(bh, 1, T)
-        if padded:
-            valid_g = valid[b0:b1]
-            pad = (~valid_g).any(dim=0)  # a pad row or column in some row of the group
-            pad_list = pad.tolist()  # one host sync per group, none per step
+        kt_g = self.kt[b0:b1].view(bh, D, T)
+        v_g = self.vf[b0:b1].view(bh, T, Dv)
+        scores_g = self.scores[b0:b1].view(bh, 1, T)
+        if self.padded:
+            valid_g = self.valid[b0:b1]
+            pad_list = (~valid_g).any(dim=0).tolist()  # a pad row or column in some row; one host sync per group
             pad_end = T - pad_list[::-1].index(True) if any(pad_list) else 0
-        for s in range(0, T, chunk):
-            e = min(s + chunk, T)
+        for s in range(0, T, self.chunk):
+            e = min(s + self.chunk, T)
             n = e - s
             rows = G * n
-            qc = q_buf[: bh * rows * D].view(n_b, Hkv, G, n, D)
+            qc = self.q_buf[: bh * rows * D].view(n_b, Hkv, G, n, D)
             qc.copy_(q[b0:b1, :, s:e].view(n_b, Hkv, G, n, D))
-            logits = probs_buf[: bh * rows * e].view(bh, rows, e)
+            logits = self.probs_buf[: bh * rows * e].view(bh, rows, e)
             # beta=0: the buffer's stale contents are never read.
-            torch.baddbmm(logits, qc.view(bh, rows, D), kt_g[:, :, :e], beta=0, alpha=scale, out=logits)
+            torch.baddbmm(logits, qc.view(bh, rows, D), kt_g[:, :, :e], beta=0, alpha=self.scale, out=logits)
             blocks = logits.view(n_b, Hkv, G, n, e)
-            blocks[..., s:e].masked_fill_(upper[:n, :n], -math.inf)  # causal: only this corner sees the future
-            if padded:
+            blocks[..., s:e].masked_fill_(self.upper[:n, :n], -math.inf)  # causal: only this corner sees the future
+            if self.padded:
                 _mask_padding(blocks, valid_g, s, e, e if any(pad_list[s:e]) else min(e, pad_end))
-            probs = torch.ops.aten._softmax.out(logits, -1, False, out=logits) if in_place else logits.softmax(-1)
-            oc = o_buf[: bh * rows * Dv].view(bh, rows, Dv)
+            probs = torch.ops.aten._softmax.out(logits, -1, False, out=logits) if self.in_place else logits.softmax(-1)
+            oc = self.o_buf[: bh * rows * Dv].view(bh, rows, Dv)
             torch.bmm(probs, v_g[:, :e], out=oc)
-            if window is None:
+            if self.window is None:
                 scores_g[..., :e] += probs.sum(dim=1, keepdim=True)
-            elif e > first:  # sum the window's rows alone: a 0/1 row vector times the block
-                weight = row_weight[b0:b1, None, None, s:e].expand(n_b, Hkv, G, n).reshape(bh, 1, rows)
+            elif e > self.first:  # sum the window's rows alone: a 0/1 row vector times the block
+                weight = self.row_weight[b0:b1, None, None, s:e].expand(n_b, Hkv, G, n).reshape(bh, 1, rows)
                 scores_g[..., :e] += torch.bmm(weight, probs)
-            out[b0:b1, s:e].view(n_b, n, Hkv, G, Dv).copy_(oc.view(n_b, Hkv, G, n, Dv).permute(0, 3, 1, 2, 4))
-    if window is not None:  # pad columns hold 0 here (no window row sees one), which a max pool leaves alone
-        scores = F.max_pool1d(scores, reference.WINDOW_POOL, stride=1, padding=reference.WINDOW_POOL // 2)
-    if padded:
-        # Pad rows attended to themselves only (see _mask_padding), and the pool spread into pad columns: clear both.
-        out.masked_fill_(~valid[:, :, None, None], 0.0)
-        scores.masked_fill_(~valid[:, None, :], 0.0)
-    return out.transpose(1, 2), scores
+            self.out[b0:b1, s:e].view(n_b, n, Hkv, G, Dv).copy_(oc.view(n_b, Hkv, G, n, Dv).permute(0, 3, 1, 2, 4))
+
+    def finish(self) -> tuple[Tensor, Tensor]:
+        """(out [B, Hq, T, Dv], scores [B, Hkv, T]) once every group is done."""
+        out, scores, valid = self.out, self.scores, self.valid
+        if self.window is not None:  # pad columns hold 0 here (no window row sees one), which a max pool leaves alone
+            scores = F.max_pool1d(scores, WINDOW_POOL, stride=1, padding=WINDOW_POOL // 2)
+        if self.padded:
+            # Pad rows attended to themselves only (see _mask_padding), and the pool spread into pad columns: clear.
+            out.masked_fill_(~valid[:, :, None, None], 0.0)
+            scores.masked_fill_(~valid[:, None, :], 0.0)
+        return out.transpose(1, 2), scores
 
 
 def _batch_rows_per_step(B: int, Hkv: int, elems_per_row: int, device: torch.device) -> int:
@@ -164,7 +182,7 @@ def compress_prompt(
     k: Tensor, v: Tensor, psi: Tensor, valid: Tensor, scores: Tensor, resolved: ResolvedPolicy
 ) -> state.SlotCache:
     """A prompt's compressed cache. k, v [B, Hkv, T, D]; psi [B, Hkv, T, R] fp32 (R = 0 without feature maps);
-    valid [B, T] bool; scores [B, Hkv, T] fp32, the H2O prefill scores of `resolved.prefill_window` (column sums or
+    valid [B, T] bool; scores [B, Hkv, T] fp32, the H2O prefill scores of `resolved.prompt_window` (column sums or
     window scores, from `prefill_attention`; zeros under Λ, which orders by position alone). The kept tokens start
     decoding with these scores, so the decode rule goes on ranking by what chose them: had the window's picks
     started from their column sums instead, a fact seen once would rank lowest and go in the first decode steps.
@@ -183,5 +201,5 @@ def compress_prompt(
     z = torch.zeros(B, Hkv, R, dtype=torch.float32, device=k.device)
     if R:
         less_state_update_(H, z, psi.contiguous(), v.contiguous(), valid[:, None, :] & ~keep)
-    pos = torch.where(index >= 0, slot_pos, reference.EMPTY).to(torch.int32)
+    pos = torch.where(index >= 0, slot_pos, state.EMPTY).to(torch.int32)
     return state.SlotCache(slot_k, slot_v, slot_psi, pos, slot_scores, H, z, valid.sum(dim=-1).to(torch.int32))

@@ -20,24 +20,14 @@ computed as a merge of two attention states (output, log-sum-exp): the sparse so
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # a type only: slots imports this module
-    from .state import SlotCache
-
-H2O = 0
-"""Policy id: keep the `recent` newest tokens plus the heavy hitters by accumulated attention."""
-LAMBDA = 1
-"""Policy id (Λ-shaped attention): keep the first `sinks` tokens plus the newest ones."""
-EMPTY = -1
-"""Position value of a free slot."""
-WINDOW_POOL = 7
-"""Kernel of the max pool that smooths H2O's window scores at prefill (`prefill_window_scores`): a token within
-WINDOW_POOL // 2 positions of a focus of the window's attention scores as high, so the few tokens of a fact the end
-of the prompt asks for (a number's digits, a name) are kept together rather than only the one attended most."""
+from .policy import H2O, LAMBDA  # noqa: F401  (the policy ids, read here as reference.H2O / .LAMBDA by the tests)
+from .ranking import WINDOW_POOL, eviction_key, window_rows
+from .state import EMPTY, SlotCache
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,25 +114,6 @@ def decode_attention(
 # ---------------------------------------------------------------------------------------------------------------
 # Op (a): H2O score accumulation and eviction
 # ---------------------------------------------------------------------------------------------------------------
-def eviction_key(policy: int, scores: Tensor, pos: Tensor, newest: Tensor, recent: int, sinks: int) -> Tensor:
-    """Eviction priority of each token: the smallest key goes first, +inf never goes.
-
-    scores [..., N] fp32, pos [..., N] int (EMPTY for no token), newest [...] the newest position.
-    H2O: a token's accumulated score, if it is outside the `recent` newest positions.
-    Λ:   a token's position, if it is not one of the first `sinks` positions.
-    """
-    occupied = pos >= 0
-    if policy == H2O:
-        evictable = occupied & (pos <= newest[..., None] - recent)
-        key = scores
-    elif policy == LAMBDA:
-        evictable = occupied & (pos >= sinks)
-        key = pos.float()
-    else:
-        raise ValueError(f"unknown policy id {policy}")
-    return torch.where(evictable, key, torch.full_like(scores, math.inf))
-
-
 def score_and_evict_(
     scores: Tensor, pos: Tensor, probs: Tensor, policy: int, budget: int, recent: int, sinks: int
 ) -> Tensor:
@@ -209,14 +180,6 @@ def prefill_scores(q: Tensor, k: Tensor, valid: Tensor, scale: float, chunk: int
         probs = logits.mul_(scale).masked_fill_(~allowed[:, None, None], -math.inf).softmax(dim=-1).nan_to_num_(0.0)
         scores[..., :end] += probs.sum(dim=(2, 3))
     return scores
-
-
-def window_rows(valid: Tensor, window: int) -> tuple[Tensor, int]:
-    """The query rows of each batch row's window: in_window [B, T] bool, True on its last min(window, real tokens)
-    real rows; and the first position any row's window starts at (0 if none has one), before which nothing counts."""
-    position = valid.long().cumsum(dim=-1) - 1  # among the row's real tokens
-    in_window = valid & (position >= valid.sum(dim=-1, keepdim=True) - window)
-    return in_window, int(in_window.any(dim=0).to(torch.int8).argmax())
 
 
 def prefill_window_scores(q: Tensor, k: Tensor, valid: Tensor, scale: float, window: int) -> Tensor:

@@ -1,8 +1,8 @@
-"""The slot bookkeeping that runs in production: one layer's compressed cache (`SlotCache`), prompt selection and
+"""One layer's compressed cache (`SlotCache`) and the slot bookkeeping that runs in production: prompt selection and
 packing after prefill, and the token-by-token policy driver that training and evaluation use.
 
-The math these follow (the eviction order, the decode step) is `less_cuda.reference`; the compiled decode step
-(`ops.less_decode_step_`) works in place on a `SlotCache`.
+The eviction order is `ranking.eviction_key`; the compiled decode step (`ops.less_decode_step_`) works in place on a
+`SlotCache`, and `reference.decode_step` is its ground truth.
 """
 
 from __future__ import annotations
@@ -13,7 +13,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .reference import EMPTY, LAMBDA, eviction_key
+from .policy import LAMBDA
+from .ranking import eviction_key
+
+EMPTY = -1
+"""Position value of a free slot."""
 
 
 def token_positions(valid: Tensor) -> Tensor:

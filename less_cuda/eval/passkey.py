@@ -6,7 +6,7 @@ KV cache drops most of the filler, and the needle with it unless the policy keep
 recovers it), so the accuracy over context lengths × depths × budgets shows what a policy remembers. Decoding is
 greedy, so a run is deterministic:
 
-    from less_cuda.passkey import evaluate_passkey, format_table
+    from less_cuda.eval.passkey import evaluate_passkey, format_table
     report = evaluate_passkey(model, tokenizer, context_lengths=[512, 1024], depths=[0.1, 0.5, 0.9],
                               budgets=[0.05], policy="h2o")
     print(format_table(report))
@@ -19,24 +19,20 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import __version__
-from ..hf.cache import model_layout
 from ..checkpoints import checkpoint_label, find_checkpoint
-from ..core.feature_maps import FeatureMaps
-from ..hf.press import apply, load_feature_maps
-from ..core.policy import DEFAULT_PREFILL_SCORES, DEFAULT_PREFILL_WINDOW, POLICY_IDS, Policy
-
-METHODS = ("full", "sparse", "less")
-"""full: the model's own cache; sparse: the policy alone (`apply(..., lowrank=False)`); less: the policy plus the
-low-rank state (`apply(..., feature_maps=...)`)."""
+from ..core.policy import Policy
+from ..hf.models import model_layout
+from ..hf.press import SHIPPED, FeatureMapsSource, apply, load_feature_maps, press_settings
+from .methods import PASSKEY_METHODS as METHODS
 
 DEFAULT_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 INTRO = (
@@ -212,16 +208,15 @@ def _accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sample
     return sum(answer_found(text, s.answer) for s, text in zip(samples, texts)) / len(samples)
 
 
-def _checkpoint_name(
-    model: PreTrainedModel, feature_maps: Union[FeatureMaps, str, Path, None], policy: str, budgets: Sequence
-) -> Optional[str]:
+def _checkpoint_name(model: PreTrainedModel, feature_maps: FeatureMapsSource, policy: str,
+                     budgets: Sequence) -> Optional[str]:
     """The feature maps' checkpoint for the report: the path given, the names of the shipped checkpoints the budgets
     picked (", "-joined), or None when only a `FeatureMaps` object was given."""
-    if isinstance(feature_maps, (str, Path)):
-        return checkpoint_label(feature_maps)
-    if feature_maps is None:
+    if feature_maps is None or (isinstance(feature_maps, str) and feature_maps == SHIPPED):
         shipped = {find_checkpoint(model_layout(model.config), policy, budget) for budget in budgets}
         return None if None in shipped else ", ".join(sorted(checkpoint_label(path) for path in shipped))
+    if isinstance(feature_maps, (str, Path)):
+        return checkpoint_label(feature_maps)
     return None
 
 
@@ -231,27 +226,25 @@ def evaluate_passkey(
     context_lengths: Sequence[int],
     depths: Sequence[float],
     budgets: Sequence[Union[int, float]],
-    policy: str = "h2o",
+    policy: Union[str, Policy] = "h2o",
     methods: Sequence[str] = METHODS,
-    feature_maps: Union[FeatureMaps, str, Path, None] = None,
+    feature_maps: Optional[FeatureMapsSource] = SHIPPED,
     trials: int = 4,
     seed: int = 0,
     filler: Union[str, Path, None] = None,
     needle: Optional[Needle] = None,
-    prefill_scores: str = DEFAULT_PREFILL_SCORES,
-    prefill_window: int = DEFAULT_PREFILL_WINDOW,
 ) -> dict:
     """Passkey accuracy of `model` over context lengths × depths, for the full cache once per cell and for each
     compressed method at each budget. Trial t of every cell uses the sample of seed `seed + t`.
 
     Args:
         budgets: ints (tokens) or fractions of the prompt length, as `less_cuda.apply` takes them.
-        policy: "h2o" or "lambda", for the sparse and less methods.
+        policy: for the sparse and less methods: "h2o" or "lambda" with the policy's defaults, or a `Policy` (its
+            recent / sinks and H2O's prefill ranking; its budget is replaced by each of `budgets`).
         methods: a subset of `METHODS`.
-        feature_maps: for "less": a `FeatureMaps`, a checkpoint directory, or None for the checkpoint shipped for
+        feature_maps: for "less": a `FeatureMaps`, a checkpoint directory, or "shipped" for the checkpoint shipped for
             the model and policy.
         filler, needle: as `PasskeyPrompts` takes them.
-        prefill_scores, prefill_window: how H2O ranks the prompt's tokens at prefill (`Policy`; Λ ignores them).
 
     Returns a JSON-able report:
         {"kind": "passkey", "model": name_or_path, "package_version": str,
@@ -263,31 +256,11 @@ def evaluate_passkey(
     with rows ordered by context length, depth, then full, then each budget's methods.
 
     Raises ValueError, naming the argument, for an empty list, a depth outside [0, 1], a context length too short
-    for the prompt's fixed parts, an unknown method, a budget the policy cannot use at some length, a bad prefill
-    setting, or trials < 1; all before any generation.
+    for the prompt's fixed parts, an unknown method, a budget the policy cannot use at some length, or trials < 1;
+    all before any generation.
     """
-    for name, values in (("context_lengths", context_lengths), ("depths", depths), ("methods", methods)):
-        if len(values) == 0:
-            raise ValueError(f"{name} is empty")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"methods has unknown {unknown}: choose from {list(METHODS)}")
-    if policy not in POLICY_IDS:
-        raise ValueError(f"policy must be one of {sorted(POLICY_IDS)}, got {policy!r}")
-    compressed = [m for m in METHODS[1:] if m in methods]
-    if compressed and len(budgets) == 0:
-        raise ValueError(f"budgets is empty, and methods {compressed} need at least one")
-    if trials < 1:
-        raise ValueError(f"trials must be at least 1, got {trials}")
-    prefill = {"prefill_scores": prefill_scores, "prefill_window": prefill_window}
-    Policy(kind=policy, **prefill)  # a bad prefill setting raises here, naming the field
-    for budget in budgets if compressed else ():
-        for length in context_lengths:  # a fraction resolves against the prompt length, as apply does
-            try:
-                Policy(kind=policy, budget=budget, **prefill).resolve(length)
-            except (TypeError, ValueError) as error:  # TypeError: neither an int nor a float
-                raise ValueError(f"budgets: {budget!r} at context length {length}: {error}") from error
-
+    policy = Policy(kind=policy) if isinstance(policy, str) else policy
+    _check_arguments(context_lengths, depths, budgets, policy, methods, trials)
     prompts = PasskeyPrompts(tokenizer, filler, needle)
     # All samples first, so that a bad length or depth fails before the model runs.
     cells = {
@@ -295,38 +268,71 @@ def evaluate_passkey(
         for length in context_lengths
         for depth in depths
     }
-    maps = {budget: load_feature_maps(model, feature_maps, policy, budget=budget)  # once per budget, not per cell
-            for budget in budgets} if "less" in methods else None
-    runs = [("full", None)] if "full" in methods else []
-    runs += [(method, budget) for budget in (budgets if compressed else ()) for method in compressed]
-
+    runs = _runs(model, policy, budgets, methods, feature_maps)
     results = []
     with tqdm(total=len(cells) * len(runs), desc="passkey", unit="run") as progress:
         for (length, depth), samples in cells.items():
-            for method, budget in runs:
+            for method, budget, settings in runs:
                 progress.set_postfix_str(f"{length} tokens, depth {depth}, {method} {budget or ''}".rstrip())
-                if method == "full":
+                if settings is None:
                     accuracy = _accuracy(model, tokenizer, samples)
                 else:
-                    options = {"feature_maps": maps[budget]} if method == "less" else {"lowrank": False}
-                    with apply(model, policy=policy, budget=budget, **options, **prefill):
+                    with apply(model, **settings):
                         accuracy = _accuracy(model, tokenizer, samples)
                 results.append({
-                    "method": method, "policy": None if method == "full" else policy, "budget": budget,
+                    "method": method, "policy": None if method == "full" else policy.kind, "budget": budget,
                     "context_length": length, "depth": depth, "accuracy": accuracy, "trials": trials,
                 })
                 progress.update()
 
     settings = {
-        "policy": policy, "budgets": list(budgets), "context_lengths": list(context_lengths), "depths": list(depths),
-        "trials": trials, "seed": seed, "filler": prompts.filler_description, **prefill,
+        "policy": policy.kind, "budgets": list(budgets), "context_lengths": list(context_lengths),
+        "depths": list(depths), "trials": trials, "seed": seed, "filler": prompts.filler_description,
+        "prefill_scores": policy.prefill_scores, "prefill_window": policy.prefill_window,
         "needle": {"text": prompts.needle.text, "question": prompts.needle.question, "answer": prompts.needle.answer},
-        "feature_maps": _checkpoint_name(model, feature_maps, policy, budgets) if "less" in methods else None,
+        "feature_maps": _checkpoint_name(model, feature_maps, policy.kind, budgets) if "less" in methods else None,
     }
     return {
         "kind": "passkey", "model": model.config.name_or_path, "package_version": __version__,
         "settings": settings, "results": results,
     }
+
+
+def _check_arguments(context_lengths: Sequence[int], depths: Sequence[float], budgets: Sequence, policy: Policy,
+                     methods: Sequence[str], trials: int) -> None:
+    """`evaluate_passkey`'s checks that need no tokenizer or model (a ValueError naming the argument)."""
+    for name, values in (("context_lengths", context_lengths), ("depths", depths), ("methods", methods)):
+        if len(values) == 0:
+            raise ValueError(f"{name} is empty")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"methods has unknown {unknown}: choose from {list(METHODS)}")
+    compressed = [m for m in METHODS[1:] if m in methods]
+    if compressed and len(budgets) == 0:
+        raise ValueError(f"budgets is empty, and methods {compressed} need at least one")
+    if trials < 1:
+        raise ValueError(f"trials must be at least 1, got {trials}")
+    for budget in budgets if compressed else ():
+        for length in context_lengths:  # a fraction resolves against the prompt length, as apply does
+            try:
+                replace(policy, budget=budget).resolve(length)
+            except (TypeError, ValueError) as error:  # TypeError: neither an int nor a float
+                raise ValueError(f"budgets: {budget!r} at context length {length}: {error}") from error
+
+
+def _runs(model: PreTrainedModel, policy: Policy, budgets: Sequence, methods: Sequence[str],
+          feature_maps: Optional[FeatureMapsSource]) -> list[tuple[str, Any, Optional[dict]]]:
+    """(method, budget, `apply`'s arguments or None for the full cache) of each run a cell gets: the full cache, then
+    each budget's compressed methods. LESS's feature maps are loaded once per budget here, not per cell."""
+    runs: list[tuple[str, Any, Optional[dict]]] = [("full", None, None)] if "full" in methods else []
+    for budget in budgets:
+        settings = press_settings(replace(policy, budget=budget))
+        if "sparse" in methods:
+            runs.append(("sparse", budget, {**settings, "lowrank": False}))
+        if "less" in methods:
+            maps = load_feature_maps(model, feature_maps, policy.kind, budget=budget)
+            runs.append(("less", budget, {**settings, "feature_maps": maps}))
+    return runs
 
 
 def format_table(results: dict) -> str:

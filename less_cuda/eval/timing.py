@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 
-from ..hf.cache import LessCache, layer_nbytes
+from ..hf.cache import LessCache
+from ..hf.memory import layer_nbytes
 
 
 class StepClock(StoppingCriteria):

@@ -29,7 +29,6 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..core.prefill import prefill_attention
 
 ATTN_IMPLEMENTATION = "less"
 FALLBACKS = ("sdpa", "eager")  # what a layer without a LessLayer can run with the boolean sdpa mask it is given
@@ -78,9 +77,9 @@ def less_attention(
     """transformers attention function. query [B, Hq, T, D]; key, value [B, Hkv, T, D] (what the cache's update
     returned); attention_mask the boolean sdpa mask [B, 1, T, kv_len] or None. Returns (out [B, T, Hq, D], None).
 
-    With a LessLayer, the first call of a generation is the prompt: its output is exact causal attention (under
-    H2O from `prefill_attention`, whose one pass also gives the scores the layer ranks tokens by; sdpa under Λ),
-    then the layer compresses the prompt. Every later call goes through the layer's decode step.
+    With a LessLayer, the first call of a generation is the prompt: the layer compresses it, and its output is exact
+    causal attention (under H2O from the pass that ranked the prompt's tokens, `compressed_layer.prefill`; sdpa
+    under Λ). Every later call goes through the layer's decode step.
     """
     layer = _claim(key)
     if layer is None:
@@ -90,14 +89,12 @@ def less_attention(
     B, _, T, _ = query.shape
     valid = _real_tokens(attention_mask, B, T, query.device)
     if not layer.is_prefilled:
-        # H2O ranks the prompt's tokens by their attention columns (all rows', or the last window's): one pass yields
-        # the output and those scores. Logit softcaps and position biases are sdpa's to handle (or refuse), as before.
-        if layer.policy.kind == "h2o" and kwargs.get("softcap") is None and kwargs.get("position_bias") is None:
-            out, scores = prefill_attention(query, key, value, valid, scale, window=layer.policy.score_window)
-            layer.prefill(query, key, value, valid, scale, scores=scores)
+        # H2O ranks the prompt's tokens by a pass of exact attention, whose output comes with it; Λ needs no pass, and
+        # logit softcaps and position biases are sdpa's to handle (or refuse): then sdpa gives the output.
+        out = layer.prefill(query, key, value, valid, scale)
+        if out is not None and kwargs.get("softcap") is None and kwargs.get("position_bias") is None:
             return out.transpose(1, 2), None
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scale, **kwargs)
-        layer.prefill(query, key, value, valid, scale)
         return out, None
     return layer.decode(query, key, value, valid, scale).transpose(1, 2), None
 
@@ -154,6 +151,18 @@ def keep_attention_implementation(model: PreTrainedModel) -> Iterator[None]:
     finally:
         if model.config._attn_implementation != previous:
             model.set_attn_implementation(previous)
+
+
+@contextmanager
+def attention_function(model: PreTrainedModel, function: Callable, name: str) -> Iterator[None]:
+    """Run `model` with `function` registered as its attention implementation `name` within the block (the
+    parallel evaluation form, training's capture and its end-to-end stage run their own attention this way)."""
+    AttentionInterface.register(name, function)
+    # A custom name without a mask function would get no mask at all; with the sdpa one `function` sees the padding.
+    AttentionMaskInterface.register(name, sdpa_mask)
+    with keep_attention_implementation(model):
+        model.set_attn_implementation(name)
+        yield
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, less_attention)

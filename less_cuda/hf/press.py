@@ -12,35 +12,55 @@ or, with an explicit cache (one per generate call):
 from __future__ import annotations
 
 import functools
+import warnings
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
-from typing import ContextManager, Iterator, Optional, Union
+from typing import Any, ContextManager, Iterator, Optional, Union
 
 from transformers import PreTrainedModel
 
-from .attention import keep_attention_implementation
-from .cache import LessCache, model_layout
 from ..checkpoints import find_checkpoint
 from ..core.feature_maps import FeatureMaps
 from ..core.policy import DEFAULT_PREFILL_SCORES, DEFAULT_PREFILL_WINDOW, Policy
+from .attention import keep_attention_implementation
+from .cache import LessCache
+from .models import model_layout
+
+SHIPPED = "shipped"
+"""feature_maps=SHIPPED: the checkpoint shipped with less_cuda for the model's layout and the policy kind (given a
+budget, the one fitted closest to it). A checkpoint directory named "shipped" is passed as a `Path`."""
+FeatureMapsSource = Union[FeatureMaps, str, Path]
+"""A `FeatureMaps`, a checkpoint directory, or SHIPPED."""
+
+
+def _source(feature_maps: Optional[FeatureMapsSource]) -> FeatureMapsSource:
+    """SHIPPED for None, which meant the shipped checkpoint before 0.2 (it means "no feature maps" in `LessCache`)."""
+    if feature_maps is not None:
+        return feature_maps
+    warnings.warn("feature_maps=None for the shipped checkpoint is deprecated and goes in the next release: pass "
+                  "feature_maps='shipped' (the default), or lowrank=False for the sparse policy alone",
+                  DeprecationWarning, stacklevel=3)
+    return SHIPPED
 
 
 def load_feature_maps(
     model: PreTrainedModel,
-    feature_maps: Union[FeatureMaps, str, Path, None],
+    feature_maps: Optional[FeatureMapsSource],
     policy_kind: str,
     rank: Optional[int] = None,
     budget: Optional[Union[int, float]] = None,
 ) -> FeatureMaps:
     """The feature maps for `model` and a policy kind, on the model's device.
 
-    feature_maps: a `FeatureMaps`, a checkpoint directory, or None for the checkpoint shipped with less_cuda for this
-    model layout and policy kind (given a budget, the one fitted closest to it). Raises ValueError when none is
+    feature_maps: a `FeatureMaps`, a checkpoint directory, or SHIPPED for the checkpoint shipped with less_cuda for
+    this model layout and policy kind (given a budget, the one fitted closest to it). Raises ValueError when none is
     shipped, or when the feature maps were fitted for another model layout, policy kind or rank; warns when they were
     fitted for a budget more than `feature_maps.BUDGET_TOLERANCE` from `budget`.
     """
+    feature_maps = _source(feature_maps)
     layout = model_layout(model.config)
-    shipped = feature_maps is None
+    shipped = isinstance(feature_maps, str) and feature_maps == SHIPPED
     if shipped:
         feature_maps = find_checkpoint(layout, policy_kind, budget)  # warns itself when none is near the budget
         if feature_maps is None:
@@ -71,8 +91,8 @@ class LessPress:
             incoming token takes one extra slot, so budget + 1 slots are allocated). An int counts tokens; a float in
             (0, 1] is a fraction of the prompt's real tokens (of the longest prompt in the batch, padding excluded),
             rounded, at least 2. A prompt no longer than the budget is kept whole.
-        feature_maps: φ/ψ: a `FeatureMaps`, a checkpoint directory, or None for the checkpoint shipped for the model
-            and policy kind (there must be one unless lowrank=False).
+        feature_maps: φ/ψ: a `FeatureMaps`, a checkpoint directory, or "shipped" (SHIPPED, the default) for the
+            checkpoint shipped for the model and policy kind (there must be one unless lowrank=False).
         recent: H2O only: newest tokens always kept, an int or a fraction of the budget; default half the budget.
         sinks: Λ only: first tokens always kept; the other budget - sinks slots hold the newest tokens.
         lowrank: True for LESS (every evicted token is folded into the rank-R state); False for the sparse-only
@@ -93,7 +113,7 @@ class LessPress:
         self,
         policy: str = "h2o",
         budget: Union[int, float] = 0.05,
-        feature_maps: Union[FeatureMaps, str, Path, None] = None,
+        feature_maps: Optional[FeatureMapsSource] = SHIPPED,
         recent: Optional[Union[int, float]] = None,
         sinks: int = 4,
         lowrank: bool = True,
@@ -103,14 +123,15 @@ class LessPress:
     ):
         self.policy = Policy(kind=policy, budget=budget, recent=recent, sinks=sinks, prefill_scores=prefill_scores,
                              prefill_window=prefill_window)
-        if not lowrank and feature_maps is not None:
+        feature_maps = _source(feature_maps)
+        if not lowrank and not (isinstance(feature_maps, str) and feature_maps == SHIPPED):
             raise ValueError("feature_maps were given with lowrank=False, which asks for the sparse-only baseline")
         self.feature_maps, self.lowrank, self.rank = feature_maps, lowrank, rank
 
     def __repr__(self) -> str:
         p = self.policy
         kept = f"recent={p.recent}, prefill_scores={p.prefill_scores!r}" if p.kind == "h2o" else f"sinks={p.sinks}"
-        if p.score_window is not None:
+        if p.prompt_window is not None:
             kept += f", prefill_window={p.prefill_window}"
         return f"LessPress(policy={p.kind!r}, budget={p.budget}, {kept}, lowrank={self.lowrank})"
 
@@ -151,21 +172,18 @@ class LessPress:
                     del model.generate
 
 
-def apply(
-    model: PreTrainedModel,
-    feature_maps: Union[FeatureMaps, str, Path, None] = None,
-    policy: str = "h2o",
-    budget: Union[int, float] = 0.05,
-    recent: Optional[Union[int, float]] = None,
-    sinks: int = 4,
-    lowrank: bool = True,
-    rank: Optional[int] = None,
-    prefill_scores: str = DEFAULT_PREFILL_SCORES,
-    prefill_window: int = DEFAULT_PREFILL_WINDOW,
-) -> ContextManager[PreTrainedModel]:
-    """The one-line form of `LessPress(...)(model)`; the arguments are LessPress's:
+def press_settings(policy: Policy) -> dict[str, Any]:
+    """A `Policy` as the keyword arguments of `LessPress` and `apply` (which call its kind `policy`)."""
+    settings = asdict(policy)
+    settings["policy"] = settings.pop("kind")
+    return settings
+
+
+def apply(model: PreTrainedModel, feature_maps: Optional[FeatureMapsSource] = SHIPPED,
+          **settings: Any) -> ContextManager[PreTrainedModel]:
+    """The one-line form of `LessPress(...)(model)`; `settings` are LessPress's other arguments:
 
         with less_cuda.apply(model, policy="h2o", budget=0.05):
             out = model.generate(**inputs, max_new_tokens=64)
     """
-    return LessPress(policy, budget, feature_maps, recent, sinks, lowrank, rank, prefill_scores, prefill_window)(model)
+    return LessPress(feature_maps=feature_maps, **settings)(model)

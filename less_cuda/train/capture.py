@@ -10,7 +10,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..eval.perplexity import attention_function
+from ..hf.attention import attention_function
 
 CAPTURE_ATTENTION = "less_capture"
 

@@ -31,7 +31,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .distributed import all_reduce_gradients
-from ..eval.perplexity import attention_function, parallel_attention_function
+from ..hf.attention import attention_function
+from ..hf.parallel import parallel_attention_function
 from ..core.feature_maps import FeatureMaps
 from .input_scaling import param_groups, set_learning_rate
 from ..core.step_attention import kept_attention
@@ -72,7 +73,7 @@ class EndToEndTrainer:
         model.requires_grad_(False)
         self.parameters = [p for p in feature_maps.parameters()]
         layers = {name: (maps, *(input_rms[int(name)] if input_rms is not None else (1.0, 1.0)))
-                  for name, maps in feature_maps.layer_kernels.items()}  # every layer has its scales, or none has
+                  for name, maps in feature_maps.layers.items()}  # every layer has its scales, or none has
         self.optimizer = torch.optim.AdamW(param_groups(layers), lr=cfg.e2e_lr, weight_decay=0.0)
         self.partial = progress_dir / PARTIAL_NAME
         self.start = cfg.resolved_policy().num_slots  # the first position where the policy has evicted a token

@@ -23,11 +23,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .capture import LayerCapture
-from ..eval.perplexity import baseline_plus
 from ..core.feature_maps import FeatureMapsConfig, LayerFeatureMaps
 from .input_scaling import input_rms, param_groups, scale_initial_weights, set_learning_rate
 from ..hf.models import DTYPES
-from ..core.policy import ResolvedPolicy
+from ..core.policy import ResolvedPolicy, baseline_plus
 from ..core.step_attention import PolicySteps, batched_policy_steps, step_attention
 from .config import TrainConfig
 from .resume import load_training_state, save_training_state

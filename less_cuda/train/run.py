@@ -25,14 +25,14 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..hf.cache import model_layout
 from .capture import capture
 from ..hf.data import tokenizer_splits
 from .distributed import init_distributed, share_layer_results
-from ..eval.perplexity import compare, gap_closed
+from ..eval.comparison import gap_closed
+from ..eval.perplexity import compare
 from ..core.feature_maps import FeatureMaps, FeatureMapsConfig
 from .input_scaling import input_rms
-from ..hf.models import DTYPES, full_attention_layers, load_model
+from ..hf.models import DTYPES, full_attention_layers, load_model, model_layout
 from .config import TrainConfig
 from .end_to_end import EndToEndTrainer
 from .layer_stage import report, train_layer
@@ -80,8 +80,8 @@ def _layer_stage(cfg: TrainConfig, model, kcfg: FeatureMapsConfig, splits, progr
         results[layer] = train_layer(cfg, kcfg, layer, train_caps.pop(layer, None), val_caps.pop(layer, None),
                                      progress_dir, device, position=1)
     feature_maps = FeatureMaps(kcfg)
-    share_layer_results(results, layers, world, feature_maps.layer_kernels[str(layers[0])])
-    feature_maps.load_state_dict({f"layer_kernels.{i}.{k}": v for i, r in results.items() for k, v in r.state.items()})
+    share_layer_results(results, layers, world, feature_maps.layer(layers[0]))
+    feature_maps.load_state_dict({f"layers.{i}.{k}": v for i, r in results.items() for k, v in r.state.items()})
     if rank == 0:
         print(report(results))
     return feature_maps.to(device), {str(layer): results[layer].mse for layer in sorted(results)}

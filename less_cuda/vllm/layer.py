@@ -8,10 +8,11 @@ which is `state.SlotCache` for one batch row; without feature maps (R = 0) psi, 
 
 Per step the layer does what `LessCache` does for the same tokens:
 - a request's first tokens (no tokens computed before, a whole prompt or the first chunk of a chunked prefill) get
-  exact causal attention, and the policy compresses them into the request's row (`prefill.compress_prompt`); this
+  exact causal attention, and the policy compresses them into the request's row (`compressed_layer.prefill`); this
   rewrites the whole row, so the stale data a new request's row holds never leaks in;
 - every other request's new tokens (decodes and later prefill chunks) stream through the decode rule: one fused
-  `less_decode_step_` call for all of them, the rows gathered from and written back to the state tensors.
+  decode step for all of them (`compressed_layer.decode`), the rows gathered from and written back to the state
+  tensors.
 """
 
 from __future__ import annotations
@@ -25,10 +26,8 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
-from ..core import reference
+from ..core import compressed_layer
 from ..core.feature_maps import LayerFeatureMaps
-from ..core.ops import less_decode_step_
-from ..core.prefill import compress_prompt, prefill_attention
 from ..core.state import SlotCache
 from .backend import LessStateMetadata
 from .settings import ServingSettings
@@ -132,14 +131,9 @@ class LessStateLayer(MambaBase, nn.Module):
         """Exact attention over one request's first tokens, then their compression into its state row."""
         q, k, v = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, T, D]
         valid = torch.ones(1, end - start, dtype=torch.bool, device=q.device)
-        attended, scores = prefill_attention(q, k, v, valid, self.scale, window=self.settings.resolved.prefill_window)
-        if self.settings.resolved.policy_id != reference.H2O:  # Λ orders evictions by position alone
-            scores = torch.zeros_like(scores)
-        if self.feature_maps is None:
-            psi = torch.zeros(*k.shape[:3], 0, dtype=torch.float32, device=k.device)
-        else:
-            psi = self.feature_maps.psi(k)
-        self._store(row, compress_prompt(k, v, psi, valid, scores, self.settings.resolved))
+        attended, state = compressed_layer.prefill(q, k, v, valid, self.scale, self.settings.resolved,
+                                                   self.feature_maps, attend=True)
+        self._store(row, state)
         out[start:end] = attended[0].transpose(0, 1)
 
     def _stream(self, metadata: LessStateMetadata, requests: list[int], q: Tensor, k: Tensor, v: Tensor,
@@ -154,13 +148,10 @@ class LessStateLayer(MambaBase, nn.Module):
         tokens = (starts[:, None] + torch.minimum(steps[None, :], lengths[:, None] - 1)).to(q.device)
         q, k, v = (t[tokens].transpose(1, 2).contiguous() for t in (q, k, v))  # [B, heads, T, D]
         rows = metadata.state_rows[index.to(metadata.state_rows.device)]
-        cache = self._rows(rows)
-        phi = psi = None
-        if self.feature_maps is not None:
-            phi, psi = self.feature_maps.features(q, k)
+        state = self._rows(rows)
         step_valid = None if bool(valid.all()) else valid.to(q.device)
-        attended = less_decode_step_(cache, q, k, v, phi, psi, step_valid, *self.settings.resolved.as_args(),
-                                     scale=self.scale)  # fmt: skip
-        self._store(rows, cache)
+        attended = compressed_layer.decode(state, q, k, v, step_valid, self.scale, self.settings.resolved,
+                                           self.feature_maps)
+        self._store(rows, state)
         valid = valid.to(q.device)
         out[tokens[valid]] = attended.transpose(1, 2)[valid]

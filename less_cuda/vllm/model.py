@@ -58,7 +58,7 @@ class LessLlamaForCausalLM(LlamaForCausalLM, HasInnerState, IsHybrid):
                 if not feature_maps.has_layer(index):
                     raise ValueError(f"the LESS checkpoint has no feature maps for layer {index}; vLLM needs every "
                                      "full-attention layer covered (one state size for all)")  # fmt: skip
-                maps = feature_maps.layer_kernels[str(index)]
+                maps = feature_maps.layer(index)
                 if tp_size > 1:
                     maps = maps.select_heads(tp_rank, tp_size)
             attention.attn = LessStateLayer(

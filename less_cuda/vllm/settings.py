@@ -22,9 +22,9 @@ from typing import Any, Optional
 
 import torch
 
-from ..hf.cache import model_layout
-from ..core.feature_maps import FeatureMaps
+from ..core.feature_maps import FeatureMaps, FeatureMapsConfig
 from ..core.policy import Policy, ResolvedPolicy
+from ..hf.models import model_layout
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,10 @@ def serving_settings(hf_config: Any, max_model_len: int) -> ServingSettings:
     checkpoint = getattr(hf_config, "less_checkpoint", None)
     fitted: dict = {}
     rank = 0
-    if checkpoint is not None:
-        feature_maps = FeatureMaps.from_pretrained(checkpoint)
-        feature_maps.check_compatible(model_layout(hf_config))
-        fitted, rank = dict(feature_maps.config.policy), feature_maps.config.rank
+    if checkpoint is not None:  # its config alone: the weights are read once, by the model (`load_feature_maps`)
+        config = FeatureMapsConfig.from_checkpoint(checkpoint)
+        config.check_compatible(model_layout(hf_config))
+        fitted, rank = dict(config.policy), config.rank
     kind = getattr(hf_config, "less_policy", None) or fitted.get("kind")
     if kind is None:
         raise ValueError("a LESS model needs hf_overrides 'less_checkpoint' (feature maps) or 'less_policy' "
@@ -64,12 +64,11 @@ def serving_settings(hf_config: Any, max_model_len: int) -> ServingSettings:
         return fitted.get(name, default) if value is None else value
 
     budget = setting("budget", 0.05)
-    if isinstance(budget, float):
-        budget = max(2, round(budget * max_model_len))
     if kind == "h2o":
         prefill = {name: value for name in ("prefill_scores", "prefill_window")
                    if (value := getattr(hf_config, f"less_{name}", None)) is not None}
         policy = Policy(kind, budget, recent=setting("recent", None), **prefill)
     else:
         policy = Policy(kind, budget, sinks=setting("sinks", 4))
-    return ServingSettings(policy, policy.resolve(budget), checkpoint, rank)
+    policy = policy.in_tokens(max_model_len)  # every request's state has one size
+    return ServingSettings(policy, policy.resolve(max_model_len), checkpoint, rank)

@@ -135,9 +135,9 @@ def test_settings_come_from_the_checkpoint_and_overrides(hf_model):
     sparse = serving_settings(config, 1000)
     assert (sparse.rank, sparse.checkpoint, sparse.resolved.recent) == (0, None, 20)
     assert sparse.load_feature_maps(torch.device("cpu")) is None
-    assert sparse.resolved.prefill_window is None  # the prompt ranked by column sums unless asked otherwise
+    assert sparse.resolved.prompt_window is None  # the prompt ranked by column sums unless asked otherwise
     config.less_prefill_scores, config.less_prefill_window = "window", 6
-    assert serving_settings(config, 1000).resolved.prefill_window == 6
+    assert serving_settings(config, 1000).resolved.prompt_window == 6
 
 
 @pytest.mark.parametrize("overrides, message", [
