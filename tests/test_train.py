@@ -19,6 +19,7 @@ from less_cuda import cli
 from less_cuda.core import ops
 from less_cuda.core import reference
 from less_cuda.core import state as slots
+from less_cuda.train import epochs
 from less_cuda.train import layer_stage as train_layers
 from less_cuda.train.capture import capture
 from less_cuda.hf.data import expected_bos, load_splits, pack, read_text, split_articles
@@ -274,15 +275,15 @@ def test_resume_after_an_interruption_gives_the_same_checkpoint(tiny_model_dir, 
     cli.main(tiny_args(tiny_model_dir, tmp_path / "straight", "--epochs", "3"))
 
     calls = {"n": 0}
-    save_partial = train_layers.LayerTrainer.save_partial
+    save = epochs.save_training_state
 
-    def interrupted(self):
-        save_partial(self)
+    def interrupted(*args, **kwargs):
+        save(*args, **kwargs)
         calls["n"] += 1
         if calls["n"] == 4:  # layer 0 is done (3 epochs), layer 1 has finished its first epoch
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_layers.LayerTrainer, "save_partial", interrupted)
+    monkeypatch.setattr(epochs, "save_training_state", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cli.main(tiny_args(tiny_model_dir, tmp_path / "resumed", "--epochs", "3"))
     monkeypatch.undo()
@@ -296,10 +297,10 @@ def test_resume_after_an_interruption_gives_the_same_checkpoint(tiny_model_dir, 
 
 
 def test_resuming_with_another_configuration_is_refused(tiny_model_dir, tmp_path, monkeypatch):
-    def interrupted(self):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_layers.LayerTrainer, "save_partial", interrupted)
+    monkeypatch.setattr(epochs, "save_training_state", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cli.main(tiny_args(tiny_model_dir, tmp_path / "ckpt", "--epochs", "1"))
     monkeypatch.undo()

@@ -15,6 +15,7 @@ import torch
 from less_cuda import cli
 
 from less_cuda.train import end_to_end as train_end_to_end
+from less_cuda.train import epochs
 from less_cuda.hf.attention import attention_function
 from less_cuda.hf.parallel import parallel_attention_function
 from less_cuda.core.feature_maps import FeatureMaps
@@ -70,13 +71,13 @@ def test_end_to_end_resume_after_an_interruption_gives_the_same_checkpoint(tiny_
                                                                            tmp_path, monkeypatch):
     cli.main(end_to_end_args(tiny_model_dir, tmp_path / "straight", layer_checkpoint))
 
-    save = train_end_to_end.save_training_state
+    save = epochs.save_training_state
 
     def interrupted(*args, **kwargs):
         save(*args, **kwargs)
         raise KeyboardInterrupt  # after the first epoch's state is saved
 
-    monkeypatch.setattr(train_end_to_end, "save_training_state", interrupted)
+    monkeypatch.setattr(epochs, "save_training_state", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cli.main(end_to_end_args(tiny_model_dir, tmp_path / "resumed", layer_checkpoint))
     monkeypatch.undo()

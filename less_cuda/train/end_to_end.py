@@ -37,7 +37,7 @@ from ..core.feature_maps import FeatureMaps
 from .input_scaling import param_groups, set_learning_rate
 from ..core.step_attention import kept_attention
 from .config import TrainConfig
-from .resume import load_training_state, save_training_state
+from .epochs import EpochTrainer
 
 END_TO_END_ATTENTION = "less_end_to_end"
 PARTIAL_NAME = "end_to_end.partial.safetensors"
@@ -57,7 +57,7 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-class EndToEndTrainer:
+class EndToEndTrainer(EpochTrainer):
     """Fits all layers' φ/ψ of `feature_maps` on `model` with AdamW (learning rate `cfg.e2e_lr`), keeping the best
     weights by validation KL; after every epoch the whole state goes to `<progress>/end_to_end.partial.safetensors`.
 
@@ -74,19 +74,13 @@ class EndToEndTrainer:
         self.parameters = [p for p in feature_maps.parameters()]
         layers = {name: (maps, *(input_rms[int(name)] if input_rms is not None else (1.0, 1.0)))
                   for name, maps in feature_maps.layers.items()}  # every layer has its scales, or none has
-        self.optimizer = torch.optim.AdamW(param_groups(layers), lr=cfg.e2e_lr, weight_decay=0.0)
-        self.partial = progress_dir / PARTIAL_NAME
+        optimizer = torch.optim.AdamW(param_groups(layers), lr=cfg.e2e_lr, weight_decay=0.0)
+        super().__init__(feature_maps, optimizer, progress_dir / PARTIAL_NAME, writes=rank == 0)
         self.start = cfg.resolved_policy().num_slots  # the first position where the policy has evicted a token
         self.function = parallel_attention_function(cfg.policy_spec(), feature_maps, kept_attention)
         self.autocast_dtype = cfg.autocast_dtype(self.device.type)
-        self.epoch = 0
-        self.best_val = math.inf
-        self.best_state = self._state()
         self.initial_val: Optional[float] = None  # validation KL of the maps the stage started from
         self.seconds_per_step: list[float] = []
-
-    def _state(self) -> dict[str, Tensor]:
-        return {k: v.detach().clone() for k, v in self.feature_maps.state_dict().items()}
 
     def _my_rows(self, batch: Tensor) -> Tensor:
         return batch[self.rank :: self.world]
@@ -120,48 +114,44 @@ class EndToEndTrainer:
     def fit(self, train: Tensor, val: Tensor) -> None:
         """Train for `cfg.e2e_epochs` epochs over train [N, T] (continuing a saved partial run), validating on
         val [M, T] before the first epoch and after each; the best weights end up in `feature_maps`."""
-        cfg = self.cfg
-        if self.partial.is_file():
-            self.best_state, meta = load_training_state(self.partial, self.feature_maps, self.optimizer)
-            self.epoch, self.best_val = int(meta["epoch"]), float(meta["best_val"])
+        meta = self.resume()
+        if meta is not None:
             self.initial_val = float(meta["initial_val"])
         else:
             self.initial_val = self.best_val = self.validation_kl(val)  # the starting maps are the first candidate
-        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-        total = steps_per_epoch * cfg.e2e_epochs
-        scored = train.shape[1] - self.start
-        bar = tqdm(total=total, initial=self.epoch * steps_per_epoch, desc="end-to-end", unit="step",
-                   disable=self.rank > 0)
-        while self.epoch < cfg.e2e_epochs:
-            # Seeded by the epoch alone: a resumed run, or any number of processes, draws the same batches.
-            generator = torch.Generator().manual_seed(cfg.seed * 100_003 + 7_919 + self.epoch)
-            order = torch.randperm(len(train), generator=generator)
-            for i in range(steps_per_epoch):
-                started = time.perf_counter()
-                lr = cfg.learning_rate(self.epoch * steps_per_epoch + i, total, cfg.e2e_lr)
-                set_learning_rate(self.optimizer, lr)
-                batch = train[order[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
-                loss = self.batch_kl(self._my_rows(batch)) / (len(batch) * scored)
-                self.optimizer.zero_grad(set_to_none=False)
-                loss.backward()
-                all_reduce_gradients(self.parameters, self.world)
-                self.optimizer.step()
-                self.seconds_per_step.append(time.perf_counter() - started)
-                bar.update()
-                bar.set_postfix(kl=f"{self._sum(float(loss.detach())):.4f}", best_val=f"{self.best_val:.4f}",
-                                s_per_step=f"{self.seconds_per_step[-1]:.1f}",
-                                peak_gib=f"{peak_memory_gib(self.device):.1f}")
-            val_kl = self.validation_kl(val)
-            if val_kl < self.best_val:
-                self.best_val, self.best_state = val_kl, self._state()
-            self.epoch += 1
-            if self.rank == 0:
-                save_training_state(self.partial, self.feature_maps, self.best_state, self.optimizer,
-                                    {"epoch": self.epoch, "best_val": self.best_val, "initial_val": self.initial_val})
+        steps_per_epoch = math.ceil(len(train) / self.cfg.batch_size)
+        bar = tqdm(total=steps_per_epoch * self.cfg.e2e_epochs, initial=self.epoch * steps_per_epoch,
+                   desc="end-to-end", unit="step", disable=self.rank > 0)
+        while self.epoch < self.cfg.e2e_epochs:
+            self._train_epoch(train, steps_per_epoch, bar)
+            self.end_epoch(self.validation_kl(val), initial_val=self.initial_val)
             if self.world > 1:
                 dist.barrier()  # nobody reads the partial state before it is whole
         bar.close()
         self.feature_maps.load_state_dict(self.best_state)
+
+    def _train_epoch(self, train: Tensor, steps_per_epoch: int, bar: tqdm) -> None:
+        """One epoch's optimizer steps, each on this process's share of a batch."""
+        cfg = self.cfg
+        total = steps_per_epoch * cfg.e2e_epochs
+        scored = train.shape[1] - self.start
+        # Seeded by the epoch alone: a resumed run, or any number of processes, draws the same batches.
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + 7_919 + self.epoch)
+        order = torch.randperm(len(train), generator=generator)
+        for i in range(steps_per_epoch):
+            started = time.perf_counter()
+            set_learning_rate(self.optimizer, cfg.learning_rate(self.epoch * steps_per_epoch + i, total, cfg.e2e_lr))
+            batch = train[order[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
+            loss = self.batch_kl(self._my_rows(batch)) / (len(batch) * scored)
+            self.optimizer.zero_grad(set_to_none=False)
+            loss.backward()
+            all_reduce_gradients(self.parameters, self.world)
+            self.optimizer.step()
+            self.seconds_per_step.append(time.perf_counter() - started)
+            bar.update()
+            bar.set_postfix(kl=f"{self._sum(float(loss.detach())):.4f}", best_val=f"{self.best_val:.4f}",
+                            s_per_step=f"{self.seconds_per_step[-1]:.1f}",
+                            peak_gib=f"{peak_memory_gib(self.device):.1f}")
 
     def timing(self) -> Optional[dict[str, float]]:
         """Mean seconds per optimizer step of this run (None before the first) and the peak memory."""

@@ -29,7 +29,7 @@ from ..hf.models import DTYPES
 from ..core.policy import ResolvedPolicy, baseline_plus
 from ..core.step_attention import PolicySteps, batched_policy_steps, step_attention
 from .config import TrainConfig
-from .resume import load_training_state, save_training_state
+from .epochs import EpochTrainer
 
 
 def output_mse(out: Tensor, target: Tensor, o_proj: Tensor, start: int) -> Tensor:
@@ -111,7 +111,7 @@ class LayerResult:
 MSE_KEYS = ("sparse", "baseline_plus", "less")
 
 
-class LayerTrainer:
+class LayerTrainer(EpochTrainer):
     """Trains one layer's φ/ψ with AdamW, keeping the best epoch by validation MSE; after every epoch its whole
     state (weights, best weights, optimizer moments, epoch) goes to `<progress>/layer_<i>.partial.safetensors`.
     q_rms, k_rms: the RMS of the layer's training queries and keys (`input_scaling`; 1 for --input-scaling none)."""
@@ -125,56 +125,42 @@ class LayerTrainer:
                                             kcfg.rank)
         scale_initial_weights(feature_maps, q_rms, k_rms)
         self.feature_maps = feature_maps.to(device)
-        self.optimizer = torch.optim.AdamW(param_groups({str(layer): (self.feature_maps, q_rms, k_rms)}), lr=cfg.lr,
-                                           weight_decay=0.0)
-        self.partial = progress_dir / f"layer_{layer}.partial.safetensors"
-        self.epoch = 0
-        self.best_val = math.inf
-        self.best_state = {k: v.detach().clone() for k, v in self.feature_maps.state_dict().items()}
-
-    def save_partial(self) -> None:
-        save_training_state(self.partial, self.feature_maps, self.best_state, self.optimizer,
-                            {"epoch": self.epoch, "best_val": self.best_val})
-
-    def load_partial(self) -> None:
-        self.best_state, meta = load_training_state(self.partial, self.feature_maps, self.optimizer)
-        self.epoch, self.best_val = int(meta["epoch"]), float(meta["best_val"])
+        optimizer = torch.optim.AdamW(param_groups({str(layer): (self.feature_maps, q_rms, k_rms)}), lr=cfg.lr,
+                                      weight_decay=0.0)
+        super().__init__(self.feature_maps, optimizer, progress_dir / f"layer_{layer}.partial.safetensors")
 
     def fit(self, train: LayerData, val: LayerData, position: int = 0) -> None:
         """Train for the configured epochs (continuing a partial run if one is saved)."""
+        self.resume()
+        steps_per_epoch = math.ceil(len(train) / self.cfg.batch_size)
+        bar = tqdm(total=steps_per_epoch * self.cfg.epochs, initial=self.epoch * steps_per_epoch,
+                   desc=f"layer {self.layer}", position=position, leave=False, unit="step")
+        while self.epoch < self.cfg.epochs:
+            self.feature_maps.train()
+            self._train_epoch(train, steps_per_epoch, bar)
+            self.feature_maps.eval()
+            self.end_epoch(validation_mse(val, self.feature_maps, self.cfg.batch_size))
+        bar.close()
+
+    def _train_epoch(self, train: LayerData, steps_per_epoch: int, bar: tqdm) -> None:
         cfg = self.cfg
-        if self.partial.is_file():
-            self.load_partial()
-        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         total = steps_per_epoch * cfg.epochs
         T = train.q.shape[2]
-        bar = tqdm(total=total, initial=self.epoch * steps_per_epoch, desc=f"layer {self.layer}", position=position,
-                   leave=False, unit="step")
-        while self.epoch < cfg.epochs:
-            # Seeded by (layer, epoch) alone, so a resumed or sharded run draws exactly the same batches.
-            generator = torch.Generator().manual_seed(cfg.seed * 100_003 + self.layer * 1_009 + self.epoch)
-            order = torch.randperm(len(train), generator=generator).to(train.q.device)
-            self.feature_maps.train()
-            for i in range(steps_per_epoch):
-                set_learning_rate(self.optimizer, cfg.learning_rate(self.epoch * steps_per_epoch + i, total))
-                # A random subset of the scored steps: neighbouring steps carry nearly the same signal, and a
-                # training step costs in proportion to the decode steps it computes.
-                at = (train.start + torch.randperm(T - train.start, generator=generator)[: cfg.positions]).sort()
-                batch = train.select(order[i * cfg.batch_size : (i + 1) * cfg.batch_size])
-                loss = batch.mse(self.feature_maps, at.values.to(train.q.device))
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                bar.update()
-                bar.set_postfix(loss=f"{loss.item():.3e}", best_val=f"{self.best_val:.3e}")
-            self.feature_maps.eval()
-            val_mse = validation_mse(val, self.feature_maps, cfg.batch_size)
-            if val_mse < self.best_val:
-                self.best_val = val_mse
-                self.best_state = {k: v.detach().clone() for k, v in self.feature_maps.state_dict().items()}
-            self.epoch += 1
-            self.save_partial()
-        bar.close()
+        # Seeded by (layer, epoch) alone, so a resumed or sharded run draws exactly the same batches.
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + self.layer * 1_009 + self.epoch)
+        order = torch.randperm(len(train), generator=generator).to(train.q.device)
+        for i in range(steps_per_epoch):
+            set_learning_rate(self.optimizer, cfg.learning_rate(self.epoch * steps_per_epoch + i, total))
+            # A random subset of the scored steps: neighbouring steps carry nearly the same signal, and a training
+            # step costs in proportion to the decode steps it computes.
+            at = (train.start + torch.randperm(T - train.start, generator=generator)[: cfg.positions]).sort()
+            batch = train.select(order[i * cfg.batch_size : (i + 1) * cfg.batch_size])
+            loss = batch.mse(self.feature_maps, at.values.to(train.q.device))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3e}", best_val=f"{self.best_val:.3e}")
 
 
 def train_layer(
