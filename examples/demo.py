@@ -67,7 +67,7 @@ def main() -> None:
 
     runs = {"full cache": None, "H2O (sparse only)": dict(lowrank=False), "LESS (H2O + low-rank)": dict()}
     try:
-        load_feature_maps(model, None, "h2o")
+        load_feature_maps(model, "shipped", "h2o")
     except ValueError as error:
         del runs["LESS (H2O + low-rank)"]
         print(f"LESS skipped: {error}\n")

@@ -3,10 +3,17 @@ with C++ CPU and CUDA kernels.
 
 Every name is imported on first use: `import less_cuda` (and `less-cuda --help`) loads neither torch nor
 transformers, the ops work without transformers installed, and the compiled ops (`torch.ops.less_cuda.*`) are
-registered when `less_cuda.ops` or any op function is first imported.
+registered when `less_cuda.core.ops` or any op function is first imported.
+
+The package: core (torch and the compiled ops), hf (transformers), eval, train, vllm; imports run
+core <- hf <- {eval, vllm} <- train <- cli (tests/test_layout.py).
 """
 
+import sys
+import warnings
 from importlib import import_module
+from importlib.abc import Loader, MetaPathFinder
+from importlib.util import spec_from_loader
 
 _LAZY = {
     "less_decode_attention": ".core.ops",
@@ -32,6 +39,37 @@ _LAZY = {
     "load_model": ".hf.models",
     "backends": "._build",
 }
+
+_MOVED = {
+    "models": "hf.models",
+    "integration": "hf.press",
+    "generation_timing": "eval.timing",
+    "passkey": "eval.passkey",
+    "reference": "core.reference",
+    "slots": "core.state",
+}
+"""Module paths of 0.1 that its README and examples imported, and where they live now: they still import, with a
+DeprecationWarning, until the next release."""
+
+
+class _MovedModules(MetaPathFinder, Loader):
+    """Imports `less_cuda.<old>` as a module that hands on every name of the module `_MOVED` names."""
+
+    def find_spec(self, fullname, path, target=None):
+        old = fullname.removeprefix(__name__ + ".")
+        return spec_from_loader(fullname, self) if old in _MOVED else None
+
+    def create_module(self, spec):
+        return None  # a plain new module
+
+    def exec_module(self, module) -> None:
+        new = import_module(f"{__name__}.{_MOVED[module.__name__.removeprefix(__name__ + '.')]}")
+        warnings.warn(f"{module.__name__} moved to {new.__name__}; the old path goes in the next release",
+                      DeprecationWarning, stacklevel=2)
+        module.__getattr__ = lambda name: getattr(new, name)  # PEP 562: the old path's names are the new module's
+
+
+sys.meta_path.append(_MovedModules())
 
 
 def __getattr__(name: str):

@@ -19,8 +19,7 @@ from less_cuda.hf.models import model_layout
 from less_cuda.checkpoints import find_checkpoint
 from less_cuda.core.feature_maps import CONFIG_NAME, WEIGHTS_NAME, FeatureMaps
 from less_cuda.hf.press import apply
-from test_feature_maps import SMOLLM2_LAYOUT, tiny_config
-from test_hf_integration import left_padded, prompts, tiny_llama
+from tiny import SMOLLM2_LAYOUT, tiny_llama, tiny_config, left_padded, prompts
 
 TRAINING = {"seq_len": 1000}  # what a fitted checkpoint records; token budgets are compared at this length
 
@@ -247,7 +246,7 @@ def test_apply_warns_about_a_far_budget_and_still_runs(shipped, explicit):
                       layers=list(range(layout["num_layers"])))
     ids, mask = left_padded(prompts(12))
     with pytest.warns(UserWarning, match="budget 0.9 is 4.5x from it"):
-        with apply(model, directory if explicit else None, policy="h2o", budget=0.9):
+        with apply(model, directory if explicit else "shipped", policy="h2o", budget=0.9):
             model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
 
 
@@ -308,7 +307,7 @@ def test_a_checkpoint_serves_either_prefill_ranking_whatever_it_recorded(shipped
     assert find_checkpoint(layout, "h2o", 0.05) == directory
     ids, mask = left_padded(prompts(24, 17))
     for mode in ("sum", "window"):
-        with apply(model, None, policy="h2o", budget=0.1, prefill_scores=mode, prefill_window=4):
+        with apply(model, "shipped", policy="h2o", budget=0.1, prefill_scores=mode, prefill_window=4):
             out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
         assert out.shape == (2, ids.shape[1] + 3)
 

@@ -15,6 +15,7 @@ from helpers import assert_close_ratio
 from less_cuda.core import reference as ref
 from less_cuda import less_decode_attention, less_score_and_evict_
 from less_cuda.core import state as slots
+from op_inputs import decode_inputs
 
 ops = torch.ops.less_cuda
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -23,24 +24,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # ---------------------------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------------------------
-def decode_inputs(B, Hkv, G, S, D, R, dtype, fill, seed, empty_row=False):
-    """Random decode inputs: a fraction `fill` of the slots occupied (at distinct positions), a state folded from
-    random tokens (so it is a consistent, non-negative one) when R > 0, row (0, 0) fully empty if asked."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hkv * G, D, generator=gen).to(dtype)
-    k = torch.randn(B, Hkv, S, D, generator=gen).to(dtype)
-    v = torch.randn(B, Hkv, S, D, generator=gen).to(dtype)
-    positions = torch.stack([torch.randperm(4 * S, generator=gen)[:S] for _ in range(B * Hkv)]).view(B, Hkv, S)
-    occupied = torch.rand(B, Hkv, S, generator=gen) < fill
-    pos = torch.where(occupied, positions, ref.EMPTY).to(torch.int32)
-    if empty_row:
-        pos[0, 0] = ref.EMPTY
-    state = (None, None, None)
-    if R:
-        psi = torch.rand(B, Hkv, 20, R, generator=gen)
-        H, z = ref.state_fold(psi, torch.randn(B, Hkv, 20, D, generator=gen), None)
-        state = (torch.rand(B, Hkv * G, R, generator=gen), H, z)
-    return q, k, v, pos, *state, D**-0.5
 
 
 def check_decode(args, what):

@@ -12,12 +12,12 @@ import os
 import pytest
 import torch
 from helpers import assert_close_ratio, clone_cache, reference_steps
-from test_cuda_kernels import decode_inputs, step_inputs
 
 import less_cuda  # noqa: F401  (loads the op registrations)
 from less_cuda.core import ops as less_ops
 from less_cuda.core import reference
 from less_cuda.core import state as slots
+from op_inputs import harness_decode_inputs, step_inputs
 
 OPS = ["decode_attention", "score_and_evict_", "state_fold", "state_update_", "decode_step_"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -68,7 +68,7 @@ def test_decode_attention(G, D, dtype, regime):
     H200's SMs, and more), each block walking 4097 slots in shared-memory tiles; 'split': two rows of 300 slots,
     which the heuristic splits into chunks merged by the combine kernel. D = 96 takes the generic path."""
     B, Hkv, S = {"one chunk": (48, 4, 40), "tiles": (34, 4, 4097), "split": (1, 2, 300)}[regime]
-    q, k, v, pos, lowrank = decode_inputs(B, Hkv, G, S, D, R=8, dtype=dtype, seed=G * 1000 + D)
+    q, k, v, pos, lowrank = harness_decode_inputs(B, Hkv, G, S, D, R=8, dtype=dtype, seed=G * 1000 + D)
     scale = D**-0.5
     for state in (lowrank, (None, None, None)):
         out, probs = ops.decode_attention(*cuda(q, k, v, pos, *state), scale)
@@ -120,7 +120,7 @@ def test_state_fold_and_update(dtype, N, masked):
 def test_decode_step_is_graph_capturable():
     """attend + score/evict + fold in one CUDA graph: no op synchronises with the host. Replays match eager."""
     B, Hkv, G, S, D, R = 2, 3, 3, 65, 64, 8
-    q, k, v, pos, lowrank = decode_inputs(B, Hkv, G, S, D, R, torch.bfloat16, seed=0)
+    q, k, v, pos, lowrank = harness_decode_inputs(B, Hkv, G, S, D, R, torch.bfloat16, seed=0)
     q, k, v, pos, phi_q, H, z = cuda(q, k, v, pos, *lowrank)
     pos = pos.abs()  # all occupied: one eviction per row
     scores = torch.rand(B, Hkv, S, device="cuda")
@@ -273,7 +273,7 @@ def test_ops_on_the_second_gpu_while_the_first_is_current():
     assert out.device == torch.device("cuda:1")
     assert_close_ratio(out.cpu(), ref_out, what="out")
     assert_same_cache(gpu, expected)
-    q, k, v, pos, lowrank = decode_inputs(1, 2, 4, 300, 96, R=4, dtype=torch.float16, seed=1)
+    q, k, v, pos, lowrank = harness_decode_inputs(1, 2, 4, 300, 96, R=4, dtype=torch.float16, seed=1)
     out, probs = ops.decode_attention(*[t.to("cuda:1") for t in (q, k, v, pos, *lowrank)], 0.1)
     ref_out, ref_probs = reference.decode_attention(q, k, v, pos, *lowrank, 0.1)
     assert_close_ratio(out.cpu(), ref_out, what="decode_attention out")
@@ -284,7 +284,7 @@ def test_ops_on_the_second_gpu_while_the_first_is_current():
 @needs_kernels
 def test_opcheck():
     """Schema, fake (meta) kernels and autograd registration agree with the CUDA kernels."""
-    q, k, v, pos, lowrank = decode_inputs(2, 2, 3, 33, 64, 4, torch.bfloat16, seed=1)
+    q, k, v, pos, lowrank = harness_decode_inputs(2, 2, 3, 33, 64, 4, torch.bfloat16, seed=1)
     q, k, v, pos, phi_q, H, z = cuda(q, k, v, pos, *lowrank)
     torch.library.opcheck(ops.decode_attention.default, (q, k, v, pos, phi_q, H, z, 0.125))
     scores = torch.rand(2, 2, 33, device="cuda")

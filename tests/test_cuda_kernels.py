@@ -22,6 +22,7 @@ from less_cuda.core import state as slots
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "csrc" / "testing"))
 import harness_build  # noqa: E402
+from op_inputs import harness_decode_inputs, step_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -132,25 +133,6 @@ def ops():
     return HarnessOps(lib)
 
 
-def decode_inputs(B, Hkv, G, S, D, R, dtype, seed, empty_frac=0.25):
-    """Random decode inputs with free slots (pos -1, garbage K/V) and, for b = 0, h = 0, no occupied slot at all."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hkv * G, D, generator=g).to(dtype)
-    k = (torch.randn(B, Hkv, S, D, generator=g) * 1.5).to(dtype)
-    v = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
-    pos = torch.randperm(B * Hkv * S, generator=g).view(B, Hkv, S).to(torch.int32)
-    pos[torch.rand(B, Hkv, S, generator=g) < empty_frac] = reference.EMPTY
-    if S:
-        pos[0, 0] = reference.EMPTY
-    lowrank = None
-    if R:
-        phi_q = torch.rand(B, Hkv * G, R, generator=g)
-        H = torch.randn(B, Hkv, R, D, generator=g) * 3
-        z = torch.rand(B, Hkv, R, generator=g) * 4
-        lowrank = (phi_q, H, z)
-    return q, k, v, pos, lowrank
-
-
 def check_decode(ops, q, k, v, pos, lowrank, **plan):
     scale = q.shape[-1] ** -0.5
     state = lowrank or (None, None, None)
@@ -185,7 +167,7 @@ PATHS = {"one chunk": dict(chunk=0, num_sms=1), "tiles": dict(chunk=0, tile=8, n
 def test_decode_attention_matches_reference(ops, G, D, dtype, path):
     """GQA groups up to a block's 8 heads and beyond (12: two head tiles, always the split path); head_dim 96 on the
     generic path; free slots and one (b, h) with none occupied (the output is then the low-rank state alone)."""
-    q, k, v, pos, lowrank = decode_inputs(B=2, Hkv=2, G=G, S=37, D=D, R=5, dtype=dtype, seed=G * 1000 + D)
+    q, k, v, pos, lowrank = harness_decode_inputs(B=2, Hkv=2, G=G, S=37, D=D, R=5, dtype=dtype, seed=G * 1000 + D)
     check_decode(ops, q, k, v, pos, lowrank, **PATHS[path])
     plan = ops.last_plan
     assert plan["head_tiles"] == (G + 7) // 8
@@ -202,14 +184,14 @@ GENERIC_DIMS = [(80, torch.bfloat16), (100, torch.float16), (8, torch.float32), 
 @pytest.mark.parametrize("path", ["one chunk", "split"])
 def test_decode_attention_generic_head_dims(ops, D, dtype, path):
     """Any head_dim up to 256 runs (element loads, a warp per row), never an error."""
-    q, k, v, pos, lowrank = decode_inputs(B=2, Hkv=2, G=3, S=37, D=D, R=4, dtype=dtype, seed=D)
+    q, k, v, pos, lowrank = harness_decode_inputs(B=2, Hkv=2, G=3, S=37, D=D, R=4, dtype=dtype, seed=D)
     check_decode(ops, q, k, v, pos, lowrank, **PATHS[path])
     assert not ops.last_plan["vectorized"]
 
 
 def test_decode_attention_unaligned_rows_take_the_generic_path(ops):
     """K and V that do not start on 16 bytes (a view at an odd element offset) cannot use 16-byte loads."""
-    q, k, v, pos, lowrank = decode_inputs(B=2, Hkv=2, G=4, S=37, D=128, R=4, dtype=torch.bfloat16, seed=5)
+    q, k, v, pos, lowrank = harness_decode_inputs(B=2, Hkv=2, G=4, S=37, D=128, R=4, dtype=torch.bfloat16, seed=5)
     shifted = [torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view(x.shape).copy_(x) for x in (k, v)]
     check_decode(ops, q, *shifted, pos, lowrank, chunk=0, num_sms=1)
     assert not ops.last_plan["vectorized"]
@@ -219,7 +201,7 @@ def test_decode_attention_unaligned_rows_take_the_generic_path(ops):
 
 def test_decode_attention_long_chunk_is_not_split(ops):
     """S = 4097 slots at B = 64 fill the GPU's blocks: no split, one block walks its row in shared-memory tiles."""
-    q, k, v, pos, lowrank = decode_inputs(B=64, Hkv=1, G=4, S=4097, D=64, R=4, dtype=torch.bfloat16, seed=9)
+    q, k, v, pos, lowrank = harness_decode_inputs(B=64, Hkv=1, G=4, S=4097, D=64, R=4, dtype=torch.bfloat16, seed=9)
     check_decode(ops, q, k, v, pos, lowrank, chunk=0, num_sms=64)
     plan = ops.last_plan
     assert plan["chunks"] == 1 and not plan["split"] and plan["tiles"] > 1 and plan["p_in_workspace"]
@@ -230,7 +212,7 @@ def test_combine_kernel_segments(ops, Hq, Hkv, S, chunk):
     """The combine kernel's bounded shared memory: more chunks than a block has threads (the per-chunk weights are
     computed a segment at a time), and a group so wide that a probs block covers fewer slots (48 heads, 1-slot
     tiles)."""
-    q, k, v, pos, lowrank = decode_inputs(B=1, Hkv=Hkv, G=Hq // Hkv, S=S, D=64, R=3, dtype=torch.float32, seed=S)
+    q, k, v, pos, lowrank = harness_decode_inputs(B=1, Hkv=Hkv, G=Hq // Hkv, S=S, D=64, R=3, dtype=torch.float32, seed=S)
     check_decode(ops, q, k, v, pos, lowrank, chunk=chunk)
     assert ops.last_plan["chunks"] == S // chunk
 
@@ -238,7 +220,7 @@ def test_combine_kernel_segments(ops, Hq, Hkv, S, chunk):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("chunk", [0, 8])
 def test_decode_attention_sparse_only(ops, dtype, chunk):
-    q, k, v, pos, _ = decode_inputs(B=2, Hkv=3, G=3, S=29, D=64, R=0, dtype=dtype, seed=7)
+    q, k, v, pos, _ = harness_decode_inputs(B=2, Hkv=3, G=3, S=29, D=64, R=0, dtype=dtype, seed=7)
     check_decode(ops, q, k, v, pos, None, chunk=chunk, num_sms=1)
     out, _ = ops.decode_attention(q, k, v, pos, None, None, None, 0.125, chunk=chunk, num_sms=1)
     assert torch.all(out[0, :3] == 0)  # no occupied slot and no state: exactly zero
@@ -247,7 +229,7 @@ def test_decode_attention_sparse_only(ops, dtype, chunk):
 @pytest.mark.parametrize("B,Hkv,S,expect_split", [(1, 3, 300, True), (8, 3, 300, True), (64, 3, 300, False)])
 def test_split_heuristic(ops, B, Hkv, S, expect_split):
     """The heuristic splits when B * Hkv blocks leave an H100's SMs idle, into chunks of >= 128 slots."""
-    q, k, v, pos, lowrank = decode_inputs(B=B, Hkv=Hkv, G=3, S=S, D=64, R=4, dtype=torch.bfloat16, seed=B)
+    q, k, v, pos, lowrank = harness_decode_inputs(B=B, Hkv=Hkv, G=3, S=S, D=64, R=4, dtype=torch.bfloat16, seed=B)
     check_decode(ops, q, k, v, pos, lowrank, chunk=0, num_sms=H100_SMS)
     chunks = ops.last_plan["chunks"]
     assert (chunks > 1) == expect_split
@@ -255,7 +237,7 @@ def test_split_heuristic(ops, B, Hkv, S, expect_split):
 
 
 def test_decode_attention_without_slots(ops):
-    q, k, v, pos, lowrank = decode_inputs(B=2, Hkv=2, G=2, S=0, D=128, R=3, dtype=torch.float32, seed=3)
+    q, k, v, pos, lowrank = harness_decode_inputs(B=2, Hkv=2, G=2, S=0, D=128, R=3, dtype=torch.float32, seed=3)
     out, _ = check_decode(ops, q, k, v, pos, lowrank)
     phi_q, H, z = lowrank
     o_lr, _ = reference.lowrank_state(phi_q.view(2, 2, 2, 3), H, z)
@@ -266,7 +248,7 @@ def test_decode_attention_without_slots(ops):
 def test_decode_attention_does_not_depend_on_thread_order(ops, schedule):
     """Threads and blocks run in another order: results are bit-identical (no order-dependent races between
     barriers, deterministic reductions)."""
-    q, k, v, pos, lowrank = decode_inputs(B=2, Hkv=2, G=4, S=45, D=128, R=4, dtype=torch.float16, seed=11)
+    q, k, v, pos, lowrank = harness_decode_inputs(B=2, Hkv=2, G=4, S=45, D=128, R=4, dtype=torch.float16, seed=11)
     for plan in PATHS.values():
         harness_build.set_schedule(ops.lib, "forward")
         want = ops.decode_attention(q, k, v, pos, *lowrank, 0.1, **plan)
@@ -400,35 +382,6 @@ def test_stream_of_decode_steps(ops, policy, dtype, chunk):
 # ---------------------------------------------------------------------------------------------------------------
 # The fused decode step (decode_step_): one op, one or two launches
 # ---------------------------------------------------------------------------------------------------------------
-def step_inputs(B, Hkv, G, S, D, R, dtype, seed, *, held=None, pad=(), full=(), empty=(), tied_scores=False):
-    """A layer's slots mid-stream and its next token. Each (b, h) holds `held` tokens (default S - 1, the steady state:
-    inserting one puts it over a budget of S - 1) at distinct random positions in random slots, the rest free with
-    garbage K/V. Rows (b, h) in `full` have no free slot (the token overwrites slot 0), rows in `empty` none held;
-    batch rows in `pad` get a pad token. Returns (cache, q, k, v, phi_q, psi_k, valid) for one token."""
-    g = torch.Generator().manual_seed(seed)
-    cache = slots.SlotCache.empty(B, Hkv, S, D, R, dtype)
-    cache.k.copy_((torch.randn(B, Hkv, S, D, generator=g) * 1.5).to(dtype))
-    cache.v.copy_(torch.randn(B, Hkv, S, D, generator=g).to(dtype))
-    cache.psi.copy_(torch.rand(B, Hkv, S, R, generator=g))
-    held = S - 1 if held is None else held
-    for b in range(B):
-        for h in range(Hkv):
-            n = S if (b, h) in full else 0 if (b, h) in empty else held
-            slot = torch.randperm(S, generator=g)[:n]
-            cache.pos[b, h, slot] = torch.randperm(4 * S, generator=g)[:n].to(torch.int32)
-    occupied = cache.pos >= 0
-    scores = torch.ones(B, Hkv, S) if tied_scores else torch.rand(B, Hkv, S, generator=g) * 3
-    cache.scores.copy_(torch.where(occupied, scores, torch.zeros_like(scores)))
-    cache.H.copy_(torch.randn(B, Hkv, R, D, generator=g) * 3)
-    cache.z.copy_(torch.rand(B, Hkv, R, generator=g) * 4)
-    cache.next_position.copy_((cache.pos.amax(dim=(1, 2)) + 1).clamp(min=0))
-    q = torch.randn(B, Hkv * G, D, generator=g).to(dtype)
-    k = (torch.randn(B, Hkv, D, generator=g) * 1.5).to(dtype)
-    v = torch.randn(B, Hkv, D, generator=g).to(dtype)
-    phi_q = torch.rand(B, Hkv * G, R, generator=g) if R else None
-    psi_k = torch.rand(B, Hkv, R, generator=g) if R else None
-    valid = torch.tensor([b not in pad for b in range(B)]) if pad else None
-    return cache, q, k, v, phi_q, psi_k, valid
 
 
 def check_step(ops, cache, q, k, v, phi_q, psi_k, valid, policy, budget, recent, sinks, what="", **plan):

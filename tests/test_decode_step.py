@@ -10,35 +10,12 @@ from helpers import assert_close_ratio, assert_same_step, clone_cache, reference
 from less_cuda.core import ops
 from less_cuda.core import reference as ref
 from less_cuda.core.state import SlotCache
+from op_inputs import random_cache, new_token
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 POLICIES = {"h2o": ref.H2O, "lambda": ref.LAMBDA}
-
-
-def random_cache(B, Hkv, S, D, R, dtype, occupied, gen):
-    """A cache whose first `occupied` slots of each row hold distinct positions (shuffled), the rest free."""
-    cache = SlotCache.empty(B, Hkv, S, D, R, dtype)
-    cache.k.copy_(torch.randn(B, Hkv, S, D, generator=gen))
-    cache.v.copy_(torch.randn(B, Hkv, S, D, generator=gen))
-    cache.psi.uniform_(generator=gen)
-    cache.scores.uniform_(generator=gen)
-    cache.H.copy_(torch.randn(B, Hkv, R, D, generator=gen))
-    cache.z.uniform_(0.5, 1.0, generator=gen)
-    for b in range(B):
-        for h in range(Hkv):
-            slots = torch.randperm(S, generator=gen)[:occupied]
-            cache.pos[b, h, slots] = torch.randperm(2 * S, generator=gen)[:occupied].int()
-    cache.scores.masked_fill_(cache.pos < 0, 0.0)
-    cache.next_position.fill_(3 * S)
-    return cache
-
-
-def new_token(B, Hq, Hkv, D, R, dtype, gen):
-    q = torch.randn(B, Hq, D, generator=gen).to(dtype)
-    k, v = (torch.randn(B, Hkv, D, generator=gen).to(dtype) for _ in range(2))
-    return q, k, v, torch.rand(B, Hq, R, generator=gen), torch.rand(B, Hkv, R, generator=gen)
 
 
 def run_both(cache, q, k, v, phi, psi, valid, policy, budget, recent, sinks, scale):

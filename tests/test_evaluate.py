@@ -20,8 +20,7 @@ from less_cuda.hf.cache import LessCache
 from less_cuda.hf.models import load_model
 from less_cuda.hf.parallel import ATTENTION, parallel_attention_function
 from helpers import WIKITEXT, missing_input
-from test_hf_integration import prompts, random_feature_maps, tiny_qwen2_with_a_sliding_layer
-from test_train import tiny_model_dir  # noqa: F401  (a fixture)
+from tiny import tiny_qwen2_with_a_sliding_layer, random_feature_maps, prompts
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -232,7 +231,7 @@ def test_shipped_checkpoints_beat_sparse_and_baseline_plus_on_held_out_text(smol
     from less_cuda.hf.press import load_feature_maps
 
     model, sequence = smollm2_held_out
-    feature_maps = load_feature_maps(model, None, kind)  # the checkpoint shipped for SmolLM2, as apply() finds it
+    feature_maps = load_feature_maps(model, "shipped", kind)  # the checkpoint shipped for SmolLM2, as apply() finds it
     result = compare(model, sequence, Policy(kind, budget=0.05), feature_maps,
                      methods=("sparse", "baseline_plus", "less"))
     ppl = result.perplexity
@@ -249,7 +248,7 @@ def test_smollm2_streaming_cache_matches_the_parallel_form(smollm2_held_out, kin
 
     model, sequence = smollm2_held_out
     sequences = sequence.view(8, 128)[:2]
-    feature_maps = load_feature_maps(model, None, kind)
+    feature_maps = load_feature_maps(model, "shipped", kind)
     policy = Policy(kind, budget=0.05, sinks=2)
     parallel = compare(model, sequences, policy, feature_maps, methods=("full", "less"))
     streaming = compare(model, sequences, policy, feature_maps, methods=("less",), form="streaming", batch_size=2)

@@ -9,17 +9,10 @@ import pytest
 import torch
 
 from less_cuda.checkpoints import SHIPPED, find_checkpoint
-from less_cuda.core.feature_maps import CONFIG_NAME, WEIGHTS_NAME, FeatureMaps, FeatureMapsConfig
+from less_cuda.core.feature_maps import CONFIG_NAME, WEIGHTS_NAME, FeatureMaps
+from tiny import SMOLLM2_LAYOUT, tiny_config
 
-SMOLLM2_LAYOUT = {"num_layers": 30, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64, "hidden_size": 576}
 SHIPPED_DIRS = sorted(p.parent for p in SHIPPED.glob("*/config.json"))
-
-
-def tiny_config(**overrides) -> FeatureMapsConfig:
-    fields = dict(base_model="tiny", num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=64,
-                  layers=[0, 2], policy={"kind": "h2o", "budget": 0.05, "recent": None, "sinks": 4}, rank=4,
-                  kernel_hidden=8)
-    return FeatureMapsConfig(**{**fields, **overrides})
 
 
 def test_phi_and_psi_are_nonnegative_fp32_with_the_documented_shapes():

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import WIKITEXT, missing_input
-from test_hf_integration import random_feature_maps
 
 from less_cuda import Policy, apply
 from less_cuda.eval.perplexity import compare
 from less_cuda.hf.models import GEMMA3_NAME, full_attention_layers
+from tiny import random_feature_maps
 
 pytestmark = [pytest.mark.gemma3, pytest.mark.slow]
 
@@ -43,7 +43,7 @@ def test_shipped_checkpoints_beat_sparse_and_baseline_plus_on_held_out_text(gemm
     from less_cuda.hf.press import load_feature_maps
 
     model, _, sequence = gemma3
-    feature_maps = load_feature_maps(model, None, kind, budget=0.05)  # what apply() finds for Gemma
+    feature_maps = load_feature_maps(model, "shipped", kind, budget=0.05)  # what apply() finds for Gemma
     assert feature_maps.config.base_model == GEMMA3_NAME and feature_maps.config.layers == [5, 11, 17]
     result = compare(model, sequence, Policy(kind, budget=0.05), feature_maps,
                      methods=("sparse", "baseline_plus", "less"))

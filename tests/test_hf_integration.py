@@ -5,7 +5,7 @@ import types
 
 import pytest
 import torch
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AttentionInterface
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from helpers import assert_close_ratio
@@ -14,61 +14,13 @@ from less_cuda.core import state as slots
 from less_cuda.hf.attention import less_attention
 from less_cuda.hf.cache import LessCache
 from less_cuda.hf.layer import LessLayer
-from less_cuda.hf.models import model_layout
-from less_cuda.core.feature_maps import FeatureMaps, FeatureMapsConfig
+from less_cuda.core.feature_maps import FeatureMaps
 from less_cuda.hf.press import LessPress, apply
 from less_cuda.core.policy import Policy
-
-VOCAB, PAD = 128, 0
+from tiny import tiny_llama, tiny_qwen2_with_a_sliding_layer, random_feature_maps, left_padded, prompts, generate
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def tiny_llama(num_kv_heads: int = 2, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=num_kv_heads, max_position_embeddings=256, pad_token_id=PAD, bos_token_id=None,
-        eos_token_id=None,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def random_feature_maps(model, kind: str = "h2o", rank: int = 4, layers=None) -> FeatureMaps:
-    """Untrained feature maps, with psi's scale raised from its 1e-4 start so the low-rank state carries weight."""
-    layout = model_layout(model.config)
-    config = FeatureMapsConfig(
-        base_model="tiny", **layout, layers=list(range(layout["num_layers"])) if layers is None else layers,
-        policy={"kind": kind}, rank=rank, kernel_hidden=16,
-    )
-    torch.manual_seed(1)
-    feature_maps = FeatureMaps(config)
-    with torch.no_grad():
-        for maps in feature_maps.layers.values():
-            maps.psi_scale.fill_(1.0)
-    return feature_maps
-
-
-def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask [B, T] for prompts of different lengths, padded on the left."""
-    T = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), T), PAD)
-    mask = torch.zeros(len(prompts), T, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p) :] = p
-        mask[i, T - len(p) :] = 1
-    return ids, mask
-
-
-def prompts(*lengths: int, seed: int = 2) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, VOCAB, (n,), generator=g) for n in lengths]
-
-
-def generate(model, ids, mask, new_tokens, **kwargs) -> torch.Tensor:
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, **kwargs)
-    return out[:, ids.shape[1] :]
 
 
 SETTINGS = [  # (policy, lowrank)
@@ -234,17 +186,6 @@ def test_beam_search_reorders_the_compressed_cache():
         assert generate(model, ids, mask, 8, **beams).shape == (4, 8)
 
 
-def tiny_qwen2_with_a_sliding_layer() -> Qwen2ForCausalLM:
-    """Layer 0 full attention, layer 1 a 6-token sliding window."""
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, layer_types=["full_attention", "sliding_attention"],
-        use_sliding_window=True, sliding_window=6, pad_token_id=PAD, bos_token_id=None, eos_token_id=None,
-    )
-    return Qwen2ForCausalLM(config).eval()
-
-
 def test_sliding_window_layers_keep_their_own_cache():
     model = tiny_qwen2_with_a_sliding_layer()
     ids, mask = left_padded(prompts(11, 15))
@@ -267,6 +208,9 @@ def test_apply_finds_the_shipped_checkpoint_or_loads_a_directory(tmp_path, monke
                         lambda layout, kind, budget=None: tmp_path if kind == "h2o" else None)
     with apply(model, budget=6):
         assert torch.equal(generate(model, ids, mask, 6), expected)
+    with pytest.warns(DeprecationWarning, match="feature_maps='shipped'"):  # None meant the shipped one until 0.2
+        press = LessPress(budget=6, feature_maps=None)
+    assert press.feature_maps == "shipped"
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])

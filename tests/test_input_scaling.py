@@ -20,7 +20,7 @@ from less_cuda.train.input_scaling import input_rms, param_groups, scale_initial
 from less_cuda.core.policy import Policy
 from less_cuda.train.config import TrainConfig
 from less_cuda.train.layer_stage import LayerData, LayerTrainer, validation_mse
-from test_train import layer_inputs, tiny_args, tiny_model_dir  # noqa: F401  (fixtures)
+from tiny import tiny_args
 
 
 def _loss(maps: LayerFeatureMaps, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

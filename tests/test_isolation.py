@@ -19,10 +19,8 @@ from less_cuda.hf.cache import LessCache
 from less_cuda.hf.layer import LessLayer
 from less_cuda.hf.press import apply
 from less_cuda.core.policy import Policy
-from test_cpu_ops import decode_inputs
-from test_decode_step import new_token, random_cache
-from test_hf_integration import VOCAB, generate, left_padded, prompts, random_feature_maps, tiny_llama
-from test_smollm2 import greedy
+from tiny import VOCAB, tiny_llama, random_feature_maps, left_padded, prompts, generate, greedy
+from op_inputs import decode_inputs, random_cache, new_token
 
 WAIT = 60  # seconds a test thread waits for the other before the test fails (it never sleeps)
 

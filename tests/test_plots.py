@@ -1,14 +1,26 @@
-"""less_cuda.plots: each results schema renders to a PNG with something drawn on it, and plot_file dispatches on the
-file's content. Small inline results; no model."""
+"""less_cuda.eval.plots: each results schema becomes a figure of exactly its data (the lines' points, the heat maps'
+cells, the panels and their titles), saved as a PNG, and plot_file dispatches on the file's content. Small inline
+results; no model."""
 
 from __future__ import annotations
 
 import json
 
+import math
+
+import numpy
 import pytest
 from matplotlib.image import imread
 
-from less_cuda.eval.plots import plot_bench, plot_file, plot_passkey, plot_perplexity
+from less_cuda.eval.plots import (
+    bench_figure,
+    passkey_figure,
+    perplexity_figure,
+    plot_bench,
+    plot_file,
+    plot_passkey,
+    plot_perplexity,
+)
 
 
 def perplexity_entry(kind: str, budget: float, **perplexity: float) -> dict:
@@ -63,6 +75,46 @@ def bench(with_bytes: bool) -> dict:
         for method, speed, share in zip(("full", "sparse H2O", "LESS"), speeds, (1.0, 0.05, 0.06)):
             entries.append(bench_entry(method, batch, kilo, speed, full_bytes[kilo] * share if with_bytes else None))
     return {"machine_info": {"cpu": {"brand_raw": "AMD EPYC"}}, "benchmarks": entries}
+
+
+def lines_of(ax) -> dict[str, list[tuple[float, float]]]:
+    """Each labelled line of a panel as its (x, y) points."""
+    return {line.get_label(): [tuple(map(float, xy)) for xy in line.get_xydata()] for line in ax.get_lines()}
+
+
+def test_perplexity_figure_draws_each_method_at_its_budgets():
+    h2o, lam = perplexity_figure(PERPLEXITY).axes
+    assert (h2o.get_title(), lam.get_title()) == ("H2O", "Λ")
+    assert lines_of(h2o) == {
+        "full cache": [(0.0, 20.1), (1.0, 20.1)],  # a horizontal line across the panel (axes coordinates in x)
+        "sparse": [(1.0, 80.0), (5.0, 30.2), (20.0, 22.0)],
+        "Baseline+": [(1.0, 60.0), (5.0, 28.0)],  # none at 20%
+        "LESS": [(1.0, 30.0), (5.0, 24.0), (20.0, 21.0)],
+    }
+    assert lines_of(lam) == {"full cache": [(0.0, 20.1), (1.0, 20.1)], "sparse": [(5.0, 40.0), (10.0, 33.0)],
+                             "Baseline+": [(5.0, 35.0)], "LESS": [(5.0, 26.0), (10.0, 23.0)]}  # fmt: skip
+
+
+def test_passkey_figure_has_a_heat_map_per_setting_with_each_cell_its_accuracy():
+    panels = [ax for ax in passkey_figure(PASSKEY).axes if ax.images]  # the colour bar is an axes too
+    titles = [ax.get_title() for ax in panels]
+    assert titles == ["full cache", "sparse, H2O at 5%", "LESS, H2O at 5%", "LESS, Λ at 64 tokens"]
+    for ax, accuracy in zip(panels, (1.0, 0.25, 0.75, 0.5)):
+        grid = numpy.ma.filled(ax.images[0].get_array(), math.nan)  # rows: depths 0, 0.5, 1; columns: 512, 1024
+        expected = numpy.full((3, 2), accuracy)
+        if ax.get_title().startswith("LESS"):
+            expected[2, 1] = math.nan  # (depth 1.0, 1024 tokens) was not measured: blank
+        numpy.testing.assert_array_equal(grid, expected, err_msg=ax.get_title())
+
+
+def test_bench_figure_draws_bytes_and_speed_per_method_and_batch():
+    kv, speed = bench_figure(bench(with_bytes=True)).axes
+    assert lines_of(kv)["full, batch 8"] == [(2048.0, 400e6), (4096.0, 800e6)]
+    assert lines_of(kv)["LESS, batch 1"] == [(1024.0, 24e6 * 0.06)]
+    assert lines_of(speed)["sparse H2O, batch 8"] == [(2048.0, 7.3), (4096.0, 10.3)]
+    assert set(lines_of(speed)) == {f"{m}, batch {b}" for m in ("full", "sparse H2O", "LESS") for b in (1, 8)}
+    (speed_only,) = bench_figure(bench(with_bytes=False)).axes  # files without kv_bytes: the speed panel alone
+    assert lines_of(speed_only) == lines_of(speed)
 
 
 def assert_drawn(png) -> None:

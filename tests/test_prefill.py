@@ -15,7 +15,7 @@ from less_cuda.hf.attention import less_attention
 from less_cuda.hf.cache import LessCache
 from less_cuda.core.policy import Policy
 from less_cuda.core.prefill import prefill_attention
-from test_hf_integration import left_padded, prompts, random_feature_maps, tiny_llama
+from tiny import tiny_llama, random_feature_maps, left_padded, prompts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

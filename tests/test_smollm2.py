@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from less_cuda.hf.press import apply
+from tiny import greedy
 
 pytestmark = pytest.mark.smollm2
 
@@ -15,11 +16,6 @@ def chat(tokenizer, text: str) -> dict:
     messages = [{"role": "user", "content": text}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(prompt, return_tensors="pt")
-
-
-def greedy(model, inputs: dict, new_tokens: int, **kwargs) -> torch.Tensor:
-    out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
-    return out[:, inputs["input_ids"].shape[1] :]
 
 
 @pytest.mark.parametrize("policy,lowrank", SETTINGS)

@@ -8,11 +8,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from helpers import WIKITEXT, assert_close_ratio, missing_input
 from less_cuda import cli
@@ -21,65 +19,14 @@ from less_cuda.core import reference
 from less_cuda.core import state as slots
 from less_cuda.train import epochs
 from less_cuda.train import layer_stage as train_layers
-from less_cuda.train.capture import capture
 from less_cuda.hf.data import expected_bos, load_splits, pack, read_text, split_articles
-from less_cuda.core.feature_maps import FeatureMaps, LayerFeatureMaps
-from less_cuda.hf.models import load_model
+from less_cuda.core.feature_maps import FeatureMaps
 from less_cuda.core.policy import Policy
 from less_cuda.core.step_attention import kept_attention, policy_steps, step_attention
-
-REPO = Path(__file__).resolve().parents[1]
-WORDS = "the of lobster river season army song album road church game team city league storm ship".split()
-
-
-def article_text(n_articles: int = 8, words_per_article: int = 300, seed: int = 0) -> str:
-    """A WikiText-shaped text: ` = Title = ` headings, a sub-section heading, paragraphs of random words."""
-    g = torch.Generator().manual_seed(seed)
-    parts = []
-    for a in range(n_articles):
-        words = [WORDS[int(i)] for i in torch.randint(len(WORDS), (words_per_article,), generator=g)]
-        half = len(words) // 2
-        first, second = " ".join(words[:half]), " ".join(words[half:])
-        parts.append(f" \n = Article {a} = \n \n {first} \n \n = = Part = = \n \n {second} \n")
-    return "".join(parts)
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer (256 bytes + <eos>) that transformers can save and load offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<eos>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+from tiny import REPO, article_text, tiny_args, read_checkpoint
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A random 2-layer Llama (hidden 64, 4 query heads / 2 KV heads, head_dim 16) with a byte tokenizer, and a
-    small article text, saved in one directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny_llama")
-    config = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    byte_tokenizer().save_pretrained(directory)
-    (directory / "articles.txt").write_text(article_text())
-    return directory
-
-
-def tiny_args(model_dir: Path, output: Path, *extra: str) -> list[str]:
-    return ["train", "--model", str(model_dir), "--data", str(model_dir / "articles.txt"), "--output", str(output),
-            "--seq-len", "64", "--budget", "8", "--sequences", "6", "--val-sequences", "2", "--val-fraction", "0.25",
-            "--epochs", "2", "--rank", "4", "--hidden", "8", *extra]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -167,21 +114,6 @@ def decode_loop(q, k, v, phi, psi, scale, policy):
     return torch.stack(outs, dim=2)
 
 
-@pytest.fixture(scope="module")
-def layer_inputs(tiny_model_dir):
-    """Layer 1's q, k, v of the tiny Llama on two real sequences, and trained-looking feature maps (psi's output
-    scale raised so the state carries real weight)."""
-    model, tokenizer = load_model(str(tiny_model_dir), torch.float32)
-    splits = load_splits(tiny_model_dir / "articles.txt", lambda t: tokenizer(t, add_special_tokens=False)["input_ids"],
-                         seq_len=48, validation_fraction=0.25)
-    cap = capture(model, splits.train[:2], [1], batch_size=2)[1]
-    torch.manual_seed(1)
-    feature_maps = LayerFeatureMaps(4, 2, 16, hidden=8, rank=4)
-    with torch.no_grad():
-        feature_maps.psi_scale.fill_(500.0)
-    return cap, feature_maps
-
-
 POLICIES = [Policy("h2o", budget=10), Policy("h2o", budget=7, recent=0), Policy("lambda", budget=9, sinks=2)]
 
 
@@ -244,8 +176,6 @@ def test_kept_attention_and_all_its_gradients_match_the_parallel_form(layer_inpu
 # ---------------------------------------------------------------------------------------------------------------
 # The per-layer stage
 # ---------------------------------------------------------------------------------------------------------------
-def read_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(directory / "kernels.safetensors"))
 
 
 def test_cli_training_writes_a_checkpoint_that_beats_the_sparse_policy(tiny_model_dir, tmp_path, capsys):

@@ -22,7 +22,7 @@ from less_cuda.core.feature_maps import FeatureMaps
 from less_cuda.core.policy import Policy
 from less_cuda.core.step_attention import kept_attention
 from less_cuda.train.config import TrainConfig
-from test_train import REPO, read_checkpoint, tiny_args, tiny_model_dir  # noqa: F401  (a fixture)
+from tiny import REPO, tiny_args, read_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

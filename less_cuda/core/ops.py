@@ -14,8 +14,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import reference
 from .._build import load_extension
+from . import reference
 from .policy import policy_id
 from .state import SlotCache
 

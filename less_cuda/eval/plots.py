@@ -63,9 +63,10 @@ def _order(value: Optional[str], known) -> tuple:
     return (known.index(value) if value in known else len(known), value)
 
 
-def plot_perplexity(results: dict, path: PathLike) -> Path:
-    """Perplexity against the budget (% of the sequence, log scale) for each method present, one panel per policy;
-    the full cache, which has no budget, is a horizontal line. `results` is `less-cuda eval`'s perplexity JSON."""
+def perplexity_figure(results: dict):
+    """The Figure of perplexity against the budget (% of the sequence, log scale) for each method present, one panel
+    per policy; the full cache, which has no budget, is a horizontal line. `results` is `less-cuda eval`'s perplexity
+    JSON."""
     from matplotlib.ticker import LogFormatter
 
     by_policy = defaultdict(list)
@@ -97,12 +98,13 @@ def plot_perplexity(results: dict, path: PathLike) -> Path:
         ax.legend()
     figure.suptitle(f"Perplexity, {results['form']} form: {results['model']}, {results['sequences']} sequences of "
                     f"{results['seq_len']} tokens")  # fmt: skip
-    return _save(figure, path)
+    return figure
 
 
-def plot_passkey(results: dict, path: PathLike) -> Path:
-    """Passkey accuracy heat maps, depth (y) by context length (x), one per (method, policy, budget), annotated with
-    the accuracy on a fixed 0..1 colour range. Rows repeating a cell are pooled, weighted by their trials."""
+def passkey_figure(results: dict):
+    """The Figure of passkey accuracy heat maps, depth (y) by context length (x), one per (method, policy, budget),
+    annotated with the accuracy on a fixed 0..1 colour range. Rows repeating a cell are pooled, weighted by their
+    trials."""
     correct, trials = defaultdict(float), defaultdict(int)
     for row in results["results"]:
         cell = (row["method"], row["policy"], row["budget"], row["depth"], row["context_length"])
@@ -136,7 +138,7 @@ def plot_passkey(results: dict, path: PathLike) -> Path:
         ax.set_title(title)
     figure.colorbar(image, ax=axes, label="accuracy")
     figure.suptitle(f"Passkey retrieval accuracy: {results['model']}")
-    return _save(figure, path)
+    return figure
 
 
 def _bench_entry(benchmark: dict) -> tuple[str, int, int]:
@@ -152,10 +154,10 @@ def _bench_entry(benchmark: dict) -> tuple[str, int, int]:
     return method, int(setting.group(1)), 1024 * int(setting.group(2))
 
 
-def plot_bench(results: dict, path: PathLike) -> Path:
-    """KV bytes held (log scale) and decode tokens/s against context length, one line per method and batch size,
-    from the end-to-end generate benchmarks in a pytest-benchmark JSON (`make bench`). Files from before the
-    benchmarks recorded `kv_bytes` get the decode panel only."""
+def bench_figure(results: dict):
+    """The Figure of KV bytes held (log scale) and decode tokens/s against context length, one line per method and
+    batch size, from the end-to-end generate benchmarks in a pytest-benchmark JSON (`make bench`). Files from before
+    the benchmarks recorded `kv_bytes` get the decode panel only."""
     lines = defaultdict(list)  # (method, batch) -> [(context length, extra_info)]
     for benchmark in results["benchmarks"]:
         if "decode_tokens_per_s" in benchmark.get("extra_info", {}):
@@ -186,7 +188,22 @@ def plot_bench(results: dict, path: PathLike) -> Path:
         ax.legend(fontsize=8)
     cpu = results.get("machine_info", {}).get("cpu", {}).get("brand_raw")
     figure.suptitle("generate end to end" + (f" on {cpu}" if cpu else ""))
-    return _save(figure, path)
+    return figure
+
+
+def plot_perplexity(results: dict, path: PathLike) -> Path:
+    """`perplexity_figure` as a PNG at `path`."""
+    return _save(perplexity_figure(results), path)
+
+
+def plot_passkey(results: dict, path: PathLike) -> Path:
+    """`passkey_figure` as a PNG at `path`."""
+    return _save(passkey_figure(results), path)
+
+
+def plot_bench(results: dict, path: PathLike) -> Path:
+    """`bench_figure` as a PNG at `path`."""
+    return _save(bench_figure(results), path)
 
 
 PLOTTERS = {"perplexity": plot_perplexity, "passkey": plot_passkey}

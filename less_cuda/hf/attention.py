@@ -29,7 +29,6 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-
 ATTN_IMPLEMENTATION = "less"
 FALLBACKS = ("sdpa", "eager")  # what a layer without a LessLayer can run with the boolean sdpa mask it is given
 _FALLBACK_ATTRIBUTE = "_less_fallback_attention"  # the function, set on the attention modules by use_less_attention

@@ -30,14 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .distributed import all_reduce_gradients
+from ..core.feature_maps import FeatureMaps
+from ..core.step_attention import kept_attention
 from ..hf.attention import attention_function
 from ..hf.parallel import parallel_attention_function
-from ..core.feature_maps import FeatureMaps
-from .input_scaling import param_groups, set_learning_rate
-from ..core.step_attention import kept_attention
 from .config import TrainConfig
+from .distributed import all_reduce_gradients
 from .epochs import EpochTrainer
+from .input_scaling import param_groups, set_learning_rate
 
 END_TO_END_ATTENTION = "less_end_to_end"
 PARTIAL_NAME = "end_to_end.partial.safetensors"

@@ -22,14 +22,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .capture import LayerCapture
 from ..core.feature_maps import FeatureMapsConfig, LayerFeatureMaps
-from .input_scaling import input_rms, param_groups, scale_initial_weights, set_learning_rate
-from ..hf.models import DTYPES
 from ..core.policy import ResolvedPolicy, baseline_plus
 from ..core.step_attention import PolicySteps, batched_policy_steps, step_attention
+from ..hf.models import DTYPES
+from .capture import LayerCapture
 from .config import TrainConfig
 from .epochs import EpochTrainer
+from .input_scaling import input_rms, param_groups, scale_initial_weights, set_learning_rate
 
 
 def output_mse(out: Tensor, target: Tensor, o_proj: Tensor, start: int) -> Tensor:

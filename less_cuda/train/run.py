@@ -25,16 +25,16 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .capture import capture
-from ..hf.data import tokenizer_splits
-from .distributed import init_distributed, share_layer_results
+from ..core.feature_maps import FeatureMaps, FeatureMapsConfig
 from ..eval.comparison import gap_closed
 from ..eval.perplexity import compare
-from ..core.feature_maps import FeatureMaps, FeatureMapsConfig
-from .input_scaling import input_rms
+from ..hf.data import tokenizer_splits
 from ..hf.models import DTYPES, full_attention_layers, load_model, model_layout
+from .capture import capture
 from .config import TrainConfig
+from .distributed import init_distributed, share_layer_results
 from .end_to_end import EndToEndTrainer
+from .input_scaling import input_rms
 from .layer_stage import report, train_layer
 
 PROGRESS_DIR = "progress"
