@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -274,17 +275,13 @@ def evaluate_passkey(
         for (length, depth), samples in cells.items():
             for method, budget, settings in runs:
                 progress.set_postfix_str(f"{length} tokens, depth {depth}, {method} {budget or ''}".rstrip())
-                if settings is None:
+                with apply(model, **settings) if settings is not None else nullcontext():
                     accuracy = _accuracy(model, tokenizer, samples)
-                else:
-                    with apply(model, **settings):
-                        accuracy = _accuracy(model, tokenizer, samples)
                 results.append({
                     "method": method, "policy": None if method == "full" else policy.kind, "budget": budget,
                     "context_length": length, "depth": depth, "accuracy": accuracy, "trials": trials,
                 })
                 progress.update()
-
     settings = {
         "policy": policy.kind, "budgets": list(budgets), "context_lengths": list(context_lengths),
         "depths": list(depths), "trials": trials, "seed": seed, "filler": prompts.filler_description,
@@ -292,10 +289,8 @@ def evaluate_passkey(
         "needle": {"text": prompts.needle.text, "question": prompts.needle.question, "answer": prompts.needle.answer},
         "feature_maps": _checkpoint_name(model, feature_maps, policy.kind, budgets) if "less" in methods else None,
     }
-    return {
-        "kind": "passkey", "model": model.config.name_or_path, "package_version": __version__,
-        "settings": settings, "results": results,
-    }
+    return {"kind": "passkey", "model": model.config.name_or_path, "package_version": __version__,
+            "settings": settings, "results": results}
 
 
 def _check_arguments(context_lengths: Sequence[int], depths: Sequence[float], budgets: Sequence, policy: Policy,
