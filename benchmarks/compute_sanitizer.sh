@@ -33,8 +33,8 @@ cat > "$script" <<'PYTHON'
 import torch
 
 import less_cuda  # noqa: F401  (the op registrations)
-from less_cuda.ops import less_decode_step_
-from less_cuda.slots import SlotCache
+from less_cuda.core.ops import less_decode_step_
+from less_cuda.core.state import SlotCache
 
 assert torch._C._dispatch_has_kernel_for_dispatch_key("less_cuda::decode_step_", "CUDA"), "no CUDA kernels built"
 torch.manual_seed(0)

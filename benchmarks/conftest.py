@@ -2,7 +2,7 @@
 the ratios it is judged by, and at the end of the run the ratios of everything measured in that run are printed
 and written, with the machine, to benchmarks/results/ratios.md (pytest-benchmark's own JSON goes beside it when
 `make bench` passes --benchmark-json). With --plot (`make bench PYTEST_ARGS=--plot`) that JSON is also drawn, by
-less_cuda.plots, to a PNG beside it.
+less_cuda.eval.plots, to a PNG beside it.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def machine() -> str:
 
 def pytest_addoption(parser):
     parser.addoption("--plot", action="store_true",
-                     help="at the end, draw the --benchmark-json results to a PNG beside them (less_cuda.plots)")
+                     help="at the end, draw the --benchmark-json results to a PNG beside them (less_cuda.eval.plots)")
 
 
 def pytest_sessionfinish(session, exitstatus):

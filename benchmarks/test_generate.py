@@ -79,6 +79,6 @@ def test_generate(benchmark, smollm2, setting, method):
     kv_bytes = kv_cache_bytes(result.cache)
     record(setting, f"{method} KV bytes", kv_bytes)
     batch, context_length = SETTINGS[setting]
-    # In the JSON too, so that less_cuda.plots can draw bytes and speed against context length per batch size.
+    # In the JSON too, so that less_cuda.eval.plots can draw bytes and speed against context length per batch size.
     benchmark.extra_info.update(prefill_s=result.prefill_s, decode_tokens_per_s=result.decode_tokens_per_s,
                                 kv_bytes=kv_bytes, batch=batch, context_length=context_length)

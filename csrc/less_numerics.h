@@ -3,7 +3,7 @@
 //
 // An attention partial result is a state (o, lse). LESS's low-rank term is one more state,
 // (phi(q)H / phi(q)z, log phi(q)z); the final output is the merge of the sparse state and that one.
-// The same formulas live in less_cuda/reference.py (merge_states, normalise, eviction_key).
+// The same formulas live in less_cuda/core/reference.py (merge_states, normalise) and core/ranking.py (eviction_key).
 #pragma once
 
 #include <cmath>

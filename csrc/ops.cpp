@@ -1,5 +1,5 @@
 // The op schemas: each LESS op is declared once here; each backend registers its kernels in its own file
-// (csrc/cpu/*.cpp, csrc/cuda/bindings.cpp). Shapes and semantics: less_cuda/reference.py.
+// (csrc/cpu/*.cpp, csrc/cuda/bindings.cpp). Shapes and semantics: less_cuda/core/reference.py.
 #include <Python.h>
 #include <torch/library.h>
 

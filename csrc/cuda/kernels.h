@@ -2,7 +2,7 @@
 // file that includes torch) validates tensors and calls these; the CPU harness (csrc/testing) calls the same
 // functions on host memory. Every launch is asynchronous on `stream` (no host synchronisation, so the ops can be
 // captured in CUDA graphs) and returns the launch's cudaError_t.
-// Shapes and semantics: less_cuda/reference.py. All tensors are contiguous.
+// Shapes and semantics: less_cuda/core/reference.py. All tensors are contiguous.
 #pragma once
 
 #include <cuda_runtime_api.h>

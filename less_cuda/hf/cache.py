@@ -61,7 +61,7 @@ class LessCache(Cache):
         model: the causal LM (its config gives the layer kinds and layout).
         feature_maps: φ/ψ fitted for this model and policy kind, on the model's device; None for the sparse-only
             baseline of the same policy (real eviction, no low-rank state). A layer the feature maps do not cover
-            (`FeatureMapsConfig.layers`) runs the sparse policy alone, as in `less_cuda.evaluate`.
+            (`FeatureMapsConfig.layers`) runs the sparse policy alone, as in the parallel form (`hf.parallel`).
         policy: a `Policy`, or its kind ("h2o" / "lambda") with the default budget.
     """
 

@@ -1,9 +1,9 @@
 """Fitting the LESS feature maps φ/ψ of a frozen model (`less-cuda train`, or `python -m less_cuda train`;
 `torchrun --nproc_per_node N -m less_cuda train ...` runs it over N processes), in up to two stages:
 
-- "layer" (`train_layers`): each full-attention layer alone, teacher-forced on the unmodified model's hidden
+- "layer" (`layer_stage`): each full-attention layer alone, teacher-forced on the unmodified model's hidden
   states, by the MSE of its attention output. The layers are sharded over the processes.
-- "end-to-end" (`train_end_to_end`): all layers together, by the KL divergence of the next-token distribution from
+- "end-to-end" (`end_to_end`): all layers together, by the KL divergence of the next-token distribution from
   the full cache's, with every layer compressed. It starts from the layer stage's maps, or from the checkpoint
   `init` when it runs alone. Data parallel over the processes.
 
