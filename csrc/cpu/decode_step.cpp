@@ -13,9 +13,10 @@
 //
 // Parallel mapping: one at::parallel_for over the B*Hkv rows; a thread owns a row and all G of its query heads, so
 // each K/V slot is read once and every written element has one writer (results do not depend on the thread
-// count). Within a row: the K pass computes the logits of two occupied slots for four query heads per sweep over
-// D (eight independent FMA chains); a vectorised exp turns them into probabilities; the V pass accumulates p * v
-// four slots at a time, loading each V block once for the group; scores, eviction and the fold follow from the
+// count). Within a row (step_row): insert_token; the K pass (k_pass) computes the logits of two occupied slots for
+// four query heads per sweep over D (eight independent FMA chains) and a vectorised exp turns them into
+// probabilities; the V pass (v_pass) accumulates p * v four slots at a time, loading each V block once for the
+// group; write_out merges with the low-rank state; scores, eviction and the fold (fold_victim) follow from the
 // same buffers. Scratch lives in thread-local buffers that only grow: no allocation after the first call.
 //
 // Bytes per call: reads 2*B*Hkv*S_occupied*D*sizeof(T) of K/V (the bulk) and 12*B*Hkv*S of pos, scores; writes
@@ -178,61 +179,87 @@ LESS_INLINE float softmax_in_place(float* p, int64_t S) {
   return m + std::log(sum);
 }
 
+// Row bh's slots (bh = b * Hkv + KV head).
 template <typename T>
-LESS_INLINE void step_row(const StepPointers& a, int64_t bh, Scratch& w) {
-  const int64_t G = a.s.G, S = a.s.S, D = a.s.D, R = a.s.R, Hkv = a.s.Hkv;
-  const int64_t b = bh / Hkv;
-  T* k_slots = static_cast<T*>(a.k_slots) + bh * S * D;
-  T* v_slots = static_cast<T*>(a.v_slots) + bh * S * D;
-  float* psi_slots = a.psi_slots + bh * S * R;
-  int32_t* pos = a.pos + bh * S;
-  float* scores = a.scores + bh * S;
-  const int64_t tokens = a.T, t = a.t;
-  const bool real = a.valid == nullptr || a.valid[b * tokens + t];
-  const int32_t position = real ? a.next_position[b] : kEmptySlot;  // a pad token is written as a free slot
+struct RowSlots {
+  T* k;           // [S, D]
+  T* v;           // [S, D]
+  float* psi;     // [S, R]
+  int32_t* pos;   // [S]
+  float* scores;  // [S]
+};
 
-  // 1. Insert into the lowest free slot (slot 0 if none is free, as the reference's argmax).
+template <typename T>
+LESS_INLINE RowSlots<T> row_slots(const StepPointers& a, int64_t bh) {
+  const int64_t S = a.s.S, D = a.s.D;
+  return {static_cast<T*>(a.k_slots) + bh * S * D, static_cast<T*>(a.v_slots) + bh * S * D,
+          a.psi_slots + bh * S * a.s.R, a.pos + bh * S, a.scores + bh * S};
+}
+
+// Writes token a.t into the lowest free slot (slot 0 if none is free, as the reference's argmax) with a zero score.
+template <typename T>
+LESS_INLINE void insert_token(const StepPointers& a, int64_t bh, const RowSlots<T>& slots, int32_t position) {
+  const int64_t S = a.s.S, D = a.s.D, R = a.s.R;
+  const int64_t token = bh * a.T + a.t;  // row of k, v, psi_k [B, Hkv, T, *]
   int64_t slot = 0;
-  while (slot < S && pos[slot] >= 0) ++slot;
+  while (slot < S && slots.pos[slot] >= 0) ++slot;
   if (slot == S) slot = 0;
-  std::copy_n(static_cast<const T*>(a.k) + (bh * tokens + t) * D, D, k_slots + slot * D);
-  std::copy_n(static_cast<const T*>(a.v) + (bh * tokens + t) * D, D, v_slots + slot * D);
-  std::copy_n(a.psi_k + (bh * tokens + t) * R, R, psi_slots + slot * R);
-  pos[slot] = position;
-  scores[slot] = 0.f;
+  std::copy_n(static_cast<const T*>(a.k) + token * D, D, slots.k + slot * D);
+  std::copy_n(static_cast<const T*>(a.v) + token * D, D, slots.v + slot * D);
+  std::copy_n(a.psi_k + token * R, R, slots.psi + slot * R);
+  slots.pos[slot] = position;
+  slots.scores[slot] = 0.f;
+}
 
-  // 2. K pass: scaled logits of the occupied slots for the G heads, -inf for free slots; two slots at a time.
+// Token a.t's G query rows as fp32, pre-scaled, in load16's order (as logits_2x4 reads K); zero-padded to whole
+// head tiles, since logits_2x4 reads kHeadTile heads at a time (the padding heads' logits are dropped).
+template <typename T>
+LESS_INLINE void load_scaled_q(const StepPointers& a, int64_t bh, float* q) {
+  const int64_t G = a.s.G, D = a.s.D;
   const int64_t padded_heads = (G + kHeadTile - 1) / kHeadTile * kHeadTile;
-  float* q = w.q.data();
   for (int64_t g = 0; g < G; ++g)
-    simd::to_float(static_cast<const T*>(a.q) + ((bh * G + g) * tokens + t) * D, q + g * D, D);
+    simd::to_float(static_cast<const T*>(a.q) + ((bh * G + g) * a.T + a.t) * D, q + g * D, D);
   for (int64_t g = 0; g < G; ++g) simd::permute16<T>(q + g * D, D, /*inverse=*/false);
   for (int64_t i = 0; i < G * D; ++i) q[i] *= a.scale;
   std::fill(q + G * D, q + padded_heads * D, 0.f);
-  int32_t* occupied = w.occupied.data();
+}
+
+// The occupied slots in slot order, so that the K and V passes skip free slots without testing pos; returns how many.
+LESS_INLINE int64_t occupied_slots(const int32_t* pos, int64_t S, int32_t* occupied) {
   int64_t n = 0;
   for (int64_t j = 0; j < S; ++j)
     if (pos[j] >= 0) occupied[n++] = static_cast<int32_t>(j);
-  float* logits = w.logits.data();
-  std::fill(logits, logits + G * S, -INFINITY);
+  return n;
+}
+
+// K pass: p [G][S] = softmax of the scaled logits over the n occupied slots (0 for free slots) and lse [G], two
+// slots per sweep over D.
+template <typename T>
+LESS_INLINE void k_pass(const DecodeSizes& s, const float* q, const T* k_slots, const int32_t* occupied, int64_t n,
+                        float* p, float* lse) {
+  const int64_t G = s.G, S = s.S, D = s.D;
+  std::fill(p, p + G * S, -INFINITY);
   for (int64_t i = 0; i < n; i += 2) {
-    const int64_t j0 = occupied[i], j1 = i + 1 < n ? occupied[i + 1] : j0;
+    const int64_t j0 = occupied[i], j1 = i + 1 < n ? occupied[i + 1] : j0;  // an odd last slot pairs with itself
     for (int64_t u = i + kPrefetchAhead; u < std::min(n, i + kPrefetchAhead + 2); ++u)
       prefetch_row(k_slots + occupied[u] * D, D);
     for (int64_t g0 = 0; g0 < G; g0 += kHeadTile) {
       const f8 r = logits_2x4(q + g0 * D, k_slots + j0 * D, k_slots + j1 * D, D);
       for (int64_t t = 0; t < kHeadTile && g0 + t < G; ++t) {
-        logits[(g0 + t) * S + j0] = r[t];
-        logits[(g0 + t) * S + j1] = r[kHeadTile + t];
+        p[(g0 + t) * S + j0] = r[t];
+        p[(g0 + t) * S + j1] = r[kHeadTile + t];
       }
     }
   }
-  float* lse = w.lse.data();
-  for (int64_t g = 0; g < G; ++g) lse[g] = softmax_in_place(logits + g * S, S);
+  for (int64_t g = 0; g < G; ++g) lse[g] = softmax_in_place(p + g * S, S);
+}
 
-  // 3. V pass: o_g = sum_j p_gj v_j (normalised sparse state), kVRows slots at a time.
-  float* o = w.o.data();
-  float* weights = w.weights.data();
+// V pass: o [G][D] = sum_j p_gj v_j (the normalised sparse state, in load16's order), kVRows slots at a time;
+// weights: kVRows * G floats of scratch.
+template <typename T>
+LESS_INLINE void v_pass(const DecodeSizes& s, const float* p, const T* v_slots, const int32_t* occupied, int64_t n,
+                        float* weights, float* o) {
+  const int64_t G = s.G, S = s.S, D = s.D;
   std::fill(o, o + G * D, 0.f);
   for (int64_t i = 0; i < n; i += kVRows) {
     const T* v_rows[kVRows];
@@ -242,13 +269,17 @@ LESS_INLINE void step_row(const StepPointers& a, int64_t bh, Scratch& w) {
       const bool live = i + u < n;  // past the end: weight 0 on a real row, so nothing stale is read
       const int64_t j = occupied[live ? i + u : i];
       v_rows[u] = v_slots + j * D;
-      for (int64_t g = 0; g < G; ++g) weights[g * kVRows + u] = live ? logits[g * S + j] : 0.f;
+      for (int64_t g = 0; g < G; ++g) weights[g * kVRows + u] = live ? p[g * S + j] : 0.f;
     }
     accumulate_rows(v_rows, weights, o, G, D);
   }
-  float* row = w.row.data();
+}
 
-  // 4. Merge with the low-rank state (H, z before this step's fold) and write out.
+// Merges each head's sparse state (o, lse) with the low-rank state (H, z before this step's fold) and writes token
+// a.t's out rows; o is permuted back to natural order in place.
+template <typename T>
+LESS_INLINE void write_out(const StepPointers& a, int64_t bh, float* o, const float* lse) {
+  const int64_t G = a.s.G, D = a.s.D, R = a.s.R;
   T* out = static_cast<T*>(a.out);
   const float* H = a.H + bh * R * D;
   const float* z = a.z + bh * R;
@@ -256,7 +287,7 @@ LESS_INLINE void step_row(const StepPointers& a, int64_t bh, Scratch& w) {
     float* og = o + g * D;
     simd::permute16<T>(og, D, /*inverse=*/true);
     if (R > 0) {
-      const float* phi = a.phi_q + ((bh * G + g) * tokens + t) * R;
+      const float* phi = a.phi_q + ((bh * G + g) * a.T + a.t) * R;
       float den = 0.f;
       for (int64_t r = 0; r < R; ++r) den += phi[r] * z[r];
       const MergeWeights mw = merge_weights(lse[g], normaliser_lse(den));
@@ -264,24 +295,55 @@ LESS_INLINE void step_row(const StepPointers& a, int64_t bh, Scratch& w) {
       for (int64_t d = 0; d < D; ++d) og[d] *= mw.a;
       for (int64_t r = 0; r < R; ++r) simd::axpy(lr_scale * phi[r], H + r * D, og, D);
     }
-    simd::from_float(og, out + ((bh * G + g) * tokens + t) * D, D);
+    simd::from_float(og, out + ((bh * G + g) * a.T + a.t) * D, D);
   }
+}
 
-  // 5. Scores (not for a pad token: its attention is no evidence), then at most one eviction.
-  float* probs = nullptr;  // Λ and pad tokens add no score
+// H2O's evidence for the scores: probs[j] = sum over the G heads of p_gj.
+LESS_INLINE void group_probs(const float* p, int64_t G, int64_t S, float* probs) {
+  std::fill(probs, probs + S, 0.f);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = 0; j < S; ++j) probs[j] += p[g * S + j];
+}
+
+// Folds the evicted slot's psi, v into H, z (eviction only marks the slot free, so its row is intact); row: D floats
+// of scratch.
+template <typename T>
+LESS_INLINE void fold_victim(const StepPointers& a, int64_t bh, const RowSlots<T>& slots, int64_t victim,
+                             float* row) {
+  const int64_t D = a.s.D, R = a.s.R;
+  simd::to_float(slots.v + victim * D, row, D);
+  fold_token(a.H + bh * R * D, a.z + bh * R, slots.psi + victim * R, row, R, D);
+}
+
+// Token a.t's whole step for row bh (see the file comment).
+template <typename T>
+LESS_INLINE void step_row(const StepPointers& a, int64_t bh, Scratch& w) {
+  const DecodeSizes& s = a.s;
+  const RowSlots<T> slots = row_slots<T>(a, bh);
+  const int64_t b = bh / s.Hkv;
+  const bool real = a.valid == nullptr || a.valid[b * a.T + a.t];
+  insert_token(a, bh, slots, real ? a.next_position[b] : kEmptySlot);  // a pad token is written as a free slot
+
+  float* q = w.q.data();
+  load_scaled_q<T>(a, bh, q);
+  int32_t* occupied = w.occupied.data();
+  const int64_t n = occupied_slots(slots.pos, s.S, occupied);
+  float* p = w.logits.data();  // the logits, then the probabilities
+  float* lse = w.lse.data();
+  k_pass(s, q, slots.k, occupied, n, p, lse);
+  float* o = w.o.data();
+  v_pass(s, p, slots.v, occupied, n, w.weights.data(), o);
+  write_out<T>(a, bh, o, lse);
+
+  float* probs = nullptr;  // Λ and pad tokens (whose attention is no evidence) add no score
   if (a.policy == kPolicyH2O && real) {
     probs = w.probs.data();
-    std::fill(probs, probs + S, 0.f);
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t j = 0; j < S; ++j) probs[j] += logits[g * S + j];
+    group_probs(p, s.G, s.S, probs);
   }
-  const int64_t best = score_and_evict_row(scores, pos, probs, S, a.policy, a.budget, a.recent, a.sinks);
-  if (best < 0) return;
-
-  // 6. Fold the victim (its psi and v are still in the freed slot).
-  if (R == 0) return;
-  simd::to_float(v_slots + best * D, row, D);
-  fold_token(a.H + bh * R * D, a.z + bh * R, psi_slots + best * R, row, R, D);
+  const int64_t victim =
+      score_and_evict_row(slots.scores, slots.pos, probs, s.S, a.policy, a.budget, a.recent, a.sinks);
+  if (victim >= 0 && s.R > 0) fold_victim(a, bh, slots, victim, w.row.data());
 }
 
 template <typename T>
