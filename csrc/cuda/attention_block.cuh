@@ -2,6 +2,8 @@
 //   - attend_chunk: a block of 4 warps attends over a chunk of slots for up to 8 query heads of one group. The
 //     chunk is walked in tiles whose logits fit shared memory, with an online softmax across tiles (running max
 //     and sum per head, accumulators rescaled once per tile), so a chunk's length is not bounded by shared memory.
+//     Per tile: tile_logits (K pass), tile_softmax (per head), rescale_accumulators and tile_values (V pass); then
+//     reduce_lane_groups and reduce_warps sum the lanes' accumulators.
 //   - the split-KV / multi-tile workspace: p = exp(s - m_tile) per (head, slot), the tile maxima, and each
 //     chunk's partial state (o, m, l);
 //   - the pieces that finish a row: per-(head, chunk) and per-(head, tile) weights against the final max (computed
@@ -236,7 +238,7 @@ __device__ __forceinline__ void row_probs(const float* p, int64_t p_stride, cons
 // chunk's softmax state (max, sum). The others are working values of attend_chunk and of the finishing code.
 enum HeadScalar {
   kHeadM, kHeadL,                      // the chunk's state
-  kHeadRescale,                        // attend_chunk: per-tile rescale of the accumulators
+  kHeadRescale,                        // attend_chunk: per-tile rescale of the accumulators (tile_softmax)
   kHeadTotalM, kHeadTotalL,            // decode_step: the state with slot 0 and the new token merged in
   kHeadDen,                            // phi(q) . z
   kHeadWeightO, kHeadWeightP,          // the chunk's o and p weights against the final state
@@ -265,146 +267,159 @@ inline size_t chunk_smem_bytes(const DecodePlan& plan, int64_t D) {
   return sizeof(float) * static_cast<size_t>(plan.heads_per_block * (plan.tile + 2 * D));
 }
 
-// Attends over the chunk. Returns the reduced output sums o [heads][dim] (shared memory, relative to the chunk
-// max); hs[g * kHeadScalars + kHeadM / kHeadL] hold each head's (m, l). When the chunk is a single tile, smem's
-// first heads * tile floats hold its p = exp(s - m) (heads `tile` apart); otherwise p and the tile maxima are in the
-// workspace (c.p_out, c.tile_m_out). Every thread of the block must call it; it ends with a barrier.
+// A lane's slices (RowLayout<T, D>::column) of one row per head: the scaled q and the V accumulators of
+// attend_chunk. The helpers below take them by reference and are force-inlined, so that they stay in registers.
 template <typename T, int D>
-__device__ float* attend_chunk(const ChunkView& c, float* hs, float* smem) {
+using HeadSlices = float[kMaxHeads][RowLayout<T, D>::kElems];
+
+// The chunk's q, scaled once here rather than per logit (warp_logit scales q first too, so that both round alike);
+// 0 for heads past c.heads.
+template <typename T, int D>
+__device__ __forceinline__ void load_scaled_q(const ChunkView& c, HeadSlices<T, D>& qs) {
+  using L = RowLayout<T, D>;
+  const int lane = threadIdx.x % 32, l = lane % L::kLanes;
+  const int heads = c.heads, dim = c.dim;
+  const T* q = static_cast<const T*>(c.q);
+#pragma unroll
+  for (int g = 0; g < kMaxHeads; ++g)
+#pragma unroll
+    for (int e = 0; e < L::kElems; ++e)
+      qs[g][e] =
+          g < heads && L::valid(e, l, dim) ? to_float(q[g * c.q_stride + L::column(e, l, dim)]) * c.scale : 0.f;
+}
+
+// K pass over the tile of trows slots from t0: p[g * tile + r] = the logit of head g and slot r, -inf where the
+// slot is not attended. Loop bounds are warp-uniform so that every lane takes part in the butterflies.
+template <typename T, int D>
+__device__ __forceinline__ void tile_logits(const ChunkView& c, int t0, int trows, const HeadSlices<T, D>& qs,
+                                            float* p) {
   using L = RowLayout<T, D>;
   constexpr int kRowsPerPass = L::kRowsPerWarp * kWarps;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = lane / L::kLanes, l = lane % L::kLanes;
   const int heads = c.heads, dim = c.dim, tile = c.tile;
-  float* p = smem;                             // [heads][tile]: logits, then exp(s - m_tile)
-  float* red = smem + heads * tile;            // [2][heads][dim]
-  const T* k = static_cast<const T*>(c.k);
-  const T* v = static_cast<const T*>(c.v);
-
-  if (static_cast<int>(threadIdx.x) < heads) {
-    hs[threadIdx.x * kHeadScalars + kHeadM] = -INFINITY;
-    hs[threadIdx.x * kHeadScalars + kHeadL] = 0.f;
-  }
-  float qs[kMaxHeads][L::kElems];
-  {
-    const T* q = static_cast<const T*>(c.q);
+  const T* kt = static_cast<const T*>(c.k) + static_cast<int64_t>(t0) * dim;
+  const int32_t* post = c.pos + t0;
+  for (int base = warp * L::kRowsPerWarp; base < trows; base += kRowsPerPass * kUnroll) {
+    typename L::Raw raw[kUnroll];
+    bool attended[kUnroll];
 #pragma unroll
-    for (int g = 0; g < kMaxHeads; ++g)
-#pragma unroll
-      for (int e = 0; e < L::kElems; ++e)
-        qs[g][e] =
-            g < heads && L::valid(e, l, dim) ? to_float(q[g * c.q_stride + L::column(e, l, dim)]) * c.scale : 0.f;
-  }
-  float acc[kMaxHeads][L::kElems] = {};
-
-  for (int t0 = 0; t0 < c.rows; t0 += tile) {
-    const int trows = c.rows - t0 < tile ? c.rows - t0 : tile;
-    const T* kt = k + static_cast<int64_t>(t0) * dim;
-    const T* vt = v + static_cast<int64_t>(t0) * dim;
-    const int32_t* post = c.pos + t0;
-    __syncthreads();  // the previous tile's p has been consumed (and hs is initialised)
-
-    // 1. K pass: logits. Loop bounds are warp-uniform so that every lane takes part in the butterflies.
-    for (int base = warp * L::kRowsPerWarp; base < trows; base += kRowsPerPass * kUnroll) {
-      typename L::Raw raw[kUnroll];
-      bool attended[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int r = base + group + u * kRowsPerPass;
-        attended[u] = r < trows && post[r] >= 0 && t0 + r != c.exclude;
-        if (r < trows)
-          L::load(raw[u], kt + static_cast<int64_t>(r) * dim, l, dim);
-        else
-          L::clear(raw[u]);
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int r = base + group + u * kRowsPerPass;
-        float kf[L::kElems];
-        L::unpack(raw[u], kf);
-#pragma unroll
-        for (int g = 0; g < kMaxHeads; ++g) {
-          if (g >= heads) break;
-          float s = 0.f;
-#pragma unroll
-          for (int e = 0; e < L::kElems; ++e) s += qs[g][e] * kf[e];
-          s = group_sum<L::kLanes>(s);
-          if (l == 0 && r < trows) p[g * tile + r] = attended[u] ? s : -INFINITY;
-        }
-      }
+    for (int u = 0; u < kUnroll; ++u) {
+      const int r = base + group + u * kRowsPerPass;
+      attended[u] = r < trows && post[r] >= 0 && t0 + r != c.exclude;
+      if (r < trows)
+        L::load(raw[u], kt + static_cast<int64_t>(r) * dim, l, dim);
+      else
+        L::clear(raw[u]);
     }
-    __syncthreads();
-
-    // 2. Per head (one warp each): the tile's max m_t and sum; the running state (m, l) absorbs the tile. The
-    //    workspace gets p = exp(s - m_t) (probs are built from it); shared memory gets p * exp(m_t - m_new), the V
-    //    pass's weights in the running max's scale (with one tile the factor is exactly 1).
-    for (int g = warp; g < heads; g += kWarps) {
-      float* pg = p + g * tile;
-      float* h = hs + g * kHeadScalars;
-      float m = -INFINITY;
-      for (int r = lane; r < trows; r += 32) m = fmaxf(m, pg[r]);
-      m = warp_max(m);
-      const float to_running = chunk_weight(m, fmaxf(h[kHeadM], m));
-      float sum = 0.f;
-      for (int r = lane; r < trows; r += 32) {
-        const float e = m > -INFINITY ? expf(pg[r] - m) : 0.f;
-        pg[r] = e * to_running;
-        if (c.p_out != nullptr) c.p_out[g * c.p_stride + t0 + r] = e;
-        sum += e;
-      }
-      sum = group_sum(sum);
-      if (lane == 0) {
-        if (c.tile_m_out != nullptr) c.tile_m_out[g * c.tile_m_stride + t0 / tile] = m;
-        OnlineSoftmax running{h[kHeadM], h[kHeadL]};
-        h[kHeadRescale] = running.combine(OnlineSoftmax{m, sum}).a;
-        h[kHeadM] = running.m;
-        h[kHeadL] = running.l;
-      }
-    }
-    __syncthreads();
-
-    // 3. V pass: this lane's slice of sum_j p_gj v_j, in the running max's scale. Rows whose weights are all zero
-    //    (free slots) are not loaded.
 #pragma unroll
-    for (int g = 0; g < kMaxHeads; ++g) {
-      if (g >= heads) break;
-      const float rescale = hs[g * kHeadScalars + kHeadRescale];
+    for (int u = 0; u < kUnroll; ++u) {
+      const int r = base + group + u * kRowsPerPass;
+      float kf[L::kElems];
+      L::unpack(raw[u], kf);
 #pragma unroll
-      for (int e = 0; e < L::kElems; ++e) acc[g][e] *= rescale;
-    }
-    for (int base = warp * L::kRowsPerWarp; base < trows; base += kRowsPerPass * kUnroll) {
-      typename L::Raw raw[kUnroll];
-      float w[kUnroll][kMaxHeads];
+      for (int g = 0; g < kMaxHeads; ++g) {
+        if (g >= heads) break;
+        float s = 0.f;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int r = base + group + u * kRowsPerPass;
-        bool any = false;
-#pragma unroll
-        for (int g = 0; g < kMaxHeads; ++g) {
-          w[u][g] = g < heads && r < trows ? p[g * tile + r] : 0.f;
-          any |= w[u][g] != 0.f;
-        }
-        if (any)
-          L::load(raw[u], vt + static_cast<int64_t>(r) * dim, l, dim);
-        else
-          L::clear(raw[u]);
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        float vf[L::kElems];
-        L::unpack(raw[u], vf);
-#pragma unroll
-        for (int g = 0; g < kMaxHeads; ++g) {
-          if (g >= heads) break;
-#pragma unroll
-          for (int e = 0; e < L::kElems; ++e) acc[g][e] += w[u][g] * vf[e];
-        }
+        for (int e = 0; e < L::kElems; ++e) s += qs[g][e] * kf[e];
+        s = group_sum<L::kLanes>(s);
+        if (l == 0 && r < trows) p[g * tile + r] = attended[u] ? s : -INFINITY;
       }
     }
   }
+}
 
-  // Reduce the lane groups of each warp with shuffles, then the 4 warps in a fixed order through shared memory:
-  // o = (w0 + w2) + (w1 + w3).
+// Per head (one warp each): the tile's max m_t and sum; the running state (m, l) absorbs the tile, and
+// hs[kHeadRescale] gets the factor that brings the accumulators to the new max. The workspace gets p = exp(s - m_t)
+// (probs are built from it); shared memory gets p * exp(m_t - m_new), the V pass's weights in the running max's
+// scale (with one tile the factor is exactly 1).
+__device__ __forceinline__ void tile_softmax(const ChunkView& c, int t0, int trows, float* p, float* hs) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int tile = c.tile;
+  for (int g = warp; g < c.heads; g += kWarps) {
+    float* pg = p + g * tile;
+    float* h = hs + g * kHeadScalars;
+    float m = -INFINITY;
+    for (int r = lane; r < trows; r += 32) m = fmaxf(m, pg[r]);
+    m = warp_max(m);
+    const float to_running = chunk_weight(m, fmaxf(h[kHeadM], m));
+    float sum = 0.f;
+    for (int r = lane; r < trows; r += 32) {
+      const float e = m > -INFINITY ? expf(pg[r] - m) : 0.f;
+      pg[r] = e * to_running;
+      if (c.p_out != nullptr) c.p_out[g * c.p_stride + t0 + r] = e;
+      sum += e;
+    }
+    sum = group_sum(sum);
+    if (lane == 0) {
+      if (c.tile_m_out != nullptr) c.tile_m_out[g * c.tile_m_stride + t0 / tile] = m;
+      OnlineSoftmax running{h[kHeadM], h[kHeadL]};
+      h[kHeadRescale] = running.combine(OnlineSoftmax{m, sum}).a;
+      h[kHeadM] = running.m;
+      h[kHeadL] = running.l;
+    }
+  }
+}
+
+// Brings the accumulators to the running max that tile_softmax has just moved.
+template <typename T, int D>
+__device__ __forceinline__ void rescale_accumulators(int heads, const float* hs, HeadSlices<T, D>& acc) {
+#pragma unroll
+  for (int g = 0; g < kMaxHeads; ++g) {
+    if (g >= heads) break;
+    const float rescale = hs[g * kHeadScalars + kHeadRescale];
+#pragma unroll
+    for (int e = 0; e < RowLayout<T, D>::kElems; ++e) acc[g][e] *= rescale;
+  }
+}
+
+// V pass over the tile: acc[g] += this lane's slice of sum_r p_gr v_r, in the running max's scale. Rows whose
+// weights are all zero (free slots) are not loaded.
+template <typename T, int D>
+__device__ __forceinline__ void tile_values(const ChunkView& c, int t0, int trows, const float* p,
+                                            HeadSlices<T, D>& acc) {
+  using L = RowLayout<T, D>;
+  constexpr int kRowsPerPass = L::kRowsPerWarp * kWarps;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int group = lane / L::kLanes, l = lane % L::kLanes;
+  const int heads = c.heads, dim = c.dim, tile = c.tile;
+  const T* vt = static_cast<const T*>(c.v) + static_cast<int64_t>(t0) * dim;
+  for (int base = warp * L::kRowsPerWarp; base < trows; base += kRowsPerPass * kUnroll) {
+    typename L::Raw raw[kUnroll];
+    float w[kUnroll][kMaxHeads];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int r = base + group + u * kRowsPerPass;
+      bool any = false;
+#pragma unroll
+      for (int g = 0; g < kMaxHeads; ++g) {
+        w[u][g] = g < heads && r < trows ? p[g * tile + r] : 0.f;
+        any |= w[u][g] != 0.f;
+      }
+      if (any)
+        L::load(raw[u], vt + static_cast<int64_t>(r) * dim, l, dim);
+      else
+        L::clear(raw[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float vf[L::kElems];
+      L::unpack(raw[u], vf);
+#pragma unroll
+      for (int g = 0; g < kMaxHeads; ++g) {
+        if (g >= heads) break;
+#pragma unroll
+        for (int e = 0; e < L::kElems; ++e) acc[g][e] += w[u][g] * vf[e];
+      }
+    }
+  }
+}
+
+// Sums the accumulators of the lane groups of a warp (the rows it held) with shuffles; every lane group gets them.
+template <typename T, int D>
+__device__ __forceinline__ void reduce_lane_groups(int heads, HeadSlices<T, D>& acc) {
+  using L = RowLayout<T, D>;
 #pragma unroll
   for (int offset = L::kLanes; offset < 32; offset *= 2)
 #pragma unroll
@@ -413,6 +428,17 @@ __device__ float* attend_chunk(const ChunkView& c, float* hs, float* smem) {
 #pragma unroll
       for (int e = 0; e < L::kElems; ++e) acc[g][e] += __shfl_xor_sync(kFullMask, acc[g][e], offset);
     }
+}
+
+// red [heads][dim] = the 4 warps' sums, added in a fixed order through shared memory, (w0 + w2) + (w1 + w3), so
+// that the result does not depend on scheduling; red's second half [heads][dim] is scratch. Every thread of the
+// block must call it; it ends with a barrier.
+template <typename T, int D>
+__device__ __forceinline__ void reduce_warps(const ChunkView& c, const HeadSlices<T, D>& acc, float* red) {
+  using L = RowLayout<T, D>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int group = lane / L::kLanes, l = lane % L::kLanes;
+  const int heads = c.heads, dim = c.dim;
   for (int half = 1; half >= 0; --half) {  // warps 2, 3 store; then warps 0, 1 add theirs
     if (group == 0 && warp / 2 == half) {
       float* dst = red + (warp % 2) * heads * dim;
@@ -431,6 +457,36 @@ __device__ float* attend_chunk(const ChunkView& c, float* hs, float* smem) {
   }
   for (int idx = threadIdx.x; idx < heads * dim; idx += kThreads) red[idx] += red[heads * dim + idx];
   __syncthreads();
+}
+
+// Attends over the chunk. Returns the reduced output sums o [heads][dim] (shared memory, relative to the chunk
+// max); hs[g * kHeadScalars + kHeadM / kHeadL] hold each head's (m, l). When the chunk is a single tile, smem's
+// first heads * tile floats hold its p = exp(s - m) (heads `tile` apart); otherwise p and the tile maxima are in the
+// workspace (c.p_out, c.tile_m_out). Every thread of the block must call it; it ends with a barrier.
+template <typename T, int D>
+__device__ float* attend_chunk(const ChunkView& c, float* hs, float* smem) {
+  float* p = smem;                       // [heads][tile]: logits, then exp(s - m_tile)
+  float* red = smem + c.heads * c.tile;  // [2][heads][dim]
+  if (static_cast<int>(threadIdx.x) < c.heads) {
+    hs[threadIdx.x * kHeadScalars + kHeadM] = -INFINITY;
+    hs[threadIdx.x * kHeadScalars + kHeadL] = 0.f;
+  }
+  HeadSlices<T, D> qs;
+  load_scaled_q<T, D>(c, qs);
+  HeadSlices<T, D> acc = {};
+
+  for (int t0 = 0; t0 < c.rows; t0 += c.tile) {
+    const int trows = c.rows - t0 < c.tile ? c.rows - t0 : c.tile;
+    __syncthreads();  // the previous tile's p has been consumed (and hs is initialised)
+    tile_logits<T, D>(c, t0, trows, qs, p);
+    __syncthreads();
+    tile_softmax(c, t0, trows, p, hs);
+    __syncthreads();
+    rescale_accumulators<T, D>(c.heads, hs, acc);
+    tile_values<T, D>(c, t0, trows, p, acc);
+  }
+  reduce_lane_groups<T, D>(c.heads, acc);
+  reduce_warps<T, D>(c, acc, red);
   return red;
 }
 
