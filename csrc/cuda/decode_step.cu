@@ -30,8 +30,9 @@
 //     out) writes each chunk's partial state and p; decode_step_finish_kernel, one block of 256 threads per
 //     (b, KV head), merges the chunks (per-(head, chunk) and per-(head, tile) weights computed once, in place in
 //     the workspace) and runs finish_step.
-// finish_step: warps over heads (final state, weights, phi(q) . z), threads over G x D (out), over slots (probs,
-// two score/evict passes, both reductions lanes then warps), over R x D (fold: one writer per element).
+// finish_step: warps over heads (final_head_states: final state, weights, phi(q) . z), threads over G x D
+// (write_out), over slots (build_probs; slot_row::score_and_evict's two passes, both reductions lanes then warps),
+// over R x D (fold_victim: one writer per element).
 //
 // Bytes per token: K and V once (2 * B * Hkv * S * D * sizeof(T)); pos (4 * B * Hkv * S, read three times: the
 // free slot and two eviction passes, the last two from L1/L2), scores read and written (8 * B * Hkv * S); q, out,
@@ -111,45 +112,61 @@ __device__ int token_position(const DecodeStepArgs& a, int64_t b, int64_t t) {
   return valid == nullptr || valid[t] ? base + before : kEmptySlot;
 }
 
-// Steps 1-5 of token t for row bh, once the chunk pass is done. `sparse`: the row's chunk state (ChunkInShared or
-// ChunksInWorkspace); hs: [G][kHeadScalars] shared memory; probs: where the row's probs are built (p's head-0 row,
-// overwritten). Every thread of the block calls it.
+// What token t's step touches in row bh (= b * Hkv + KV head): the row's slots, and the token's rows of q, out,
+// phi_q [B, Hq, T, *] (the group's first head; heads T rows apart) and of k, v, psi_k [B, Hkv, T, *].
+template <typename T>
+struct StepRow {
+  int64_t bh, G, S, dim, R;  // computed once for all the helpers (G is a 64-bit division)
+  T* k_slots;            // [S][dim]
+  T* v_slots;            // [S][dim]
+  int32_t* pos;          // [S]
+  float* scores;         // [S]
+  const T* q;
+  T* out;
+  const float* phi;      // null when R = 0
+  const T* k_new;
+  const T* v_new;
+  const float* psi_new;  // null when R = 0
+
+  static __device__ __forceinline__ StepRow at(const DecodeStepArgs& a, int64_t bh, int64_t t) {
+    const int64_t G = a.Hq / a.Hkv, S = a.S, dim = a.D, R = a.R;
+    const int64_t head0 = bh * G;  // b * Hq + kv head * G
+    StepRow row;
+    row.bh = bh;
+    row.G = G;
+    row.S = S;
+    row.dim = dim;
+    row.R = R;
+    row.k_slots = static_cast<T*>(a.k_slots) + bh * S * dim;
+    row.v_slots = static_cast<T*>(a.v_slots) + bh * S * dim;
+    row.pos = a.pos + bh * S;
+    row.scores = a.scores + bh * S;
+    row.q = static_cast<const T*>(a.q) + (head0 * a.T + t) * dim;
+    row.out = static_cast<T*>(a.out) + (head0 * a.T + t) * dim;
+    row.phi = R > 0 ? a.phi_q + (head0 * a.T + t) * R : nullptr;
+    row.k_new = static_cast<const T*>(a.k) + (bh * a.T + t) * dim;
+    row.v_new = static_cast<const T*>(a.v) + (bh * a.T + t) * dim;
+    row.psi_new = R > 0 ? a.psi_k + (bh * a.T + t) * R : nullptr;
+    return row;
+  }
+};
+
+// Per head (warps over heads): the final softmax state, the chunk state with the single slots merged in (slot 0 when
+// `slot0`, the new token when `fresh`), and phi(q) . z, into hs; `sparse` computes its weights against that state.
 template <typename T, int kBlock, typename Sparse>
-__device__ void finish_step(const DecodeStepArgs& a, int64_t bh, int64_t t, Sparse& sparse, float* hs, float* probs) {
+__device__ __forceinline__ void final_head_states(const DecodeStepArgs& a, const StepRow<T>& row, bool slot0,
+                                                  bool fresh, Sparse& sparse, float* hs) {
   constexpr int kBlockWarps = kBlock / 32;
-  const int64_t G = a.Hq / a.Hkv, S = a.S, dim = a.D, R = a.R;
-  const int64_t b = bh / a.Hkv;
-  const int64_t head0 = bh * G;  // b * Hq + kv head * G
+  const int64_t G = row.G, bh = row.bh, dim = row.dim, R = row.R;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  T* k_slots = static_cast<T*>(a.k_slots) + bh * S * dim;
-  T* v_slots = static_cast<T*>(a.v_slots) + bh * S * dim;
-  int32_t* pos = a.pos + bh * S;
-  float* scores = a.scores + bh * S;
-  // Token t's rows: q, out, phi_q [B, Hq, T, *] and k, v, psi_k [B, Hkv, T, *].
-  const T* q_t = static_cast<const T*>(a.q) + (head0 * a.T + t) * dim;
-  T* out_t = static_cast<T*>(a.out) + (head0 * a.T + t) * dim;
-  const float* phi_t = R > 0 ? a.phi_q + (head0 * a.T + t) * R : nullptr;
-  const T* k_new = static_cast<const T*>(a.k) + (bh * a.T + t) * dim;
-  const T* v_new = static_cast<const T*>(a.v) + (bh * a.T + t) * dim;
-  const float* psi_new = R > 0 ? a.psi_k + (bh * a.T + t) * R : nullptr;
-  __shared__ int position_shared;
-  if (threadIdx.x == 0) position_shared = token_position(a, b, t);
-
-  // Where the token goes; which single slots join the chunk state: slot 0 unless the token takes it (the chunk
-  // pass left it out), and the token itself unless it is a pad.
-  const int slot = slot_row::first_free_slot<kBlock>(pos, S);  // its barriers also publish position_shared
-  const int position = position_shared;
-  const bool slot0 = slot != 0;  // then slot 0 is occupied: a free slot 0 would have been the first free one
-  const bool fresh = position >= 0;
-
   for (int64_t g = warp; g < G; g += kBlockWarps) {
     OnlineSoftmax st = sparse.state(g);
-    const T* q = q_t + g * a.T * dim;
-    const float s0 = slot0 ? warp_logit(q, k_slots, dim, a.scale) : -INFINITY;
-    const float sn = fresh ? warp_logit(q, k_new, dim, a.scale) : -INFINITY;
+    const T* q = row.q + g * a.T * dim;
+    const float s0 = slot0 ? warp_logit(q, row.k_slots, dim, a.scale) : -INFINITY;
+    const float sn = fresh ? warp_logit(q, row.k_new, dim, a.scale) : -INFINITY;
     if (slot0) st.combine(OnlineSoftmax{s0, 1.f});
     if (fresh) st.combine(OnlineSoftmax{sn, 1.f});
-    const float den = R > 0 ? lowrank_den(phi_t + g * a.T * R, a.z + bh * R, R) : 0.f;
+    const float den = R > 0 ? lowrank_den(row.phi + g * a.T * R, a.z + bh * R, R) : 0.f;
     sparse.set_reference(g, st.m, st.l);
     if (lane == 0) {
       float* h = hs + g * kHeadScalars;
@@ -160,62 +177,103 @@ __device__ void finish_step(const DecodeStepArgs& a, int64_t bh, int64_t t, Spar
       h[kHeadLogitNew] = sn;
     }
   }
-  __syncthreads();
+}
 
-  // out, with H and z as they were before this step's fold.
+// out (threads over G x dim): the final sparse state merged with the low-rank state, H and z as they were before
+// this step's fold. Needs final_head_states' hs and weights (after a barrier).
+template <typename T, int kBlock, typename Sparse>
+__device__ __forceinline__ void write_out(const DecodeStepArgs& a, const StepRow<T>& row, bool slot0, bool fresh,
+                                          const Sparse& sparse, const float* hs) {
+  const int64_t G = row.G, bh = row.bh, dim = row.dim, R = row.R;
   for (int64_t idx = threadIdx.x; idx < G * dim; idx += kBlock) {
     const int64_t g = idx / dim, d = idx % dim;
     const float* h = hs + g * kHeadScalars;
     const float M = h[kHeadTotalM];
     float o = sparse.o_sum(g, d);
-    if (slot0) o += chunk_weight(h[kHeadLogit0], M) * to_float(v_slots[d]);
-    if (fresh) o += chunk_weight(h[kHeadLogitNew], M) * to_float(v_new[d]);
-    const float* phi_row = R > 0 ? phi_t + g * a.T * R : nullptr;
+    if (slot0) o += chunk_weight(h[kHeadLogit0], M) * to_float(row.v_slots[d]);
+    if (fresh) o += chunk_weight(h[kHeadLogitNew], M) * to_float(row.v_new[d]);
+    const float* phi_row = R > 0 ? row.phi + g * a.T * R : nullptr;
     const float* H_bh = R > 0 ? a.H + bh * R * dim : nullptr;
-    out_t[g * a.T * dim + d] =
+    row.out[g * a.T * dim + d] =
         from_float<T>(finish_output(o, M, h[kHeadTotalL], h[kHeadDen], phi_row, H_bh, d, R, dim));
   }
+}
 
-  // probs; a pad token's attention is no evidence, so then none are built and no score changes.
-  if (fresh) {
-    sparse.template probs<kBlock>(G, S, probs);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float p_new = 0.f, p0 = 0.f;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* h = hs + g * kHeadScalars;
-        p_new += tile_weight(h[kHeadLogitNew], h[kHeadTotalM], h[kHeadTotalL]);
-        p0 += tile_weight(h[kHeadLogit0], h[kHeadTotalM], h[kHeadTotalL]);
-      }
-      probs[slot] = p_new;
-      if (slot0) probs[0] = p0;
-    }
-  }
-
-  // Insert (slot 0's row, read above, is not the one written unless the token takes slot 0).
-  for (int64_t d = threadIdx.x; d < dim; d += kBlock) {
-    k_slots[slot * dim + d] = k_new[d];
-    v_slots[slot * dim + d] = v_new[d];
-  }
-  for (int64_t r = threadIdx.x; r < R; r += kBlock) a.psi_slots[(bh * S + slot) * R + r] = psi_new[r];
+// The row's probs (group-summed over G heads) from the chunk's p, then the single slots' own: the new token's lands
+// in `slot`, slot 0's (when `slot0`) in slot 0. All threads of the block or none must call it (it has a barrier).
+template <int kBlock, typename Sparse>
+__device__ __forceinline__ void build_probs(int64_t G, int64_t S, int slot, bool slot0, const Sparse& sparse,
+                                            const float* hs, float* probs) {
+  sparse.template probs<kBlock>(G, S, probs);
+  __syncthreads();
   if (threadIdx.x == 0) {
-    pos[slot] = position;
-    scores[slot] = 0.f;
+    float p_new = 0.f, p0 = 0.f;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* h = hs + g * kHeadScalars;
+      p_new += tile_weight(h[kHeadLogitNew], h[kHeadTotalM], h[kHeadTotalL]);
+      p0 += tile_weight(h[kHeadLogit0], h[kHeadTotalM], h[kHeadTotalL]);
+    }
+    probs[slot] = p_new;
+    if (slot0) probs[0] = p0;
   }
+}
+
+// Writes the token into `slot` with a zero score; a pad token (position -1) leaves the slot free.
+template <typename T, int kBlock>
+__device__ __forceinline__ void insert_token(const DecodeStepArgs& a, const StepRow<T>& row, int slot, int position) {
+  const int64_t bh = row.bh, dim = row.dim, R = row.R;
+  for (int64_t d = threadIdx.x; d < dim; d += kBlock) {
+    row.k_slots[slot * dim + d] = row.k_new[d];
+    row.v_slots[slot * dim + d] = row.v_new[d];
+  }
+  for (int64_t r = threadIdx.x; r < R; r += kBlock) a.psi_slots[(bh * row.S + slot) * R + r] = row.psi_new[r];
+  if (threadIdx.x == 0) {
+    row.pos[slot] = position;
+    row.scores[slot] = 0.f;
+  }
+}
+
+// Folds the victim into H, z: its row is intact, since eviction only marks the slot free. One writer per element.
+template <typename T, int kBlock>
+__device__ __forceinline__ void fold_victim(const DecodeStepArgs& a, const StepRow<T>& row, int victim) {
+  const int64_t bh = row.bh, dim = row.dim, R = row.R;
+  const float* psi = a.psi_slots + (bh * row.S + victim) * R;
+  const T* v_victim = row.v_slots + victim * dim;
+  float* H = a.H + bh * R * dim;
+  for (int64_t idx = threadIdx.x; idx < R * dim; idx += kBlock)
+    H[idx] += psi[idx / dim] * to_float(v_victim[idx % dim]);
+  for (int64_t r = threadIdx.x; r < R; r += kBlock) a.z[bh * R + r] += psi[r];
+}
+
+// Steps 1-5 of token t for row bh, once the chunk pass is done. `sparse`: the row's chunk state (ChunkInShared or
+// ChunksInWorkspace); hs: [G][kHeadScalars] shared memory; probs: where the row's probs are built (p's head-0 row,
+// overwritten). Every thread of the block calls it.
+template <typename T, int kBlock, typename Sparse>
+__device__ void finish_step(const DecodeStepArgs& a, int64_t bh, int64_t t, Sparse& sparse, float* hs, float* probs) {
+  const int64_t b = bh / a.Hkv;
+  const StepRow<T> row = StepRow<T>::at(a, bh, t);
+  __shared__ int position_shared;
+  if (threadIdx.x == 0) position_shared = token_position(a, b, t);
+
+  // Where the token goes; which single slots join the chunk state: slot 0 unless the token takes it (the chunk
+  // pass left it out), and the token itself unless it is a pad.
+  const int slot = slot_row::first_free_slot<kBlock>(row.pos, row.S);  // its barriers also publish position_shared
+  const int position = position_shared;
+  const bool slot0 = slot != 0;  // then slot 0 is occupied: a free slot 0 would have been the first free one
+  const bool fresh = position >= 0;
+
+  final_head_states<T, kBlock>(a, row, slot0, fresh, sparse, hs);
+  __syncthreads();
+  write_out<T, kBlock>(a, row, slot0, fresh, sparse, hs);
+  // A pad token's attention is no evidence: then no probs are built and no score changes.
+  if (fresh) build_probs<kBlock>(row.G, row.S, slot, slot0, sparse, hs, probs);
+  // Slot 0's row, read by write_out, is overwritten here only when the token takes slot 0 (and then was not read).
+  insert_token<T, kBlock>(a, row, slot, position);
   __syncthreads();
 
-  const int victim = slot_row::score_and_evict<kBlock>(scores, pos, fresh ? probs : nullptr, S, a.policy, a.budget,
-                                                       a.recent, a.sinks);
-
-  // Fold the victim (its row is intact: eviction only marks the slot free). One writer per element of H and z.
-  if (victim >= 0 && R > 0) {
-    const float* psi = a.psi_slots + (bh * S + victim) * R;
-    const T* v_victim = v_slots + victim * dim;
-    float* H = a.H + bh * R * dim;
-    for (int64_t idx = threadIdx.x; idx < R * dim; idx += kBlock)
-      H[idx] += psi[idx / dim] * to_float(v_victim[idx % dim]);
-    for (int64_t r = threadIdx.x; r < R; r += kBlock) a.z[bh * R + r] += psi[r];
-  }
+  const int victim = slot_row::score_and_evict<kBlock>(row.scores, row.pos, fresh ? probs : nullptr, row.S, a.policy,
+                                                       a.budget, a.recent, a.sinks);
+  if (victim >= 0 && row.R > 0) fold_victim<T, kBlock>(a, row, victim);
 }
 
 // One launch for token t's whole step: a block per (b, KV head) attends over all its slots, then finishes.
