@@ -13,6 +13,9 @@ Registered at import:
   masks of another form, so their layers run "sdpa" instead, with a warning when the model is switched.
 - `AttentionMaskInterface["less"]`: transformers' sdpa mask. A custom attention name without a mask function gets
   `attention_mask=None`, even with padding; the boolean sdpa mask is what tells real tokens from padding here.
+
+`attention_function` runs a model with any attention function for the length of a block (the parallel evaluation
+form, and training's capture and end-to-end stage, run their own that way).
 """
 
 from __future__ import annotations
