@@ -281,13 +281,13 @@ def _perplexity_results(args, model, tokenizer, methods) -> dict:
 
 def _passkey_results(args, model, tokenizer, methods) -> dict:
     from .eval.passkey import evaluate_passkey, format_table
-    from .hf.press import SHIPPED
+    from .hf.press import SHIPPED_MAPS
 
     runs = []
     for kind in args.policy:  # --checkpoint, or the shipped ones picked per budget; the report names them
         runs.append(evaluate_passkey(model, tokenizer, args.lengths, args.depths, args.budgets,
                                      policy=_policy(args, kind), methods=methods,
-                                     feature_maps=args.checkpoint or SHIPPED, trials=args.trials, seed=args.seed,
+                                     feature_maps=args.checkpoint or SHIPPED_MAPS, trials=args.trials, seed=args.seed,
                                      filler=args.filler))
     # One results file for all policies; the full cache does not depend on the policy, so it is kept once.
     results = runs[0]

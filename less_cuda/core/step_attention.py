@@ -2,11 +2,12 @@
 
 `policy_steps` runs the policy over a sequence through the compiled ops, as the cache does (`state.kept_masks`:
 H2O's token-by-token loop driven by `ops.less_decode_attention` / `ops.less_score_and_evict_`, Λ's in closed form),
-and records which tokens occupy the slots at each step and when each token leaves them. The policy's choices do not depend on φ/ψ. `step_attention` then computes
-step t's output as `ops.less_decode_attention` of query t over step t's slots and the state H_t, z_t folded
-(`ops.less_state_fold`) from every token evicted before t: O((S + R) D) per step instead of the O(T D) per row of the
-masked parallel form (`reference.parallel_attention`), which the tests check it against together with a literal
-token-by-token decode loop. It is differentiable in q, k, v, φ(q) and ψ(k) through the ops' autograd.
+and records which tokens occupy the slots at each step and when each token leaves them. The policy's choices do not
+depend on φ/ψ. `step_attention` then computes step t's output as `ops.less_decode_attention` of query t over step t's
+slots and the state H_t, z_t folded (`ops.less_state_fold`) from every token evicted before t: O((S + R) D) per step
+instead of the O(T D) per row of the masked parallel form (`reference.parallel_attention`), which the tests check it
+against together with a literal token-by-token decode loop. It is differentiable in q, k, v, φ(q) and ψ(k) through
+the ops' autograd.
 """
 
 from __future__ import annotations

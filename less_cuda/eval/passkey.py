@@ -32,7 +32,7 @@ from .. import __version__
 from ..checkpoints import checkpoint_label, find_checkpoint
 from ..core.policy import Policy
 from ..hf.models import model_layout
-from ..hf.press import SHIPPED, FeatureMapsSource, apply, load_feature_maps, press_settings
+from ..hf.press import SHIPPED_MAPS, FeatureMapsSource, apply, is_shipped, load_feature_maps, press_settings
 from .methods import PASSKEY_METHODS as METHODS
 
 DEFAULT_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -213,7 +213,7 @@ def _checkpoint_name(model: PreTrainedModel, feature_maps: FeatureMapsSource, po
                      budgets: Sequence) -> Optional[str]:
     """The feature maps' checkpoint for the report: the path given, the names of the shipped checkpoints the budgets
     picked (", "-joined), or None when only a `FeatureMaps` object was given."""
-    if feature_maps is None or (isinstance(feature_maps, str) and feature_maps == SHIPPED):
+    if feature_maps is None or is_shipped(feature_maps):
         shipped = {find_checkpoint(model_layout(model.config), policy, budget) for budget in budgets}
         return None if None in shipped else ", ".join(sorted(checkpoint_label(path) for path in shipped))
     if isinstance(feature_maps, (str, Path)):
@@ -229,7 +229,7 @@ def evaluate_passkey(
     budgets: Sequence[Union[int, float]],
     policy: Union[str, Policy] = "h2o",
     methods: Sequence[str] = METHODS,
-    feature_maps: Optional[FeatureMapsSource] = SHIPPED,
+    feature_maps: Optional[FeatureMapsSource] = SHIPPED_MAPS,
     trials: int = 4,
     seed: int = 0,
     filler: Union[str, Path, None] = None,

@@ -107,7 +107,8 @@ def expected_bos(tokenizer) -> Optional[int]:
     return bos if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else None
 
 
-def tokenizer_splits(source: Union[str, Path], tokenizer, seq_len: int, validation_fraction: float = 0.1) -> TokenSplits:
+def tokenizer_splits(source: Union[str, Path], tokenizer, seq_len: int,
+                     validation_fraction: float = 0.1) -> TokenSplits:
     """`load_splits` with a transformers tokenizer: articles tokenised without special tokens, EOS between them, and
     each sequence starting with BOS when the tokenizer adds one (`expected_bos`)."""
     return load_splits(source, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], seq_len,

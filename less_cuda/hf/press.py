@@ -27,21 +27,28 @@ from .attention import keep_attention_implementation
 from .cache import LessCache
 from .models import model_layout
 
-SHIPPED = "shipped"
-"""feature_maps=SHIPPED: the checkpoint shipped with less_cuda for the model's layout and the policy kind (given a
-budget, the one fitted closest to it). A checkpoint directory named "shipped" is passed as a `Path`."""
+SHIPPED_MAPS = "shipped"
+"""feature_maps=SHIPPED_MAPS: the checkpoint shipped with less_cuda (`checkpoints/`) for the model's layout and the
+policy kind (given a budget, the one fitted closest to it). A checkpoint directory named "shipped" is passed as a
+`Path`."""
 FeatureMapsSource = Union[FeatureMaps, str, Path]
-"""A `FeatureMaps`, a checkpoint directory, or SHIPPED."""
+"""A `FeatureMaps`, a checkpoint directory, or SHIPPED_MAPS."""
+
+
+def is_shipped(feature_maps: object) -> bool:
+    """Whether `feature_maps` asks for the shipped checkpoint (SHIPPED_MAPS)."""
+    return isinstance(feature_maps, str) and feature_maps == SHIPPED_MAPS
 
 
 def _source(feature_maps: Optional[FeatureMapsSource]) -> FeatureMapsSource:
-    """SHIPPED for None, which meant the shipped checkpoint before 0.2 (it means "no feature maps" in `LessCache`)."""
+    """SHIPPED_MAPS for None, which meant the shipped checkpoint before 0.2 (None means "no feature maps" in
+    `LessCache`)."""
     if feature_maps is not None:
         return feature_maps
     warnings.warn("feature_maps=None for the shipped checkpoint is deprecated and goes in the next release: pass "
                   "feature_maps='shipped' (the default), or lowrank=False for the sparse policy alone",
                   DeprecationWarning, stacklevel=3)
-    return SHIPPED
+    return SHIPPED_MAPS
 
 
 def load_feature_maps(
@@ -53,14 +60,14 @@ def load_feature_maps(
 ) -> FeatureMaps:
     """The feature maps for `model` and a policy kind, on the model's device.
 
-    feature_maps: a `FeatureMaps`, a checkpoint directory, or SHIPPED for the checkpoint shipped with less_cuda for
+    feature_maps: a `FeatureMaps`, a checkpoint directory, or SHIPPED_MAPS for the checkpoint shipped with less_cuda for
     this model layout and policy kind (given a budget, the one fitted closest to it). Raises ValueError when none is
     shipped, or when the feature maps were fitted for another model layout, policy kind or rank; warns when they were
     fitted for a budget more than `feature_maps.BUDGET_TOLERANCE` from `budget`.
     """
     feature_maps = _source(feature_maps)
     layout = model_layout(model.config)
-    shipped = isinstance(feature_maps, str) and feature_maps == SHIPPED
+    shipped = is_shipped(feature_maps)
     if shipped:
         feature_maps = find_checkpoint(layout, policy_kind, budget)  # warns itself when none is near the budget
         if feature_maps is None:
@@ -91,7 +98,7 @@ class LessPress:
             incoming token takes one extra slot, so budget + 1 slots are allocated). An int counts tokens; a float in
             (0, 1] is a fraction of the prompt's real tokens (of the longest prompt in the batch, padding excluded),
             rounded, at least 2. A prompt no longer than the budget is kept whole.
-        feature_maps: φ/ψ: a `FeatureMaps`, a checkpoint directory, or "shipped" (SHIPPED, the default) for the
+        feature_maps: φ/ψ: a `FeatureMaps`, a checkpoint directory, or "shipped" (SHIPPED_MAPS, the default) for the
             checkpoint shipped for the model and policy kind (there must be one unless lowrank=False).
         recent: H2O only: newest tokens always kept, an int or a fraction of the budget; default half the budget.
         sinks: Λ only: first tokens always kept; the other budget - sinks slots hold the newest tokens.
@@ -113,7 +120,7 @@ class LessPress:
         self,
         policy: str = "h2o",
         budget: Union[int, float] = 0.05,
-        feature_maps: Optional[FeatureMapsSource] = SHIPPED,
+        feature_maps: Optional[FeatureMapsSource] = SHIPPED_MAPS,
         recent: Optional[Union[int, float]] = None,
         sinks: int = 4,
         lowrank: bool = True,
@@ -124,7 +131,7 @@ class LessPress:
         self.policy = Policy(kind=policy, budget=budget, recent=recent, sinks=sinks, prefill_scores=prefill_scores,
                              prefill_window=prefill_window)
         feature_maps = _source(feature_maps)
-        if not lowrank and not (isinstance(feature_maps, str) and feature_maps == SHIPPED):
+        if not lowrank and not is_shipped(feature_maps):
             raise ValueError("feature_maps were given with lowrank=False, which asks for the sparse-only baseline")
         self.feature_maps, self.lowrank, self.rank = feature_maps, lowrank, rank
 
@@ -179,7 +186,7 @@ def press_settings(policy: Policy) -> dict[str, Any]:
     return settings
 
 
-def apply(model: PreTrainedModel, feature_maps: Optional[FeatureMapsSource] = SHIPPED,
+def apply(model: PreTrainedModel, feature_maps: Optional[FeatureMapsSource] = SHIPPED_MAPS,
           **settings: Any) -> ContextManager[PreTrainedModel]:
     """The one-line form of `LessPress(...)(model)`; `settings` are LessPress's other arguments:
 
