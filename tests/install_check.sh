@@ -28,7 +28,7 @@ import sys
 import torch
 
 import less_cuda
-from less_cuda import reference
+from less_cuda.core import reference
 
 assert "site-packages" in less_cuda.__file__, f"imported {less_cuda.__file__}, not the installed package"
 backends = less_cuda.backends()
