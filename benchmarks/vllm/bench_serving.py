@@ -27,7 +27,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 import less_cuda  # noqa: E402
-from less_cuda.hf.models import export_smollm2  # noqa: E402
+from less_cuda.hf.models import export_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT = Path(less_cuda.__file__).parent / "checkpoints" / "smollm2-135m-h2o-5pct"
@@ -88,7 +88,7 @@ def main() -> None:
     from vllm.distributed import cleanup_dist_env_and_memory
 
     if not (args.model_dir / "config.json").is_file():
-        export_smollm2(args.model_dir)
+        export_model("smollm2", args.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     prompts = prompts_from(args.text, tokenizer, args.batch, args.prompt_tokens)
     budget = round(0.05 * args.prompt_tokens)

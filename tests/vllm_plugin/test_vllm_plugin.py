@@ -6,6 +6,7 @@ end-of-sequence handling (vLLM ignores EOS here) cannot make the two differ.
 
 import copy
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -15,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from engines import BUDGET, CHECKPOINT, engine
+from engines import BUDGET, CHECKPOINT, QWEN2_CHECKPOINT, engine, readme_prompts
 
 from less_cuda import LessCache, FeatureMaps, Policy
-from less_cuda.vllm.model import check_llama_family
+from less_cuda.vllm.model import check_family
 from less_cuda.vllm.serve import serve_command
 from less_cuda.vllm.settings import serving_settings
 
@@ -38,10 +39,10 @@ def vllm_greedy(llm, prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> 
 
 @torch.no_grad()
 def lesscache_predictions(model, policy: str, lowrank: bool, prompt: list[int], tokens: list[int],
-                          chunk: int | None = None) -> list[int]:  # fmt: skip
+                          chunk: int | None = None, checkpoints: dict = CHECKPOINT) -> list[int]:  # fmt: skip
     """LessCache's greedy prediction after the prompt and after each of `tokens` but the last. The prompt is fed in
     one call, or in calls of `chunk` tokens as a chunked prefill feeds it."""
-    feature_maps = FeatureMaps.from_pretrained(CHECKPOINT[policy]) if lowrank else None
+    feature_maps = FeatureMaps.from_pretrained(checkpoints[policy]) if lowrank else None
     cache = LessCache(model, feature_maps, Policy(policy, budget=BUDGET))
     chunk = chunk or len(prompt)
     for start in range(0, len(prompt), chunk):
@@ -79,6 +80,41 @@ def test_chunked_prefill_matches_lesscache(model_dir, hf_model, prompts, policy,
     with engine(model_dir, policy, lowrank, max_num_batched_tokens=64, enable_chunked_prefill=True) as llm:
         (tokens,) = vllm_greedy(llm, [prompt])
     assert lesscache_predictions(hf_model[0], policy, lowrank, prompt, tokens, chunk=64) == tokens
+
+
+def test_qwen2_batch_and_chunked_prefill_match_lesscache(qwen2_dir, qwen2_hf):
+    """Qwen2.5-Coder-0.5B (GQA 7:1, q/k/v biases) with its shipped H2O maps: four prompts of different lengths in
+    one engine batch, then the longest prompt again with at most 64 tokens per engine step."""
+    model, tokenizer = qwen2_hf
+    prompts = readme_prompts(tokenizer)
+    qwen2 = dict(checkpoints=QWEN2_CHECKPOINT, architecture="LessQwen2ForCausalLM")
+    with engine(qwen2_dir, "h2o", **qwen2) as llm:
+        generated = vllm_greedy(llm, prompts)
+    for prompt, tokens in zip(prompts, generated):
+        assert lesscache_predictions(model, "h2o", True, prompt, tokens, checkpoints=QWEN2_CHECKPOINT) == tokens
+    assert any(full_cache_predictions(model, p, t) != t for p, t in zip(prompts, generated))
+    with engine(qwen2_dir, "h2o", **qwen2, max_num_batched_tokens=64, enable_chunked_prefill=True) as llm:
+        (tokens,) = vllm_greedy(llm, [prompts[1]])
+    assert lesscache_predictions(model, "h2o", True, prompts[1], tokens, 64, QWEN2_CHECKPOINT) == tokens
+
+
+def test_tensor_parallel_over_two_processes_matches_lesscache(qwen2_dir, qwen2_hf, tmp_path):
+    """Qwen's 2 KV heads split over tensor_parallel_size=2: two worker processes, one core and one OpenMP thread
+    each (vLLM's CPU workers bind their threads to the cores VLLM_CPU_OMP_THREADS_BIND names), each rank holding
+    its KV head's slots, H and z and its heads' feature maps."""
+    model, tokenizer = qwen2_hf
+    prompts = readme_prompts(tokenizer)
+    script = Path(__file__).with_name("tensor_parallel_generate.py")
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(script.parent)}  # fmt: skip
+    run = subprocess.run([sys.executable, str(script), str(qwen2_dir), "LessQwen2ForCausalLM",
+                          str(QWEN2_CHECKPOINT["h2o"]), json.dumps(prompts), str(NEW_TOKENS)],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)  # fmt: skip
+    lines = [line for line in run.stdout.splitlines() if line.startswith("TOKENS ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    generated = json.loads(lines[-1].removeprefix("TOKENS "))
+    for prompt, tokens in zip(prompts, generated):
+        assert lesscache_predictions(model, "h2o", True, prompt, tokens, checkpoints=QWEN2_CHECKPOINT) == tokens
 
 
 def test_server_answers_a_completion(model_dir, tmp_path):
@@ -157,10 +193,19 @@ def test_bad_settings_fail_clearly(hf_model, overrides, message):
 
 def test_other_architectures_are_refused(hf_model):
     config = copy.deepcopy(hf_model[0].config)
-    check_llama_family(config)
+    check_family(config, "LessLlamaForCausalLM")
     config.model_type = "qwen2"
-    with pytest.raises(ValueError, match="Llama-family models"):
-        check_llama_family(config)
+    with pytest.raises(ValueError, match="serves model_type llama / mistral, not 'qwen2'; use LessQwen2ForCausalLM"):
+        check_family(config, "LessLlamaForCausalLM")
+    config.model_type = "gpt_neox"
+    with pytest.raises(ValueError, match="no vLLM model class for that architecture"):
+        check_family(config, "LessQwen2ForCausalLM")
+
+
+def test_serve_command_picks_the_class_for_the_model_type(model_dir, qwen2_dir):
+    for directory, architecture in ((model_dir, "LessLlamaForCausalLM"), (qwen2_dir, "LessQwen2ForCausalLM")):
+        command = serve_command(directory, None, "h2o", 64)
+        assert json.loads(command[command.index("--hf-overrides") + 1])["architectures"] == [architecture]
 
 
 def test_serve_command_names_the_plugin_settings(model_dir):
