@@ -104,7 +104,7 @@ $(VLLM_VENV)/.model: $(VLLM_VENV)/.deps Makefile
 
 # less_cuda is built into the vLLM venv against that venv's torch (CPU kernels) from a copy of the tree, so that its
 # build never replaces the in-place extension of .venv. The copy keeps its build folder: reruns recompile what changed.
-$(VLLM_VENV)/.build: $(VLLM_VENV)/.deps $(SOURCES) $(wildcard less_cuda/*.py less_cuda/*/*.py)
+$(VLLM_VENV)/.build: $(VLLM_VENV)/.deps $(SOURCES) $(wildcard less_cuda/*.py less_cuda/*/*.py less_cuda/checkpoints/*/*)
 	mkdir -p $(VLLM_VENV)/src
 	git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C $(VLLM_VENV)/src
 	cd $(VLLM_VENV)/src && LESS_CUDA_FORCE_CUDA=0 LESS_CUDA_SKIP_CUDA=1 MAX_JOBS=$${MAX_JOBS:-2} ../bin/python -m pip \

@@ -82,20 +82,28 @@ def test_chunked_prefill_matches_lesscache(model_dir, hf_model, prompts, policy,
     assert lesscache_predictions(hf_model[0], policy, lowrank, prompt, tokens, chunk=64) == tokens
 
 
-def test_qwen2_batch_and_chunked_prefill_match_lesscache(qwen2_dir, qwen2_hf):
+QWEN2 = dict(checkpoints=QWEN2_CHECKPOINT, architecture="LessQwen2ForCausalLM")
+
+
+def test_qwen2_batch_of_prompts_matches_lesscache(qwen2_dir, qwen2_hf):
     """Qwen2.5-Coder-0.5B (GQA 7:1, q/k/v biases) with its shipped H2O maps: four prompts of different lengths in
-    one engine batch, then the longest prompt again with at most 64 tokens per engine step."""
+    one engine batch."""
     model, tokenizer = qwen2_hf
     prompts = readme_prompts(tokenizer)
-    qwen2 = dict(checkpoints=QWEN2_CHECKPOINT, architecture="LessQwen2ForCausalLM")
-    with engine(qwen2_dir, "h2o", **qwen2) as llm:
+    with engine(qwen2_dir, "h2o", **QWEN2) as llm:
         generated = vllm_greedy(llm, prompts)
     for prompt, tokens in zip(prompts, generated):
         assert lesscache_predictions(model, "h2o", True, prompt, tokens, checkpoints=QWEN2_CHECKPOINT) == tokens
     assert any(full_cache_predictions(model, p, t) != t for p, t in zip(prompts, generated))
-    with engine(qwen2_dir, "h2o", **qwen2, max_num_batched_tokens=64, enable_chunked_prefill=True) as llm:
-        (tokens,) = vllm_greedy(llm, [prompts[1]])
-    assert lesscache_predictions(model, "h2o", True, prompts[1], tokens, 64, QWEN2_CHECKPOINT) == tokens
+
+
+def test_qwen2_chunked_prefill_matches_lesscache(qwen2_dir, qwen2_hf):
+    """The longest prompt with at most 64 tokens per engine step."""
+    model, tokenizer = qwen2_hf
+    prompt = readme_prompts(tokenizer)[1]
+    with engine(qwen2_dir, "h2o", **QWEN2, max_num_batched_tokens=64, enable_chunked_prefill=True) as llm:
+        (tokens,) = vllm_greedy(llm, [prompt])
+    assert lesscache_predictions(model, "h2o", True, prompt, tokens, 64, QWEN2_CHECKPOINT) == tokens
 
 
 def test_tensor_parallel_over_two_processes_matches_lesscache(qwen2_dir, qwen2_hf, tmp_path):
