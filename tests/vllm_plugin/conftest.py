@@ -38,12 +38,17 @@ def model_dir(tmp_path_factory) -> Path:
     return export_model("smollm2", tmp_path_factory.mktemp("smollm2"))
 
 
-@pytest.fixture(scope="session")
-def hf_model(model_dir):
+def load_exported(directory: Path):
+    """(model, tokenizer) from an exported directory with transformers, fp32: the side vLLM is compared with."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_dir):
+    return load_exported(model_dir)
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +64,4 @@ def qwen2_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def qwen2_hf(qwen2_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(qwen2_dir)
+    return load_exported(qwen2_dir)
