@@ -35,10 +35,22 @@ def prefill(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float, policy
     out = scores = None
     if policy.scores_prompt or attend:
         out, scores = prefill_attention(q, k, v, valid, scale, window=policy.prompt_window)
-    if not policy.scores_prompt:  # Λ orders evictions by position alone
+    return out, compress(k, v, valid, scores, policy, feature_maps)
+
+
+@torch.no_grad()
+def compress(k: Tensor, v: Tensor, valid: Tensor, scores: Optional[Tensor], policy: ResolvedPolicy,
+             feature_maps: Optional[LayerFeatureMaps]) -> SlotCache:
+    """A prompt's state from its K/V and the H2O scores it is ranked by. k, v [B, Hkv, T, D]; valid [B, T] bool;
+    scores [B, Hkv, T] fp32 (`prefill_attention`'s for `policy.prompt_window`); Λ orders by position alone and takes
+    None. Prefill calls it after its attention pass; `hf.prompt_record` with scores from a pass shared by several
+    policies."""
+    if not policy.scores_prompt:
         scores = torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
+    elif scores is None:
+        raise ValueError("H2O ranks a prompt by its attention scores: give the scores of its prefill pass")
     psi = k.new_zeros(*k.shape[:3], 0, dtype=torch.float32) if feature_maps is None else feature_maps.psi(k)
-    return out, compress_prompt(k, v, psi, valid, scores, policy)
+    return compress_prompt(k, v, psi, valid, scores, policy)
 
 
 @torch.no_grad()

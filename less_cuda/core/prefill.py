@@ -61,9 +61,34 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: flo
     """
     if window is not None and window < 1:
         raise ValueError(f"window must be at least 1 query row, got {window}")
-    one_pass = _Pass(q, k, v, valid, scale, chunk, window)
-    for b0 in range(0, q.shape[0], one_pass.nb):
-        one_pass.attend_group(b0, min(b0 + one_pass.nb, q.shape[0]))
+    out, scores, _ = _run(_Pass(q, k, v, valid, scale, chunk, window, None))
+    return out, scores
+
+
+def prefill_rankings(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float, row_weights: Tensor,
+                     chunk: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """`prefill_attention` with the column sums, and besides them the same probabilities summed with N other weights
+    over the query rows: what several rankings of one prompt need from a single pass (`hf.prompt_record`).
+
+    row_weights [N, B, T] fp32 (e.g. 1 on the rows of a prefix, or on a window's rows). Returns out [B, Hq, T, Dv],
+    column sums [B, Hkv, T] (bit for bit `prefill_attention`'s) and the weighted sums [N, B, Hkv, T], unpooled
+    (`pool_window` turns a window's sums into its scores); 0 on padding.
+    """
+    if row_weights.dim() != 3 or row_weights.shape[1:] != valid.shape:
+        raise ValueError(f"row_weights must be [N, B, T] for valid {list(valid.shape)}, got {list(row_weights.shape)}")
+    return _run(_Pass(q, k, v, valid, scale, chunk, None, row_weights.to(torch.float32)))
+
+
+def pool_window(sums: Tensor) -> Tensor:
+    """Window scores from a window's summed probabilities [..., T]: max-pooled over positions (`WINDOW_POOL`)."""
+    shape = sums.shape
+    pooled = F.max_pool1d(sums.reshape(-1, 1, shape[-1]), WINDOW_POOL, stride=1, padding=WINDOW_POOL // 2)
+    return pooled.view(shape)
+
+
+def _run(one_pass: "_Pass") -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    for b0 in range(0, one_pass.q.shape[0], one_pass.nb):
+        one_pass.attend_group(b0, min(b0 + one_pass.nb, one_pass.q.shape[0]))
     return one_pass.finish()
 
 
@@ -72,7 +97,7 @@ class _Pass:
     buffers for the largest step, reused by every step (sliced to the step's shape)."""
 
     def __init__(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float, chunk: Optional[int],
-                 window: Optional[int]):
+                 window: Optional[int], row_weights: Optional[Tensor]):
         B, Hq, T, D = q.shape
         self.Hkv, self.Dv = k.shape[1], v.shape[-1]
         self.G = Hq // self.Hkv
@@ -97,6 +122,8 @@ class _Pass:
         if window is not None:
             in_window, self.first = window_rows(valid, window)  # steps ending before `first` add nothing
             self.row_weight = in_window.to(torch.float32)
+        self.row_weights = row_weights
+        self.weighted = None if row_weights is None else torch.zeros(row_weights.shape[0], B, self.Hkv, T, **f32)
 
     def attend_group(self, b0: int, b1: int) -> None:
         """Every step of batch rows b0..b1-1: `chunk` query rows at a time against the key columns they can see."""
@@ -132,18 +159,26 @@ class _Pass:
             elif e > self.first:  # sum the window's rows alone: a 0/1 row vector times the block
                 weight = self.row_weight[b0:b1, None, None, s:e].expand(n_b, Hkv, G, n).reshape(bh, 1, rows)
                 scores_g[..., :e] += torch.bmm(weight, probs)
+            if self.row_weights is not None:  # N weighted row sums at once: [bh, N, rows] times the block
+                N = self.row_weights.shape[0]
+                weight = self.row_weights[:, b0:b1, None, None, s:e].expand(N, n_b, Hkv, G, n)
+                sums = torch.bmm(weight.permute(1, 2, 0, 3, 4).reshape(bh, N, rows), probs)
+                self.weighted[:, b0:b1, :, :e] += sums.view(n_b, Hkv, N, e).permute(2, 0, 1, 3)
             self.out[b0:b1, s:e].view(n_b, n, Hkv, G, Dv).copy_(oc.view(n_b, Hkv, G, n, Dv).permute(0, 3, 1, 2, 4))
 
-    def finish(self) -> tuple[Tensor, Tensor]:
-        """(out [B, Hq, T, Dv], scores [B, Hkv, T]) once every group is done."""
-        out, scores, valid = self.out, self.scores, self.valid
+    def finish(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """(out [B, Hq, T, Dv], scores [B, Hkv, T], weighted sums [N, B, Hkv, T] or None) once every group is
+        done."""
+        out, scores, valid, weighted = self.out, self.scores, self.valid, self.weighted
         if self.window is not None:  # pad columns hold 0 here (no window row sees one), which a max pool leaves alone
-            scores = F.max_pool1d(scores, WINDOW_POOL, stride=1, padding=WINDOW_POOL // 2)
+            scores = pool_window(scores)
         if self.padded:
             # Pad rows attended to themselves only (see _mask_padding), and the pool spread into pad columns: clear.
             out.masked_fill_(~valid[:, :, None, None], 0.0)
             scores.masked_fill_(~valid[:, None, :], 0.0)
-        return out.transpose(1, 2), scores
+            if weighted is not None:
+                weighted.masked_fill_(~valid[None, :, None, :], 0.0)
+        return out.transpose(1, 2), scores, weighted
 
 
 def _batch_rows_per_step(B: int, Hkv: int, elems_per_row: int, device: torch.device) -> int:

@@ -150,6 +150,11 @@ class LessCache(Cache):
             self._tokens.extend(new)
             self._user = me
 
+    def record_tokens(self, ids: Tensor) -> None:
+        """Note tokens [B, T] the cache was given other than through generate (`PromptRecord.compressed_cache`), so
+        that a later generate call is checked against them as against its own input."""
+        self._tokens.extend(ids)
+
     def reset(self) -> None:
         """Empty the cache for a new batch of prompts."""
         super().reset()

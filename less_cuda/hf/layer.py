@@ -90,6 +90,18 @@ class LessLayer(CacheLayerMixin):
         out, self.slots = compressed_layer.prefill(q, k, v, valid, scale, self.resolved, self.feature_maps)
         return out
 
+    def compress(self, k: Tensor, v: Tensor, valid: Tensor, scores: Optional[Tensor]) -> None:
+        """Take a prompt ranked elsewhere (`hf.prompt_record`): k, v [B, Hkv, T, D]; valid [B, T] bool; scores
+        [B, Hkv, T] fp32, the H2O ranking of `self.policy` (None under Λ). The layer then holds what `prefill` of the
+        same prompt would have left; its attention output is the caller's."""
+        if self.is_prefilled or self.seen:
+            raise RuntimeError(f"LessCache layer {self.layer_idx} already holds tokens: compress a prompt into a fresh "
+                               "cache")
+        self.lazy_initialization(k, v)
+        self.seen = k.shape[-2]
+        self.resolved = self.policy.resolve(int(valid.sum(dim=-1).max()))
+        self.slots = compressed_layer.compress(k, v, valid, scores, self.resolved, self.feature_maps)
+
     def decode(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float) -> Tensor:
         """The decode step for each of T new tokens in turn (`compressed_layer.decode`). q [B, Hq, T, D]; k, v
         [B, Hkv, T, D]; valid [B, T]. Returns out [B, Hq, T, D]."""
