@@ -7,24 +7,15 @@ import string
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from helpers import WIKITEXT, missing_input
+from tiny import toy_tokenizer
 from less_cuda.hf.models import model_layout
 from less_cuda.core.feature_maps import FeatureMaps, FeatureMapsConfig
 from less_cuda.core.policy import Policy
-from less_cuda.eval.passkey import (
-    DEFAULT_FILLER,
-    INTRO,
-    METHODS,
-    SNAP_TOKENS,
-    Needle,
-    PasskeyPrompts,
-    answer_found,
-    evaluate_passkey,
-    format_table,
-)
+from less_cuda.eval.haystack import DEFAULT_FILLER, SNAP_TOKENS, answer_found
+from less_cuda.eval.passkey import INTRO, METHODS, Needle, PasskeyPrompts, evaluate_passkey, format_table
 
 # One intra-op thread: on a busy 2-core machine a second thread makes SmolLM2's generate several times slower.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -34,32 +25,12 @@ SETTINGS_KEYS = {"policy", "budgets", "context_lengths", "depths", "trials", "se
                  "prefill_scores", "prefill_window"}
 
 
-def toy_tokenizer(bos_first: bool) -> PreTrainedTokenizerFast:
-    """A BPE tokenizer trained in memory on the task's own sentences (about 400 tokens)."""
-    if bos_first:  # SentencePiece-style: "▁" marks a space, <s> before every text
-        tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-        tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-        alphabet, special = list(string.printable), ["<unk>", "<s>", "</s>"]
-    else:  # byte-level, a space belongs to the word after it
-        tokenizer = Tokenizer(models.BPE())
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tokenizer.decoder = decoders.ByteLevel()
-        alphabet, special = pre_tokenizers.ByteLevel.alphabet(), ["<|endoftext|>", "<s>"]
-    corpus = [DEFAULT_FILLER, INTRO, Needle().text, Needle().question, string.digits] * 4
-    tokenizer.train_from_iterator(
-        corpus, trainers.BpeTrainer(vocab_size=1000, special_tokens=special, initial_alphabet=alphabet,
-                                    show_progress=False)
-    )
-    if bos_first:
-        bos = tokenizer.token_to_id("<s>")
-        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
-        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="<|endoftext|>")
+PASSKEY_TEXTS = [DEFAULT_FILLER, INTRO, Needle().text, Needle().question, string.digits]
 
 
 @pytest.fixture(scope="module", params=["byte_level", "bos_first"])
 def tokenizer(request):
-    return toy_tokenizer(request.param == "bos_first")
+    return toy_tokenizer(request.param == "bos_first", PASSKEY_TEXTS)
 
 
 def check_sample(tokenizer, prompts: PasskeyPrompts, sample, retokenized_slack: int) -> None:
@@ -209,7 +180,7 @@ def check_report(report: dict, lengths, depths, budgets, policy: str, trials: in
 
 
 def test_evaluate_on_a_tiny_model_follows_the_schema():
-    tokenizer = toy_tokenizer(bos_first=False)
+    tokenizer = toy_tokenizer(False, PASSKEY_TEXTS)
     model = tiny_llama(len(tokenizer))
     lengths, depths, budgets = [96, 160], [0.0, 1.0], [16, 0.25]  # a token count and a fraction
     report = evaluate_passkey(model, tokenizer, lengths, depths, budgets, policy="lambda",
@@ -226,7 +197,7 @@ def test_evaluate_on_a_tiny_model_follows_the_schema():
 def test_the_prefill_ranking_reaches_every_compressed_run_and_the_report(monkeypatch):
     import less_cuda.eval.passkey
 
-    tokenizer = toy_tokenizer(bos_first=False)
+    tokenizer = toy_tokenizer(False, PASSKEY_TEXTS)
     model = tiny_llama(len(tokenizer))
     presses, apply = [], less_cuda.eval.passkey.apply
 

@@ -124,3 +124,31 @@ def tiny_args(model_dir: Path, output: Path, *extra: str) -> list[str]:
 
 def read_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "kernels.safetensors"))
+
+
+def toy_tokenizer(bos_first: bool, corpus: list[str]):
+    """A BPE tokenizer trained in memory on `corpus` (a task's own sentences): a SentencePiece-style one that puts <s>
+    before every text (as Llama's), or a byte-level one that names a BOS token but does not add it (as SmolLM2's)."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if bos_first:  # SentencePiece-style: "▁" marks a space, <s> before every text
+        tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+        tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        alphabet, special = list(string.printable), ["<unk>", "<s>", "</s>"]
+    else:  # byte-level, a space belongs to the word after it
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        alphabet, special = pre_tokenizers.ByteLevel.alphabet(), ["<|endoftext|>", "<s>"]
+    tokenizer.train_from_iterator(
+        corpus * 4, trainers.BpeTrainer(vocab_size=1000, special_tokens=special, initial_alphabet=alphabet,
+                                        show_progress=False)
+    )
+    if bos_first:
+        bos = tokenizer.token_to_id("<s>")
+        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="<|endoftext|>")

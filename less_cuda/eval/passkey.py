@@ -18,7 +18,6 @@ Prompts are assembled from token ids, so their length is exact and the needle si
 from __future__ import annotations
 
 import random
-import re
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,18 +32,13 @@ from ..checkpoints import checkpoint_label, find_checkpoint
 from ..core.policy import Policy
 from ..hf.models import model_layout
 from ..hf.press import SHIPPED_MAPS, FeatureMapsSource, apply, is_shipped, load_feature_maps, press_settings
+from .haystack import Filler, answer_found, bos_ids, in_context
 from .methods import PASSKEY_METHODS as METHODS
 
-DEFAULT_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
     "I will quiz you about the important information there."
 )
-SNAP_TOKENS = 8
-"""How far (in tokens) the needle may move from its exact depth to sit between two sentences of the filler rather
-than inside one; where no sentence boundary is that close it goes at the exact depth."""
-
-_SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
 
 
 @dataclass(frozen=True)
@@ -75,37 +69,11 @@ class PasskeySample:
     needle_position: int
 
 
-def _names_file(text: str) -> bool:
-    try:
-        return "\n" not in text and Path(text).is_file()
-    except OSError:  # a long text is no file name: "File name too long"
-        return False
-
-
-def _in_context(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """The ids of `text` as it tokenizes after a sentence end. Pieces tokenized this way join as the whole text
-    would tokenize, which pieces tokenized alone do not: a byte-level BPE tokenizes a word at the start of a text
-    without its space, a SentencePiece tokenizer adds a space there."""
-    anchor = tokenizer.encode(".", add_special_tokens=False)
-    ids = tokenizer.encode("." + text, add_special_tokens=False)
-    if ids[: len(anchor)] != anchor:  # the text's first characters merged into the anchor's token
-        return tokenizer.encode(text, add_special_tokens=False)
-    return ids[len(anchor) :]
-
-
-def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """[BOS] for tokenizers that put it before every text themselves (Llama, Mistral: their models expect it), else
-    [] (SmolLM2 and GPT-2 name a BOS token but do not add it, and their models were not trained with it first)."""
-    bos = tokenizer.bos_token_id
-    return [bos] if bos is not None and tokenizer.encode("a")[:1] == [bos] else []
-
-
 class PasskeyPrompts:
     """Builds passkey prompts for one tokenizer, filler and needle; `sample` is deterministic in its seed.
 
-    filler: None for `DEFAULT_FILLER` repeated; a `Path`, or a str naming an existing file, for that file's text
-    (e.g. WikiText-2); any other str is the filler text itself. The filler is read as a cycle: a prompt's filler is
-    the stretch of that many tokens starting at a sentence chosen by the seed, wrapping around at the end.
+    filler: as `haystack.Filler` takes it (None for `DEFAULT_FILLER` repeated, a text file, or the text itself); a
+    prompt's filler is the stretch of that many tokens starting at a sentence chosen by the seed.
     """
 
     def __init__(
@@ -116,39 +84,13 @@ class PasskeyPrompts:
     ):
         self.tokenizer = tokenizer
         self.needle = needle or Needle()
-        if filler is None:
-            text, self.filler_description = DEFAULT_FILLER, f"repeated: {DEFAULT_FILLER}"
-        elif isinstance(filler, Path) or _names_file(filler):
-            text, self.filler_description = Path(filler).read_text(encoding="utf-8"), f"file: {filler}"
-        else:
-            text, self.filler_description = filler, f"text of {len(filler)} characters"
-        if not text.strip():
-            raise ValueError("filler has no text")
-        self._prefix = _bos(tokenizer) + tokenizer.encode(INTRO, add_special_tokens=False)
-        self._stream = _in_context(tokenizer, " " + text.strip())
-        self._is_start = self._sentence_starts(self._stream)
-        self._starts = [i for i, start in enumerate(self._is_start) if start]
-
-    def _sentence_starts(self, ids: list[int]) -> list[bool]:
-        """Per token of the cyclic stream: does a sentence start there? True after a newline, or after a token
-        ending in .!? when a space follows (not in "3.5"). Decodes each distinct token and candidate pair once."""
-        decode = self.tokenizer.decode
-        texts = {i: decode([i]) for i in set(ids)}
-        starts = []
-        for j, current in enumerate(ids):
-            previous = texts[ids[j - 1]]  # j = 0 looks at the stream's last token: the cycle's join
-            if previous.endswith("\n"):
-                starts.append(True)
-            elif _SENTENCE_END.search(previous.rstrip(" ")):
-                starts.append(decode([ids[j - 1], current])[len(previous) :][:1].isspace())
-            else:
-                starts.append(False)
-        starts[0] = True  # the text's own beginning
-        return starts
+        self.filler = Filler(tokenizer, filler)
+        self.filler_description = self.filler.description
+        self._prefix = bos_ids(tokenizer) + tokenizer.encode(INTRO, add_special_tokens=False)
 
     def _pieces(self, answer: str) -> tuple[list[int], list[int]]:
-        needle = _in_context(self.tokenizer, " " + self.needle.text.format(answer=answer))
-        return needle, _in_context(self.tokenizer, "\n" + self.needle.question)
+        needle = in_context(self.tokenizer, " " + self.needle.text.format(answer=answer))
+        return needle, in_context(self.tokenizer, "\n" + self.needle.question)
 
     def minimum_length(self, answer: str = "00000") -> int:
         """The shortest context length with at least one filler token, for an answer as long as `answer`."""
@@ -165,7 +107,7 @@ class PasskeyPrompts:
         rng = random.Random(seed)
         for _attempt in range(100):  # a drawn key (or offset) whose answer also occurs in the filler is redrawn
             answer = self.needle.answer if self.needle.answer is not None else str(rng.randint(10_000, 99_999))
-            offset = rng.choice(self._starts)
+            offset = self.filler.random_start(rng)
             needle, question = self._pieces(answer)
             fill = context_length - len(self._prefix) - len(needle) - len(question)
             if fill < 1:
@@ -173,25 +115,12 @@ class PasskeyPrompts:
                     f"context_length {context_length} is too short: intro, needle and question take "
                     f"{context_length - fill} tokens with this tokenizer, and the filler needs at least one more"
                 )
-            before = self._snap(offset, round(depth * fill), fill)
-            filler = [self._stream[(offset + i) % len(self._stream)] for i in range(fill)]
+            before = self.filler.snap(offset, round(depth * fill), fill)
+            filler = self.filler.take(offset, fill)
             ids = self._prefix + filler[:before] + needle + filler[before:] + question
             if self.tokenizer.decode(ids).count(answer) == 1:
                 return PasskeySample(ids, answer, context_length, depth, seed, len(self._prefix) + before)
         raise ValueError(f"the filler itself contains the answer {answer!r} wherever the needle goes")
-
-    def _snap(self, offset: int, exact: int, fill: int) -> int:
-        """The filler tokens before the needle: the sentence boundary nearest to `exact` within SNAP_TOKENS (ties
-        to the earlier one), or `exact` where there is none."""
-        near = range(max(0, exact - SNAP_TOKENS), min(fill, exact + SNAP_TOKENS) + 1)
-        bounds = [a for a in near if self._is_start[(offset + a) % len(self._stream)]]
-        return min(bounds, key=lambda a: (abs(a - exact), a)) if bounds else exact
-
-
-def answer_found(continuation: str, answer: str) -> bool:
-    """Does the model's continuation contain the answer as a whole: " 48213." does, " 482135" (another number)
-    does not."""
-    return re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", continuation) is not None
 
 
 def _accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples: list[PasskeySample]) -> float:
@@ -199,7 +128,7 @@ def _accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sample
     context_length tokens, so the trials go through one generate call without padding."""
     ids = torch.tensor([s.prompt_ids for s in samples], device=model.device)
     # The answer's own tokens and a few to spare: a model may put a quote, a colon or "number" before it.
-    new_tokens = max(len(_in_context(tokenizer, " " + s.answer)) for s in samples) + 3
+    new_tokens = max(len(in_context(tokenizer, " " + s.answer)) for s in samples) + 3
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,

@@ -1,5 +1,5 @@
-"""Results JSON files as PNG figures: perplexity against budget and passkey accuracy (both written by
-`less-cuda eval`), and KV bytes and decode speed against context length (`make bench`'s pytest-benchmark JSON).
+"""Results JSON files as PNG figures: perplexity against budget, passkey accuracy and task-suite scores against budget
+(written by `less-cuda eval`), and KV bytes and decode speed against context length (`make bench`'s pytest-benchmark JSON).
 
 matplotlib is imported inside the functions, so `import less_cuda` never needs it. Figures are drawn on a bare
 `Figure` with the Agg canvas: no display, and no pyplot registry holding figures that would need closing.
@@ -194,6 +194,49 @@ def bench_figure(results: dict):
     return figure
 
 
+def suite_figure(results: dict, summary: bool = False):
+    """The Figure of a task suite report: score against budget, one panel per (length, protocol, task) with a line
+    per method (the full cache dashed), or with `summary` one panel per (length, protocol) of the headline average
+    (`suite.headline_tasks`)."""
+    from .suite import headline_tasks
+
+    rows = results["results"]
+    settings = results["settings"]
+    panels = []
+    for length in settings["lengths"]:
+        tasks = [None] if summary else list(dict.fromkeys(r["task"] for r in rows if r["length"] == length))
+        panels += [(length, protocol, task) for protocol in settings["protocols"] for task in tasks]
+    figure, axes = _figure(len(panels), min(len(panels), 2 if summary else 3), (5.0, 3.6))
+    for ax, (length, protocol, task) in zip(axes, panels):
+        counted = headline_tasks(results, length) if task is None else [task]
+        lines: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for r in rows:
+            if r["length"] == length and r["task"] in counted and (r["protocol"] == protocol or r["method"] == "full"):
+                lines[r["method"]][r["budget"]].append(r["score"])
+        for method, by_budget in lines.items():
+            if method == "full":
+                full = 100 * sum(by_budget[None]) / len(by_budget[None])
+                ax.axhline(full, color="black", linestyle="--", label="full cache")
+                continue
+            budgets = sorted(by_budget)
+            ax.plot([100 * b for b in budgets], [100 * sum(by_budget[b]) / len(by_budget[b]) for b in budgets],
+                    marker="o", label=method.replace("baseline_plus", "Baseline+"))
+        ax.set_xlabel("budget (% of the prompt)")
+        ax.set_ylabel("score (%)")
+        ax.set_ylim(-3, 103)
+        ax.set_title(f"{task or 'average'}, {length} tokens, question-{protocol}")
+    axes[0].legend(fontsize=7)
+    figure.suptitle(f"Task suite: {results['model']}, {settings['samples']} samples per task")
+    return figure
+
+
+def plot_suite(results: dict, path: PathLike) -> Path:
+    """`suite_figure` as a PNG at `path` (every task), and its summary beside it (`<stem>-summary.png`)."""
+    path = Path(path)
+    _save(suite_figure(results, summary=True), path.with_name(f"{path.stem}-summary.png"))
+    return _save(suite_figure(results), path)
+
+
 def plot_perplexity(results: dict, path: PathLike) -> Path:
     """`perplexity_figure` as a PNG at `path`."""
     return _save(perplexity_figure(results), path)
@@ -209,7 +252,7 @@ def plot_bench(results: dict, path: PathLike) -> Path:
     return _save(bench_figure(results), path)
 
 
-PLOTTERS = {"perplexity": plot_perplexity, "passkey": plot_passkey}
+PLOTTERS = {"perplexity": plot_perplexity, "passkey": plot_passkey, "suite": plot_suite}
 
 
 def plot_file(path: PathLike, output: Optional[PathLike] = None) -> Path:
