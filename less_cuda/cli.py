@@ -1,7 +1,8 @@
 """The `less-cuda` command (also `python -m less_cuda`, and torchrun's `-m less_cuda train`):
 - `less-cuda train ...` fits feature maps (`less_cuda.train`);
 - `less-cuda eval ...` compares perplexities in the parallel, streaming or prefill form (`less_cuda.eval.perplexity`),
-  or runs the passkey retrieval task (`less_cuda.eval.passkey`);
+  runs the passkey retrieval task (`less_cuda.eval.passkey`), or the long-context task suite (`--task ruler`,
+  `less_cuda.eval.suite`);
 - `less-cuda plot RESULTS.json` draws a results file (`less_cuda.eval.plots`);
 - `less-cuda serve ...` starts vLLM's server with LESS (`less_cuda.vllm`).
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .core.policy import POLICY_IDS, PREFILL_SCORES
-from .eval.methods import FORMS, METHODS, PASSKEY_METHODS
+from .eval.methods import FORMS, METHODS, PASSKEY_METHODS, PROTOCOLS, SUITE_METHODS, SUITE_SETTINGS, TASKS
 from .train import config as train_config
 from .train.config import AUTOCAST_NAMES, DTYPE_NAMES, INPUT_SCALINGS, TrainConfig
 
@@ -54,8 +55,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser, defaults: dict) -> Non
 
 def _add_policy_arguments(parser: argparse.ArgumentParser, defaults: dict, several: bool = False) -> None:
     if several:
-        parser.add_argument("--policy", type=comma_list(policy_kind), default=[defaults["policy"]],
-                            help="h2o, lambda, or both comma-separated")
+        parser.add_argument("--policy", type=comma_list(policy_kind), default=None,
+                            help=f"h2o, lambda, or both comma-separated (default: {defaults['policy']}; the ruler "
+                                 "task: both)")
     else:
         parser.add_argument("--policy", default=defaults["policy"], choices=list(POLICY_IDS))
     parser.add_argument("--recent", type=parse_budget, default=defaults["recent"],
@@ -132,18 +134,20 @@ def _add_eval_command(commands, defaults: dict) -> None:
                          "default: the policy's, sum")
     ev.add_argument("--prefill-window", type=int, default=None,
                     help="H2O with --prefill-scores window: the query rows scored (default: the policy's, 8)")
-    ev.add_argument("--task", default="perplexity", choices=["perplexity", "passkey"])
+    ev.add_argument("--task", default="perplexity", choices=["perplexity", "passkey", "ruler"],
+                    help="perplexity, passkey retrieval, or ruler: the long-context task suite")
     ev.add_argument("--budgets", "--budget", type=comma_list(parse_budget), default=[defaults["budget"]],
                     help=BUDGET_HELP + "; several comma-separated give a sweep")
     ev.add_argument("--checkpoint", default=None,
                     help="feature maps (default: the shipped one for model + policy); one policy only")
     ev.add_argument("--methods", default=None,
                     help=f"comma-separated subset (perplexity: {','.join(METHODS)}; "
-                         f"passkey: {','.join(PASSKEY_METHODS)})")
+                         f"passkey: {','.join(PASSKEY_METHODS)}; ruler: {','.join(SUITE_METHODS)}, default those "
+                         "of --policy)")
     ev.add_argument("--batch-size", type=int, default=1)
     ev.add_argument("--output", default=None, help="write the results to this JSON file")
     ev.add_argument("--plot", action="store_true", help="also draw the results beside --output (PNG)")
-    text = ev.add_argument_group("perplexity task")
+    text = ev.add_argument_group("perplexity task (--data also gives the ruler task's real text)")
     _add_text_arguments(text, defaults, required=False)
     text.add_argument("--form", default="parallel", choices=FORMS,
                       help="parallel (every token streams through the policy, computed at once), streaming (the "
@@ -153,13 +157,20 @@ def _add_eval_command(commands, defaults: dict) -> None:
     text.add_argument("--sequences", type=int, default=8, help="held-out sequences to score (at most)")
     text.add_argument("--skip", type=int, default=0,
                       help="skip the first N held-out sequences (e.g. the ones training picked its best epoch on)")
-    key = ev.add_argument_group("passkey task")
-    key.add_argument("--lengths", type=comma_list(int), default=[512, 1024], help="context lengths in tokens")
+    key = ev.add_argument_group("passkey and ruler tasks")
+    key.add_argument("--lengths", type=comma_list(int), default=[512, 1024], help="prompt lengths in tokens")
     key.add_argument("--depths", type=comma_list(float), default=[0.1, 0.5, 0.9],
                      help="where the key sits, as fractions of the context")
     key.add_argument("--trials", type=int, default=3, help="prompts per (length, depth)")
     key.add_argument("--seed", type=int, default=0)
     key.add_argument("--filler", default=None, help="text file to hide the key in (default: repeated sentences)")
+    suite = ev.add_argument_group("ruler task")
+    suite.add_argument("--tasks", type=comma_list(str), default=None,
+                       help=f"comma-separated subset of {','.join(TASKS)} (default: all)")
+    suite.add_argument("--protocol", type=comma_list(str), default=list(PROTOCOLS),
+                       help="aware (the question is compressed with the context), agnostic (it arrives after the "
+                            "compression), or both comma-separated")
+    suite.add_argument("--samples", type=int, default=20, help="prompts per task and length")
 
 
 def _add_serve_command(commands) -> None:
@@ -210,10 +221,22 @@ def _policy(args: argparse.Namespace, kind: str):
     return Policy(kind=kind, recent=args.recent, sinks=args.sinks, **_prefill_options(args))
 
 
+SUITE_TEXT = "wikitext:wikitext-2-raw-v1"
+"""The ruler task's real text without --data: WikiText-2's validation split, from the Hugging Face hub."""
+
+
+def _suite_methods(policies: list[str]) -> tuple[str, ...]:
+    """The suite's methods for the policy kinds asked for: the full cache and every setting of those kinds."""
+    return tuple(m for m in SUITE_METHODS if m == "full" or SUITE_SETTINGS[m.partition("/")[2]][0] in policies)
+
+
 def run_eval(args: argparse.Namespace) -> None:
     from .hf.models import DTYPES, load_model
 
-    methods = _methods(args, METHODS if args.task == "perplexity" else PASSKEY_METHODS)
+    if args.policy is None:
+        args.policy = list(POLICY_IDS) if args.task == "ruler" else [train_config.defaults()["policy"]]
+    allowed = {"perplexity": METHODS, "passkey": PASSKEY_METHODS, "ruler": _suite_methods(args.policy)}[args.task]
+    methods = _methods(args, allowed)
     if args.plot and not args.output:
         raise SystemExit("--plot draws the results file: give --output RESULTS.json")
     if args.task == "perplexity" and args.data is None:
@@ -224,13 +247,13 @@ def run_eval(args: argparse.Namespace) -> None:
         raise SystemExit(f"--prefill-window: {error}") from None
     model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.gguf_file)
     checkpoints = _checkpoints(args, model)
-    if {"less", "baseline_plus"} & set(methods):  # Baseline+ is sized by the state's bytes
+    if any(m.startswith(("less", "baseline_plus")) for m in methods):  # Baseline+ is sized by the state's bytes
         missing = [kind for kind, path in checkpoints.items() if path is None]
         if missing:
             raise SystemExit(f"no LESS checkpoint is shipped for this model and policy {missing[0]!r}: pass "
                              "--checkpoint, or give --methods without less and baseline_plus")
-    results = (_perplexity_results if args.task == "perplexity" else _passkey_results)(
-        args, model, tokenizer, methods)
+    run = {"perplexity": _perplexity_results, "passkey": _passkey_results, "ruler": _suite_results}[args.task]
+    results = run(args, model, tokenizer, methods)
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
         print(f"results written to {args.output}")
@@ -295,6 +318,28 @@ def _passkey_results(args, model, tokenizer, methods) -> dict:
     for run in runs[1:]:
         results["results"] += [r for r in run["results"] if r["method"] != "full"]
     results.update(_run_settings(args))
+    print(format_table(results))
+    return results
+
+
+def _suite_results(args, model, tokenizer, methods) -> dict:
+    from .eval.suite import evaluate_suite, format_table
+    from .hf.data import read_text
+
+    source = args.data or SUITE_TEXT
+    try:
+        text = read_text(source, split="validation")
+    except Exception as error:  # no such file, no `datasets`, or no hub to load the dataset from
+        raise SystemExit(f"the ruler task's real text {source!r} could not be read ({error}): give --data with a "
+                         "text file") from None
+    checkpoints = _checkpoints(args, model) if args.checkpoint else {}
+    try:
+        results = evaluate_suite(model, tokenizer, text, tasks=args.tasks or TASKS, lengths=args.lengths,
+                                 budgets=args.budgets, protocols=args.protocol, samples=args.samples,
+                                 methods=methods, feature_maps=checkpoints, seed=args.seed, text_name=source)
+    except ValueError as error:  # a bad task, protocol or length: said before the model ran
+        raise SystemExit(f"ruler task: {error}") from None
+    results["arguments"] = _run_settings(args)["settings"]
     print(format_table(results))
     return results
 
