@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -50,14 +50,15 @@ def suite_method(name: str) -> tuple[str, Optional[Policy]]:
     return memory, Policy(kind=kind, prefill_scores=prefill_scores)
 
 
-def greedy_answer(model: PreTrainedModel, cache, logits: torch.Tensor, new_tokens: int, stop: set[int]) -> list[int]:
+def greedy_answer(model: PreTrainedModel, cache, logits: torch.Tensor, new_tokens: int, stop: set[int],
+                  done: Optional[Callable[[list[int]], bool]] = None) -> list[int]:
     """Greedy continuation through `cache` from the logits [1, V] of the last token fed: at most `new_tokens`
-    tokens, ending at the first one in `stop`."""
+    tokens, ending at the first one in `stop`, or once `done(tokens so far)` holds."""
     tokens: list[int] = []
     while True:
         token = int(logits.argmax(dim=-1))
         tokens.append(token)
-        if token in stop or len(tokens) == new_tokens:
+        if token in stop or len(tokens) == new_tokens or (done is not None and done(tokens)):
             return tokens
         ids = torch.tensor([[token]], device=logits.device)
         logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
@@ -99,8 +100,15 @@ class _Runner:
             cache = self.cache(record, method, budget, record.context_length)
             question = torch.tensor([sample.question_ids], device=record.ids.device)
             logits = self.model(input_ids=question, past_key_values=cache, use_cache=True).logits[:, -1]
-        tokens = greedy_answer(self.model, cache, logits, sample.max_new_tokens, self.stop)
+        done = self.line_ended if len(sample.answers) == 1 else None
+        tokens = greedy_answer(self.model, cache, logits, sample.max_new_tokens, self.stop, done)
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def line_ended(self, tokens: list[int]) -> bool:
+        """A one-value answer is over at the end of its line: some text, then a newline. Saves decoding the rest
+        of the task's token allowance, which a model fills with new questions of its own."""
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+        return "\n" in text and any(c.isalnum() for c in text.split("\n", 1)[0])
 
     def runs(self) -> list[tuple[str, str, Optional[Union[int, float]]]]:
         """(protocol, method, budget) of every answer a sample gets; the full cache once, under "aware": with the
