@@ -34,6 +34,8 @@ _LAZY = {
     "load_feature_maps": ".hf.press",
     "LessCache": ".hf.cache",
     "LessLayer": ".hf.layer",
+    "PromptRecord": ".hf.prompt_record",
+    "record_prompt": ".hf.prompt_record",
     "MemoryReport": ".hf.memory",
     "model_layout": ".hf.models",
     "load_model": ".hf.models",

@@ -239,6 +239,11 @@ def run_eval(args: argparse.Namespace) -> None:
     methods = _methods(args, allowed)
     if args.plot and not args.output:
         raise SystemExit("--plot draws the results file: give --output RESULTS.json")
+    if args.task == "ruler":
+        for name, given, known in (("tasks", args.tasks or (), TASKS), ("protocols", args.protocol, PROTOCOLS)):
+            unknown = [value for value in given if value not in known]
+            if unknown:
+                raise SystemExit(f"unknown {name} {unknown} for the ruler task; choose from {list(known)}")
     if args.task == "perplexity" and args.data is None:
         raise SystemExit("the perplexity task needs --data (a text file or a dataset name)")
     try:
@@ -322,6 +327,14 @@ def _passkey_results(args, model, tokenizer, methods) -> dict:
     return results
 
 
+def _saver(args: argparse.Namespace):
+    """For a long run: write the report so far to --output after each prompt (None without --output)."""
+    if args.output is None:
+        return None
+    arguments = _run_settings(args)["settings"]
+    return lambda report: Path(args.output).write_text(json.dumps({**report, "arguments": arguments}, indent=2) + "\n")
+
+
 def _suite_results(args, model, tokenizer, methods) -> dict:
     from .eval.suite import evaluate_suite, format_table
     from .hf.data import read_text
@@ -336,7 +349,8 @@ def _suite_results(args, model, tokenizer, methods) -> dict:
     try:
         results = evaluate_suite(model, tokenizer, text, tasks=args.tasks or TASKS, lengths=args.lengths,
                                  budgets=args.budgets, protocols=args.protocol, samples=args.samples,
-                                 methods=methods, feature_maps=checkpoints, seed=args.seed, text_name=source)
+                                 methods=methods, feature_maps=checkpoints, seed=args.seed, text_name=source,
+                                 on_prompt=_saver(args))
     except ValueError as error:  # a bad task, protocol or length: said before the model ran
         raise SystemExit(f"ruler task: {error}") from None
     results["arguments"] = _run_settings(args)["settings"]

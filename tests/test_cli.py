@@ -25,12 +25,15 @@ def test_python_dash_m_less_cuda_is_the_command():
     done = subprocess.run([sys.executable, "-m", "less_cuda", "eval", "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "--form {parallel,streaming,prefill}" in done.stdout and "--task {perplexity,passkey}" in done.stdout
+    assert "--form {parallel,streaming,prefill}" in done.stdout and "--task {perplexity,passkey,ruler}" in done.stdout
 
 
 @pytest.mark.parametrize("argv,message", [
     (["eval", "--data", "x.txt", "--methods", "full,quest"], "unknown methods"),
     (["eval", "--task", "passkey", "--methods", "baseline_plus"], "unknown methods"),
+    (["eval", "--task", "ruler", "--policy", "lambda", "--methods", "less/h2o"], "unknown methods"),
+    (["eval", "--task", "ruler", "--tasks", "needle_text,haystack"], "unknown tasks \\['haystack'\\]"),
+    (["eval", "--task", "ruler", "--protocol", "later"], "unknown protocols \\['later'\\]"),
     (["eval", "--data", "x.txt", "--plot"], "--plot draws the results file"),
     (["eval"], "needs --data"),
     (["eval", "--task", "passkey", "--prefill-scores", "window", "--prefill-window", "0"],

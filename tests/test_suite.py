@@ -176,9 +176,14 @@ def test_the_suite_reports_every_run_on_a_tiny_model(tiny_model_dir):
 
     model, tokenizer = load_model(str(tiny_model_dir), torch.float32)
     methods = ("full", "sparse/lambda", "sparse/h2o-window")
+    so_far = []
     report = evaluate_suite(model, tokenizer, (tiny_model_dir / "articles.txt").read_text(),
                             tasks=("needle_noise", "fact_qa"), lengths=(700,), budgets=(0.1, 0.2), samples=2,
-                            methods=methods)
+                            methods=methods, on_prompt=so_far.append)
+    # The report after each prompt, sample 0 of both tasks first: a run stopped early keeps as many of each.
+    assert [r["timing"]["prompts"] for r in so_far] == [1, 2, 3, 4] and so_far[-1] == report
+    assert {r["task"]: len(r["scores"]) for r in so_far[1]["results"]} == {"needle_noise": 1, "fact_qa": 1}
+    assert "stopped after 2 of 4 prompts" in format_table(so_far[1])
     rows = report["results"]
     # The full cache once (it holds the same tokens under both protocols), each other method per protocol.
     assert len(rows) == 2 * (1 + 2 * len(PROTOCOLS) * 2)

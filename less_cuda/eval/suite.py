@@ -132,11 +132,13 @@ def evaluate_suite(
     feature_maps: dict[str, FeatureMapsSource] = None,
     seed: int = 0,
     text_name: Optional[str] = None,
+    on_prompt: Optional[Callable[[dict], None]] = None,
 ) -> dict:
     """Scores of every method on the suite: tasks × lengths × budgets × protocols, `samples` prompts each (sample i
     of a task and length has seed `seed + i`).
 
     text: the real text of the text-haystack tasks (`TaskPrompts`); text_name names it in the report.
+    on_prompt: called with the report so far after each prompt (e.g. to save a long run as it goes).
     feature_maps: per policy kind ("h2o", "lambda"), a `FeatureMaps`, a checkpoint directory or "shipped" (the
     default: the shipped checkpoint fitted closest to each budget); LESS and Baseline+ need them.
 
@@ -152,10 +154,16 @@ def evaluate_suite(
     prompts = TaskPrompts(tokenizer, text)
     runner = _Runner(model, tokenizer, methods, budgets, protocols, maps)
     window = max((p.prefill_window for _, p in map(suite_method, methods) if p is not None), default=8)
+    # Every prompt first, so that a bad length fails before the model runs; sample i of every task before sample
+    # i + 1 of any, so that a run stopped early has as many samples of each task.
+    drawn = [(length, task, prompts.sample(task, length, seed + i)) for length in lengths for i in range(samples)
+             for task in tasks]
+    settings = {"tasks": list(tasks), "lengths": list(lengths), "budgets": list(budgets),
+                "protocols": list(protocols), "samples": samples, "methods": list(methods), "seed": seed,
+                "text": text_name or prompts.text.description, "prefill_window": window, "feature_maps": labels}
     scores: dict[tuple, list[float]] = {}
-    timing = {"prompts": 0, "prefill_seconds": 0.0, "answer_seconds": 0.0, "answers": 0}
-    drawn = [(length, task, prompts.sample(task, length, seed + i)) for length in lengths for task in tasks
-             for i in range(samples)]  # every prompt first: a bad length fails before the model runs
+    timing = {"prompts": 0, "prompts_planned": len(drawn), "prefill_seconds": 0.0, "answer_seconds": 0.0,
+              "answers": 0}
     for length, task, sample in tqdm(drawn, desc="suite", unit="prompt"):
         start = time.perf_counter()
         ids = torch.tensor([sample.prompt_ids], device=model.device)
@@ -169,17 +177,21 @@ def evaluate_suite(
             timing["answers"] += 1
             scores.setdefault((task, length, protocol, method, budget), []).append(score(answer, sample.answers))
         del record
+        if on_prompt is not None:
+            on_prompt(_report(model, settings, timing, scores))
+    return _report(model, settings, timing, scores)
+
+
+def _report(model: PreTrainedModel, settings: dict, timing: dict, scores: dict[tuple, list[float]]) -> dict:
+    """`evaluate_suite`'s report from the scores so far."""
     results = [{"task": task, "length": length, "protocol": protocol, "method": method, "budget": budget,
-                "score": sum(values) / len(values), "scores": values}
+                "score": sum(values) / len(values), "scores": list(values)}
                for (task, length, protocol, method, budget), values in scores.items()]
-    per_prompt = timing["answers"] / max(1, timing["prompts"])
+    answers_per_prompt = timing["answers"] / max(1, timing["prompts"])
     # The naive loop runs one prefill per answer (each method's own generate) instead of one per prompt.
-    timing["naive_estimate_seconds"] = timing["prefill_seconds"] * per_prompt + timing["answer_seconds"]
-    settings = {"tasks": list(tasks), "lengths": list(lengths), "budgets": list(budgets),
-                "protocols": list(protocols), "samples": samples, "methods": list(methods), "seed": seed,
-                "text": text_name or prompts.text.description, "prefill_window": window, "feature_maps": labels}
+    naive = timing["prefill_seconds"] * answers_per_prompt + timing["answer_seconds"]
     return {"kind": "suite", "model": model.config.name_or_path, "package_version": __version__,
-            "settings": settings, "timing": timing, "results": results}
+            "settings": settings, "timing": {**timing, "naive_estimate_seconds": naive}, "results": results}
 
 
 def _check_arguments(tasks, lengths, budgets, protocols, samples, methods) -> None:
@@ -229,8 +241,12 @@ def format_table(results: dict) -> str:
     """Text tables of an `evaluate_suite` report, one per length and protocol: a row per method and budget, a column
     per task (scores in %) and the headline average."""
     rows = results["results"]
-    out = [f"task suite, {results['model']}, {results['settings']['samples']} samples per task and length "
-           f"(scores in %; avg: the tasks the full cache scores >= {HEADLINE_FLOOR:.0%} on)"]
+    timing = results["timing"]
+    done = min((len(r["scores"]) for r in rows), default=0)
+    partial = f" (stopped after {timing['prompts']} of {timing['prompts_planned']} prompts)" \
+        if timing["prompts"] < timing["prompts_planned"] else ""
+    out = [f"task suite, {results['model']}, {done} samples per task and length{partial} (scores in %; avg: the "
+           f"tasks the full cache scores >= {HEADLINE_FLOOR:.0%} on)"]
     for length in results["settings"]["lengths"]:
         tasks = list(dict.fromkeys(r["task"] for r in rows if r["length"] == length))
         headline = headline_tasks(results, length)
