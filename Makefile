@@ -75,8 +75,8 @@ test-sanitize: $(VENV)/.deps
 test-install:
 	PYTHON_SYSTEM=$(PYTHON_SYSTEM) bash tests/install_check.sh
 
-# `make demo MODEL=qwen2.5-coder-0.5b` runs it on Qwen (the default is SmolLM2).
-MODEL ?= smollm2
+# `make demo MODEL=smollm2` runs it on SmolLM2 (the default is Qwen2.5-Coder-0.5B-Instruct).
+MODEL ?= qwen2.5-coder-0.5b
 demo: $(VENV)/.build $(VENV)/.model
 	$(PY) examples/demo.py --model $(MODEL)
 

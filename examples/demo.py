@@ -1,9 +1,10 @@
 """LESS on an instruction-tuned model: a long prompt with facts to recall, answered with a full KV cache, with the
-sparse-only H2O baseline, and with LESS (H2O + the learned low-rank state) at the same budget.
+sparse-only policy, and with LESS (the policy + the learned low-rank state) at the same budget, all with LessPress's
+defaults (H2O, its default prompt ranking, the shipped feature maps).
 
-Run: make demo   (or .venv/bin/python examples/demo.py [--model qwen2.5-coder-0.5b]; `make demo MODEL=...`).
-CPU is fine (about two minutes for SmolLM2-135M-Instruct, the default, most of it loading the model); a CUDA GPU is
-used when there is one.
+Run: make demo   (or .venv/bin/python examples/demo.py [--model smollm2]; `make demo MODEL=...`).
+CPU is fine (about three minutes for Qwen2.5-Coder-0.5B-Instruct, the default, a model that uses long contexts); a
+CUDA GPU is used when there is one.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import time
 import torch
 
 from less_cuda.eval.timing import kv_cache_bytes, timed_generate
-from less_cuda.hf.press import apply, load_feature_maps
+from less_cuda.hf.press import LessPress, apply
 from less_cuda.hf.models import load_model
 
-BUDGET = 128  # tokens kept per layer and KV head
+BUDGET = 0.1  # of the prompt's tokens kept per layer and KV head: within 2x of the shipped maps' 5%
 NEW_TOKENS = 32
 
 FACTS = [
@@ -57,8 +58,9 @@ QUESTION = "Answer from the notes: who is the lighthouse keeper, and in which ye
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2", help="an instruction-tuned model load_model takes: 'smollm2' "
-                        "or 'qwen2.5-coder-0.5b' (shipped maps), or a model directory / .gguf with a chat template")
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b", help="an instruction-tuned model load_model takes: "
+                        "'qwen2.5-coder-0.5b' or 'smollm2' (shipped maps), or a model directory / .gguf with a chat "
+                        "template")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
@@ -70,20 +72,23 @@ def main() -> None:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     inputs = tokenizer(text, return_tensors="pt").to(device)
     prompt_len = inputs["input_ids"].shape[1]
-    print(f"prompt: {prompt_len} tokens; budget: {BUDGET} tokens per layer and KV head; {NEW_TOKENS} new tokens\n")
+    press = LessPress(budget=BUDGET)
+    print(f"prompt: {prompt_len} tokens; {press}: {round(BUDGET * prompt_len)} tokens kept per layer and KV head; "
+          f"{NEW_TOKENS} new tokens\n")
 
-    runs = {"full cache": None, "H2O (sparse only)": dict(lowrank=False), "LESS (H2O + low-rank)": dict()}
+    policy = press.policy.kind.upper()
+    runs = {"full cache": None, f"{policy} (sparse only)": dict(lowrank=False), f"LESS ({policy} + low-rank)": dict()}
     try:
-        load_feature_maps(model, "shipped", "h2o")
+        press.feature_maps_for(model)
     except ValueError as error:
-        del runs["LESS (H2O + low-rank)"]
+        del runs[f"LESS ({policy} + low-rank)"]
         print(f"LESS skipped: {error}\n")
 
     for name, settings in runs.items():
         if settings is None:
             result = timed_generate(model, inputs, NEW_TOKENS)
         else:
-            with apply(model, policy="h2o", budget=BUDGET, **settings):
+            with apply(model, budget=BUDGET, **settings):
                 result = timed_generate(model, inputs, NEW_TOKENS)
         answer = tokenizer.decode(result.tokens[0], skip_special_tokens=True).strip()
         print(f"== {name}")

@@ -20,8 +20,9 @@ PREFILL_SCORES = ("sum", "window")
 the attention of the prompt's last `prefill_window` query rows, max-pooled over positions
 (`reference.prefill_window_scores`)."""
 DEFAULT_PREFILL_SCORES = "sum"
-"""H2O's own rule stays the default: "window" finds a passkey that "sum" never keeps, but on plain text (WikiText-2,
-prefill form, SmolLM2, 5%) it cost the sparse policy 10-15% perplexity (LESS 2-4%); docs/results.md."""
+"""A `Policy`'s prompt ranking unless told: H2O's own rule, which the evaluations and the vLLM plugin keep as the
+baseline. `LessPress` defaults to "window" instead (`hf.press.PRESS_PREFILL_SCORES`): on the task suite it keeps what
+a prompt asks for, which "sum" never does; on text that asks nothing it costs perplexity (docs/results.md)."""
 DEFAULT_PREFILL_WINDOW = 8
 """W: on SmolLM2 passkey prompts the last 8 rows kept the key where 32 did not; more rows add text before the
 question, whose attention outweighs the question's own."""

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 
 from ..checkpoints import find_checkpoint
 from ..core.feature_maps import FeatureMaps
-from ..core.policy import DEFAULT_PREFILL_SCORES, DEFAULT_PREFILL_WINDOW, Policy
+from ..core.policy import DEFAULT_PREFILL_WINDOW, Policy
 from .attention import keep_attention_implementation
 from .cache import LessCache
 from .models import model_layout
@@ -33,6 +33,11 @@ policy kind (given a budget, the one fitted closest to it). A checkpoint directo
 `Path`."""
 FeatureMapsSource = Union[FeatureMaps, str, Path]
 """A `FeatureMaps`, a checkpoint directory, or SHIPPED_MAPS."""
+PRESS_PREFILL_SCORES = "window"
+"""LessPress's H2O prompt ranking, chosen by the task suite (docs/results.md): a request's prompt ends with what it
+asks, and ranked by its last rows (SnapKV's rule) H2O kept the asked needle in every 4k-token Qwen prompt at 10%,
+where the column sums (H2O's own rule, `Policy`'s default) and Λ kept none. It costs perplexity on text that asks
+nothing (SmolLM2, prefill form, 5%: sparse 10-15%, LESS 2-4%); prefill_scores="sum" gives H2O's own rule."""
 
 
 def is_shipped(feature_maps: object) -> bool:
@@ -105,9 +110,9 @@ class LessPress:
         lowrank: True for LESS (every evicted token is folded into the rank-R state); False for the sparse-only
             baseline of the same policy, which needs no feature maps.
         rank: if given, the rank the feature maps must have.
-        prefill_scores: H2O only: how the prompt's tokens are ranked at prefill, "sum" (attention column sums over
-            the whole prompt) or "window" (attention from its last `prefill_window` query rows, as SnapKV); see
-            `Policy`. Any checkpoint of the policy kind serves both: the feature maps are fitted on the decode rule.
+        prefill_scores: H2O only: how the prompt's tokens are ranked at prefill, "window" (attention from its last
+            `prefill_window` query rows, as SnapKV; the default, `PRESS_PREFILL_SCORES`) or "sum" (attention column
+            sums over the whole prompt, H2O's own rule); see `Policy`. Any checkpoint of the policy kind serves both: the feature maps are fitted on the decode rule.
         prefill_window: H2O with "window": the query rows scored.
 
     Malformed settings raise ValueError here; feature maps for another model, policy kind or rank, or no shipped
@@ -125,7 +130,7 @@ class LessPress:
         sinks: int = 4,
         lowrank: bool = True,
         rank: Optional[int] = None,
-        prefill_scores: str = DEFAULT_PREFILL_SCORES,
+        prefill_scores: str = PRESS_PREFILL_SCORES,
         prefill_window: int = DEFAULT_PREFILL_WINDOW,
     ):
         self.policy = Policy(kind=policy, budget=budget, recent=recent, sinks=sinks, prefill_scores=prefill_scores,
