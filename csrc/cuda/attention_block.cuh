@@ -120,6 +120,13 @@ inline DecodePlan plan_block(int64_t Hq, int64_t Hkv, int64_t D, int64_t elem_by
 // The instance's query heads per block: 4 for groups of up to 4, else 8.
 inline int block_heads(const DecodePlan& plan) { return plan.heads_per_block <= 4 ? 4 : kMaxHeads; }
 
+// The blocks per SM an attend_chunk kernel instance asks of ptxas (__launch_bounds__' second argument). Blocks of 4
+// heads with vectorised rows up to D = 128 fit in 128 registers without spilling: 4 blocks (16 warps) per SM. The
+// others get 1, which lets ptxas use the registers they need: left to itself, ptxas squeezes a kernel that needs a
+// few more than 128 into 128 and spills.
+template <int D, int H>
+constexpr int kMinBlocksPerSm = H <= 4 && D != kGenericD && D <= 128 ? 4 : 1;
+
 // Where the reduction [2][heads][dim] starts in a block's dynamic shared memory, after the logits [heads][tile]:
 // on a 16-byte boundary, for reduce_warps' vector stores.
 LESS_HD inline int64_t reduction_offset(int64_t heads, int64_t tile) { return (heads * tile + 3) / 4 * 4; }
@@ -596,12 +603,6 @@ struct ChunkInShared {
     constexpr int D = ::less_cuda::cuda::attention::kGenericD;     \
     __VA_ARGS__;                                                   \
   }
-
-// Minimum resident blocks per SM that an attend_chunk kernel asks of ptxas (__launch_bounds__): a block of 4 heads
-// fits in 128 registers, so 4 blocks (16 warps) per SM, which left alone ptxas gives up for a few registers in the
-// chunk kernel's finishing code; 8 heads need about 200-230, so 2 blocks.
-template <int H>
-constexpr int kMinBlocksPerSm = H <= 4 ? 4 : 1;
 
 // Instantiates the body, which must return, once per block head count `H` (4 or 8, block_heads of the plan).
 #define LESS_DISPATCH_BLOCK_HEADS(plan, H, ...)                    \

@@ -33,7 +33,7 @@ constexpr int64_t kProbsSlots = 2 * kThreads;  // slots per probs block of the c
 constexpr size_t kCombineSmemBudget = 40 * 1024;
 
 template <typename T, int D, int H>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<D, H>)
     decode_chunk_kernel(DecodeAttentionArgs a, DecodePlan plan, Workspace ws, int64_t exclude, int64_t q_stride) {
   const int64_t G = a.Hq / a.Hkv;
   const int64_t head_tile = blockIdx.x % plan.head_tiles;

@@ -289,7 +289,7 @@ __device__ void finish_step(const DecodeStepArgs& a, int64_t bh, int64_t t, Spar
 
 // One launch for token t's whole step: a block per (b, KV head) attends over all its slots, then finishes.
 template <typename T, int D, int H>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<D, H>)
     decode_step_kernel(DecodeStepArgs a, DecodePlan plan, Workspace ws, int64_t t) {
   const int64_t G = a.Hq / a.Hkv, S = a.S, dim = a.D;
   const int64_t bh = blockIdx.x;
