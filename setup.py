@@ -6,7 +6,8 @@ Environment:
     LESS_CUDA_SKIP_CUDA=1    build the CPU kernels only
     LESS_CUDA_SANITIZE       e.g. "address,undefined": the CPU kernels with ASan/UBSan, and no CUDA kernels (see
                              csrc/sanitize.py; run with libasan preloaded, as `make test-sanitize` does)
-    TORCH_CUDA_ARCH_LIST     defaults to "8.0;8.6;8.9;9.0+PTX" (Ampere to Hopper, PTX for newer); CUDA 13 has no sm_70
+    TORCH_CUDA_ARCH_LIST     defaults to "8.0;9.0+PTX" (Ampere to Hopper: sm_86 and sm_89 run the sm_80 binary; PTX
+                             for newer); CUDA 13 has no sm_70
     MAX_JOBS                 parallel compile jobs (honoured by torch's ninja build)
     CUDA_HOME                toolkit root; found from nvcc when unset
 
