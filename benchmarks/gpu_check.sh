@@ -18,6 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PY:-python3}
+[[ $PY == */* && $PY != /* ]] && PY=$ROOT/$PY  # the steps run in the copy
 OUT=$(mkdir -p "${OUT:-benchmarks/results/gpu_check}" && cd "${OUT:-benchmarks/results/gpu_check}" && pwd)
 SRC="$OUT/src"
 # PYTHONPATH=.: the copy's less_cuda, ahead of any installed (or editable) one.
