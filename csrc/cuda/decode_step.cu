@@ -27,7 +27,7 @@
 //     (b, KV head) runs attend_chunk over all S slots (tiles with an online softmax, p in shared memory when S fits
 //     one tile), then finish_step on the same block.
 //   - split: TWO launches. decode_attention's chunk kernel (launch_decode_attention_partials, shared, slot 0 left
-//     out) writes each chunk's partial state and p; decode_step_finish_kernel, one block of 256 threads per
+//     out) writes each chunk's partial state and p; decode_step_finish_kernel, one block of 512 threads per
 //     (b, KV head), merges the chunks (per-(head, chunk) and per-(head, tile) weights computed once, in place in
 //     the workspace) and runs finish_step.
 // finish_step: warps over heads (final_head_states: final state, weights, phi(q) . z), threads over G x D
@@ -50,7 +50,11 @@ namespace {
 
 using namespace attention;
 
-constexpr int kFinishThreads = 256;
+// The finishing kernel runs only when the plan splits: mostly with fewer (batch, KV head) rows than SMs, one block
+// per SM, so a block takes as many threads as fit 128 registers (1024 would spill), and its passes over the slots
+// take half the dependent iterations of 256 threads. (Groups over 8 heads split with any number of rows; then 16
+// warps per SM remain.)
+constexpr int kFinishThreads = 512;
 constexpr size_t kFinishSmemBudget = 48 * 1024;
 
 // The sparse state of a row split over chunks (decode_step_finish_kernel): the chunks' partial states in the
@@ -324,7 +328,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<D, H>)
 
 // Split form, second launch: one block per (b, KV head) merges the chunk partials and finishes token t's step.
 template <typename T>
-__global__ void __launch_bounds__(kFinishThreads)
+__global__ void __launch_bounds__(kFinishThreads, 1)  // 1: ptxas would otherwise spill to fit 2 blocks per SM
     decode_step_finish_kernel(DecodeStepArgs a, DecodePlan plan, Workspace ws, int64_t t) {
   const int64_t G = a.Hq / a.Hkv, S = a.S, dim = a.D;
   const int64_t bh = blockIdx.x;
