@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp)
 
-.PHONY: test test-fast test-long test-sanitize test-install test-vllm demo bench bench-vllm build clean
+.PHONY: test test-fast test-long test-sanitize test-install test-vllm demo bench bench-vllm build clean cuda-report
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON_SYSTEM) -m venv $(VENV)
@@ -119,6 +119,12 @@ test-vllm: $(VLLM_VENV)/.build $(VLLM_VENV)/.model
 bench-vllm: $(VLLM_VENV)/.build $(VLLM_VENV)/.model
 	mkdir -p benchmarks/results
 	OMP_NUM_THREADS=1 $(VLLM_PY) benchmarks/vllm/bench_serving.py
+
+# Registers, spills and shared memory of every CUDA kernel instance from ptxas, for sm_80 and sm_90, with the blocks
+# per SM they allow on an A100 and an H100: benchmarks/results/cuda_resources.md (csrc/cuda_report.py; about 2 minutes
+# on 2 cores, no GPU needed). The report is checked in; tests/test_cuda_report.py fails when it is stale.
+cuda-report: $(VENV)/.deps
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) csrc/cuda_report.py
 
 clean:
 	rm -rf build less_cuda/*.so less_cuda/_build_info.py *.egg-info $(VENV) $(VLLM_VENV)

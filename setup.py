@@ -6,7 +6,8 @@ Environment:
     LESS_CUDA_SKIP_CUDA=1    build the CPU kernels only
     LESS_CUDA_SANITIZE       e.g. "address,undefined": the CPU kernels with ASan/UBSan, and no CUDA kernels (see
                              csrc/sanitize.py; run with libasan preloaded, as `make test-sanitize` does)
-    TORCH_CUDA_ARCH_LIST     defaults to "8.0;8.6;8.9;9.0+PTX" (Ampere to Hopper, PTX for newer); CUDA 13 has no sm_70
+    TORCH_CUDA_ARCH_LIST     defaults to "8.0;9.0+PTX" (Ampere to Hopper: sm_86 and sm_89 run the sm_80 binary; PTX
+                             for newer); CUDA 13 has no sm_70
     MAX_JOBS                 parallel compile jobs (honoured by torch's ninja build)
     CUDA_HOME                toolkit root; found from nvcc when unset
 
@@ -16,11 +17,7 @@ pinned in pyproject.toml's [build-system] and then requires exactly that torch a
 writes less_cuda/_build_info.py beside the binary, and the package checks it against the running torch on import.
 """
 
-import glob
 import os
-import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,52 +25,21 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 sys.path.insert(0, str(ROOT / "csrc"))
+import cuda_build  # noqa: E402
 import sanitize  # noqa: E402
 
 SANITIZERS = sanitize.requested()
-DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 
 
 def flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-def is_toolkit_root(path: str) -> bool:
-    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
-        os.path.join(path, "include", "cuda_runtime.h")
-    )
-
-
-def find_cuda_home():
-    """The CUDA toolkit root. `nvcc` on PATH may be a wrapper script, so its directory proves nothing: ask nvcc
-    itself, whose dry run prints the TOP it really runs from."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if is_toolkit_root(os.environ.get(var, "")):
-            return os.environ[var]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        try:
-            dry = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
-                                 capture_output=True, text=True, timeout=60)
-            top = re.search(r"TOP=(\S+)", dry.stdout + dry.stderr)
-            if top and is_toolkit_root(os.path.realpath(top.group(1))):
-                return os.path.realpath(top.group(1))
-        except (OSError, subprocess.SubprocessError):
-            pass
-        root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-        if is_toolkit_root(root):
-            return root
-    for root in ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]:
-        if is_toolkit_root(root):
-            return root
-    return None
-
-
 # torch.utils.cpp_extension reads CUDA_HOME when imported: resolve it first.
-cuda_home = None if flag("LESS_CUDA_SKIP_CUDA") else find_cuda_home()
+cuda_home = None if flag("LESS_CUDA_SKIP_CUDA") else cuda_build.find_cuda_home()
 if cuda_home:
     os.environ["CUDA_HOME"] = cuda_home
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", cuda_build.DEFAULT_ARCH_LIST)
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
@@ -114,7 +80,7 @@ if with_cuda:
         sources,
         extra_compile_args={
             "cxx": cxx_flags + ["-DLESS_WITH_CUDA"],
-            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-DLESS_WITH_CUDA"],
+            "nvcc": cuda_build.NVCC_FLAGS,
         },
         extra_link_args=link_flags,
         include_dirs=[str(ROOT / "csrc")],

@@ -6,10 +6,12 @@ For each setting (SmolLM2-like heads 9/3/64 and Llama-like 32/8/128, bf16, rank 
 (less_decode_step_ on a SlotCache: insert, attend, score, evict, fold in 1 launch, 2 when split), all replayed from a
 CUDA graph so that Python launch overhead is not measured, and the bandwidth the attention and the fused step achieve
 against a device-to-device copy measured on the same GPU in the same run (ratio 1.0 = copy speed, the practical
-roofline). The settings rotate over enough copies of their tensors to keep the L2 cache from serving them.
+roofline), and torch's scaled_dot_product_attention over the same full cache (no compression, no eviction: what the
+fused step replaces). The settings rotate over enough copies of their tensors to keep the L2 cache from serving them.
 docs/cuda_design.md has the expected numbers (estimates until measured).
 
 Run: .venv/bin/python benchmarks/bench_decode_gpu.py [--iters N] [--models smollm2 llama] [--batches 1 8 64]
+     [--budgets 128 512 2048]  (S = budget + 1 slots)
 It exits cleanly, saying why, without a GPU or without the extension's CUDA kernels. Not collected by pytest.
 """
 
@@ -20,6 +22,7 @@ import math
 import platform
 
 import torch
+import torch.nn.functional as F
 
 from less_cuda import less_decode_attention, less_score_and_evict_, less_state_update_
 from less_cuda.core.ops import less_decode_step_
@@ -76,6 +79,11 @@ def make_token(model: str, B: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def attend(cache, q, phi, positions):
     return less_decode_attention(q, cache.k, cache.v, cache.pos, phi, cache.H, cache.z)
+
+
+def sdpa(cache, q, phi, positions):
+    """Full-cache attention for the same query (GQA through enable_gqa): the uncompressed baseline."""
+    return F.scaled_dot_product_attention(q[:, :, None], cache.k, cache.v, enable_gqa=True)
 
 
 def decode_step(cache, q, phi, positions, budget):
@@ -141,10 +149,11 @@ def main() -> int:
           f"torch {torch.__version__}, CUDA {torch.version.cuda}, host {platform.node()}")
     print(f"setting: bf16 K/V, rank {RANK}, S = budget + 1 slots all held (every step evicts), CUDA-graph replay, "
           f"{args.iters} iterations, tensors rotated over >= {ROTATION_BYTES >> 20} MiB")
-    print("columns: attention alone, the step as a chain of ops, the fused step; GB/s and ratio to the copy for the "
-          "attention's bytes (MB) and the fused step's (step MB)")
+    print("columns: attention alone, the step as a chain of ops, the fused step, full-cache SDPA on the same K/V; GB/s "
+          "and ratio to the copy for the attention's bytes (MB) and the fused step's (step MB); fused / SDPA time")
     header = f"{'model':8} {'B':>3} {'budget':>6} {'MB':>8} {'step MB':>8} {'attn us':>9} {'chain us':>9} " \
-             f"{'fused us':>9} {'attn GB/s':>10} {'fused GB/s':>10} {'copy GB/s':>10} {'attn':>6} {'fused':>6}"
+             f"{'fused us':>9} {'sdpa us':>9} {'attn GB/s':>10} {'fused GB/s':>10} {'copy GB/s':>10} {'attn':>6} " \
+             f"{'fused':>6} {'f/sdpa':>6}"
     print(header)
     print("-" * len(header))
     for model in args.models:
@@ -159,12 +168,13 @@ def main() -> int:
                 fused_us = graph_time_us(
                     [lambda s=s, t=t: fused_step(*s, t, budget) for s, t in zip(settings, tokens)], args.iters
                 )
+                sdpa_us = graph_time_us([lambda s=s: sdpa(*s) for s in settings], args.iters)
                 copy_us = copy_time_us(nbytes, copies, args.iters)
                 attn_bw, copy_bw = nbytes / attn_us / 1e3, nbytes / copy_us / 1e3
                 fused_bw = fused_bytes / fused_us / 1e3
                 print(f"{model:8} {B:>3} {budget:>6} {nbytes / 1e6:>8.2f} {fused_bytes / 1e6:>8.2f} {attn_us:>9.2f} "
-                      f"{chain_us:>9.2f} {fused_us:>9.2f} {attn_bw:>10.0f} {fused_bw:>10.0f} {copy_bw:>10.0f} "
-                      f"{attn_bw / copy_bw:>6.2f} {fused_bw / copy_bw:>6.2f}")
+                      f"{chain_us:>9.2f} {fused_us:>9.2f} {sdpa_us:>9.2f} {attn_bw:>10.0f} {fused_bw:>10.0f} "
+                      f"{copy_bw:>10.0f} {attn_bw / copy_bw:>6.2f} {fused_bw / copy_bw:>6.2f} {fused_us / sdpa_us:>6.2f}")
                 del settings, tokens
                 torch.cuda.empty_cache()
     return 0

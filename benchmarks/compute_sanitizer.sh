@@ -4,8 +4,9 @@
 #   synccheck  barrier and warp-collective misuse (divergent __syncthreads, bad shuffle masks)
 #   memcheck   out-of-bounds and misaligned global / shared accesses (torch's caching allocator is switched off so
 #              that every tensor is its own allocation and an overrun is caught)
-# Each tool runs a small script that calls decode_attention (one chunk, several tiles, split-KV, generic head_dim)
-# and decode_step_ (one launch, split, G > 8, several tokens with pads) once each and synchronises.
+# Each tool runs a small script that calls decode_attention (one chunk, several tiles, split-KV, a row shorter than
+# its vectorised instance's, generic head_dim) and decode_step_ (one launch, split, G > 8, several tokens with pads)
+# once each and synchronises.
 #
 # Run: benchmarks/compute_sanitizer.sh [racecheck synccheck memcheck]
 #   PY (default .venv/bin/python), SANITIZER (default compute-sanitizer on PATH or in $CUDA_HOME/bin).
@@ -78,11 +79,12 @@ attention(rows // 4, 4, 4, 40, 128, torch.bfloat16)  # one launch, one tile
 attention(rows, 1, 8, 1300, 64, torch.float16)  # one launch, each block walks two shared-memory tiles
 attention(1, 2, 4, 300, 128, torch.bfloat16)  # split-KV: chunk kernel + combine kernel
 attention(1, 2, 12, 300, 64, torch.float32)  # two head tiles
-attention(rows // 4, 4, 3, 40, 96, torch.bfloat16)  # generic head_dim
+attention(rows // 4, 4, 3, 40, 96, torch.bfloat16)  # 96 in the D = 128 vectorised instance
+attention(rows // 4, 4, 3, 40, 100, torch.bfloat16)  # generic head_dim (rows of 200 bytes)
 step(rows // 4, 4, 4, 40, 128, torch.bfloat16)  # one launch per token
 step(rows, 1, 8, 1300, 64, torch.float16)  # one launch, two tiles, p through the workspace
 step(1, 2, 4, 300, 128, torch.bfloat16, T=3)  # split: chunk kernel + finishing kernel, three tokens
-step(1, 2, 12, 60, 96, torch.float32)  # two head tiles, generic head_dim
+step(1, 2, 12, 60, 100, torch.float16)  # two head tiles, generic head_dim
 PYTHON
 
 status=0

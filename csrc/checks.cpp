@@ -15,8 +15,8 @@
 namespace less_cuda {
 namespace {
 
-// Positions stay below 2^24: eviction compares them as floats (less_numerics.h eviction_key), and the CUDA decode
-// step keeps its next_position tickets above bit 24 (csrc/cuda/decode_step.cu).
+// Positions stay below 2^24: eviction compares them as floats (less_numerics.h eviction_key). The CUDA decode step
+// checks its next_position on the device instead (csrc/cuda/decode_step.cu).
 constexpr int64_t kMaxPosition = int64_t{1} << 24;
 
 bool is_kv_dtype(at::ScalarType t) {

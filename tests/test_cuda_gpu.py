@@ -8,6 +8,9 @@ One test runs everywhere: the extension either registers all five CUDA kernels o
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -55,7 +58,7 @@ ATTENTION_CASES = [
     (G, D, dtype, regime)
     for regime in ("one chunk", "tiles", "split")
     for dtype in DTYPES
-    for D in (64, 128, 256, 96)
+    for D in (64, 128, 256, 96, 100)
     for G in (1, 3, 4, 8, 12)
     if regime != "tiles" or (G <= 4 and D <= 128 and dtype == torch.bfloat16)
 ]
@@ -66,7 +69,8 @@ ATTENTION_CASES = [
 def test_decode_attention(G, D, dtype, regime):
     """'one chunk': enough (batch, KV head) blocks to fill the GPU; 'tiles': 136 rows (as many as an H100's or
     H200's SMs, and more), each block walking 4097 slots in shared-memory tiles; 'split': two rows of 300 slots,
-    which the heuristic splits into chunks merged by the combine kernel. D = 96 takes the generic path."""
+    which the heuristic splits into chunks merged by the combine kernel. D = 96 takes the D = 128 vectorised
+    instance, D = 100 (fp16 / bf16 rows of 200 bytes) the generic path."""
     B, Hkv, S = {"one chunk": (48, 4, 40), "tiles": (34, 4, 4097), "split": (1, 2, 300)}[regime]
     q, k, v, pos, lowrank = harness_decode_inputs(B, Hkv, G, S, D, R=8, dtype=dtype, seed=G * 1000 + D)
     scale = D**-0.5
@@ -154,8 +158,8 @@ def to_device(cache, device="cuda"):
 
 
 def assert_same_cache(cache, expected, what=""):
-    """Bookkeeping exactly equal; numbers within the dtype's ratio tolerance (the GPU's fast-math exp differs from
-    the CPU's in the last bits)."""
+    """Bookkeeping exactly equal; numbers within the dtype's ratio tolerance (the GPU's exp and summation order differ
+    from the CPU's in the last bits)."""
     cache = to_device(cache, "cpu")
     assert torch.equal(cache.pos, expected.pos), f"{what}positions (victims) differ"
     assert torch.equal(cache.next_position, expected.next_position), f"{what}next positions differ"
@@ -213,13 +217,21 @@ def test_decode_step_multi_token_call(regime):
 
 
 @needs_kernels
-def test_decode_step_split_path_in_a_cuda_graph():
-    """A whole decode step of the split path (B = 1, Hkv = 8, G = 4, D = 128, S = 4096: chunk kernel + finishing
-    kernel) captured in a CUDA graph: no host synchronisation, workspace from the graph's pool. Two replays equal two
-    eager steps bit for bit (next_position advances on the device each time)."""
-    B, Hkv, G, D, S, R = 1, 8, 4, 128, 4096, 8
-    cache, q, k, v, phi, psi, _ = step_inputs(B, Hkv, G, S, D, R, torch.bfloat16, seed=0)
-    q, k, v, phi, psi = (t.cuda() for t in (q, k, v, phi, psi))
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("regime", ["single", "split"])
+def test_decode_step_in_a_cuda_graph(regime, T):
+    """A whole decode step captured in a CUDA graph: 'single' has a (batch, KV head) row per SM and more (one launch
+    per token), 'split' is B = 1, Hkv = 8, G = 4, D = 128, S = 4096 (chunk kernel + finishing kernel); T tokens per
+    call. No host synchronisation, workspace from the graph's pool. Two replays equal two eager steps bit for bit
+    (next_position advances on the device each time)."""
+    Hkv, G, D, R = 8, 4, 128, 8
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    B, S = (-(-sms // Hkv), 300) if regime == "single" else (1, 4096)
+    cache, *_ = step_inputs(B, Hkv, G, S, D, R, torch.bfloat16, seed=0)
+    g = torch.Generator().manual_seed(T)
+    q = torch.randn(B, Hkv * G, T, D, generator=g).to(torch.bfloat16).cuda()
+    k, v = (torch.randn(B, Hkv, T, D, generator=g).to(torch.bfloat16).cuda() for _ in range(2))
+    phi, psi = torch.rand(B, Hkv * G, T, R, generator=g).cuda(), torch.rand(B, Hkv, T, R, generator=g).cuda()
     eager, graphed = to_device(cache), to_device(cache)
 
     def step(c):
@@ -243,7 +255,62 @@ def test_decode_step_split_path_in_a_cuda_graph():
         assert torch.equal(a, b)
     for a, b in zip(vars(graphed).values(), vars(eager).values()):
         assert torch.equal(a, b)
-    assert graphed.next_position.item() == cache.next_position.item() + 2
+    assert torch.equal(graphed.next_position.cpu(), cache.next_position + 2 * T)
+
+
+@needs_kernels
+def test_decode_step_near_tie_evicts_as_the_cpu_path():
+    """tests/test_cuda_kernels.py's near-tie (two scores 32 ulps apart, which --use_fast_math's exp would tie): the
+    victim of the reference and the CPU op."""
+    from test_cuda_kernels import near_tie_step
+
+    cache, args = near_tie_step()
+    ref, cpu = clone_cache(cache), clone_cache(cache)
+    reference_steps(ref, *args)
+    less_ops.less_decode_step_(cpu, *args[:6], "h2o", *args[8:], scale=args[6])
+    gpu = to_device(cache)
+    less_ops.less_decode_step_(gpu, *(t.cuda() if t is not None else None for t in args[:6]), "h2o", *args[8:],
+                               scale=args[6])
+    assert torch.equal(gpu.pos.cpu(), ref.pos) and torch.equal(cpu.pos, ref.pos)
+
+
+@needs_kernels
+def test_decode_step_next_position_limit():
+    """next_position = 2^24 - T is the last start that fits: positions up to 2^24 - 1 as on the CPU, next_position
+    2^24 after. A call from 2^24 must stop with a launch failure instead of
+    handing out positions from 0 again; it runs in a subprocess, since a trapped kernel ends the process's CUDA
+    context."""
+    limit, T = 1 << 24, 3
+    cache, q, k, v, phi, psi, _ = step_inputs(2, 4, 2, 40, 128, 8, torch.bfloat16, seed=5)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, T, 128, generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(2, 4, T, 128, generator=g).to(torch.bfloat16) for _ in range(2))
+    phi, psi = torch.rand(2, 8, T, 8, generator=g), torch.rand(2, 4, T, 8, generator=g)
+    cache.next_position.fill_(limit - T)
+    expected = clone_cache(cache)
+    reference_steps(expected, q, k, v, phi, psi, None, 128**-0.5, reference.LAMBDA, 39, 0, 2)
+    gpu = to_device(cache)
+    gpu_step(gpu, q, k, v, phi, psi, None, reference.LAMBDA, 39, 0, 2)
+    assert_same_cache(gpu, expected)
+    assert gpu.next_position.tolist() == [limit, limit]
+    script = textwrap.dedent(f"""
+        import torch
+        import less_cuda  # noqa: F401
+        from less_cuda.core import ops
+        from less_cuda.core.state import SlotCache
+        cache = SlotCache.empty(1, 4, 40, 128, 0, torch.bfloat16, device="cuda")
+        cache.next_position.fill_({limit})
+        q = torch.randn(1, 8, 1, 128, device="cuda").to(torch.bfloat16)
+        k, v = (torch.randn(1, 4, 1, 128, device="cuda").to(torch.bfloat16) for _ in range(2))
+        ops.less_decode_step_(cache, q, k, v, None, None, None, "lambda", 39, sinks=2)
+        torch.cuda.synchronize()
+        print("no error")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "no error" not in done.stdout, done.stdout + done.stderr
+    # The kernel's printf before its __trap says why; CUDA does not promise to flush it after a trap, so only the
+    # failure itself is required.
+    assert "CUDA error" in done.stderr, done.stdout + done.stderr
 
 
 @needs_kernels

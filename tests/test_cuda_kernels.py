@@ -16,6 +16,7 @@ import pytest
 import torch
 from helpers import assert_close_ratio, assert_same_step, clone_cache, reference_steps
 
+from less_cuda.core import ops as less_ops
 from less_cuda.core import reference
 
 from less_cuda.core import state as slots
@@ -55,6 +56,10 @@ class HarnessOps:
 
     def _plan(self, plan):
         self.last_plan = dict(zip(PLAN_FIELDS, plan.tolist()))
+
+    def set_occupancy(self, blocks_per_sm: int):
+        """What the planner's occupancy query answers (a GPU answers from the compiled kernel)."""
+        self.lib.less_harness_set_occupancy(blocks_per_sm)
 
     def decode_attention(self, q, k, v, pos, phi_q, H, z, scale, *, chunk=0, tile=0, num_sms=H100_SMS):
         B, Hq, D = q.shape
@@ -125,10 +130,12 @@ class HarnessOps:
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+KERNEL_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu")) + [ROOT / "csrc" / "testing" / "kernel_entry_points.cpp"]
+
+
 @pytest.fixture(scope="module")
 def ops():
-    sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu")) + [ROOT / "csrc" / "testing" / "kernel_entry_points.cpp"]
-    lib = harness_build.load("kernels", sources)
+    lib = harness_build.load("kernels", KERNEL_SOURCES)
     harness_build.set_schedule(lib, "forward")
     return HarnessOps(lib)
 
@@ -145,8 +152,9 @@ def check_decode(ops, q, k, v, pos, lowrank, **plan):
 
 
 def kernel_grid(paths: dict):
-    """The grid both attention kernels are checked over: GQA groups G up to a block's 8 heads and beyond (12),
-    head dims with a specialised path (64, 128, 256) and the generic one (96), every dtype, and each launch path."""
+    """The grid both attention kernels are checked over: GQA groups G up to a block's 4 and 8 heads (the two
+    instances) and beyond (12), head dims of the three vectorised instances (64, 128, 256) and one that fills only
+    part of its instance's row (96 in the 128 one), every dtype, and each launch path."""
     grid = [pytest.mark.parametrize("G", [1, 3, 4, 8, 12]), pytest.mark.parametrize("D", [64, 128, 256, 96]),
             pytest.mark.parametrize("dtype", DTYPES, ids=str), pytest.mark.parametrize("path", list(paths))]
 
@@ -165,8 +173,8 @@ PATHS = {"one chunk": dict(chunk=0, num_sms=1), "tiles": dict(chunk=0, tile=8, n
 
 @kernel_grid(PATHS)
 def test_decode_attention_matches_reference(ops, G, D, dtype, path):
-    """GQA groups up to a block's 8 heads and beyond (12: two head tiles, always the split path); head_dim 96 on the
-    generic path; free slots and one (b, h) with none occupied (the output is then the low-rank state alone)."""
+    """GQA groups up to a block's 8 heads and beyond (12: two head tiles, always the split path); head_dim 96 in the
+    128 instance; free slots and one (b, h) with none occupied (the output is then the low-rank state alone)."""
     q, k, v, pos, lowrank = harness_decode_inputs(B=2, Hkv=2, G=G, S=37, D=D, R=5, dtype=dtype, seed=G * 1000 + D)
     check_decode(ops, q, k, v, pos, lowrank, **PATHS[path])
     plan = ops.last_plan
@@ -174,19 +182,40 @@ def test_decode_attention_matches_reference(ops, G, D, dtype, path):
     assert plan["chunks"] == (3 if path == "split" else 1)
     assert plan["tiles"] == {"one chunk": 1, "tiles": 5, "split": 3}[path]
     assert plan["split"] == (path == "split" or G > 8)
-    assert plan["vectorized"] == (D != 96)
+    assert plan["vectorized"]
 
 
-GENERIC_DIMS = [(80, torch.bfloat16), (100, torch.float16), (8, torch.float32), (250, torch.float32)]
+# Rows that are not whole 16-byte vectors.
+GENERIC_DIMS = [(98, torch.bfloat16), (100, torch.float16), (9, torch.float32), (250, torch.float32)]
 
 
 @pytest.mark.parametrize("D,dtype", GENERIC_DIMS)
+@pytest.mark.parametrize("G", [3, 8])
 @pytest.mark.parametrize("path", ["one chunk", "split"])
-def test_decode_attention_generic_head_dims(ops, D, dtype, path):
+def test_decode_attention_generic_head_dims(ops, D, dtype, G, path):
     """Any head_dim up to 256 runs (element loads, a warp per row), never an error."""
-    q, k, v, pos, lowrank = harness_decode_inputs(B=2, Hkv=2, G=3, S=37, D=D, R=4, dtype=dtype, seed=D)
+    q, k, v, pos, lowrank = harness_decode_inputs(B=2, Hkv=2, G=G, S=37, D=D, R=4, dtype=dtype, seed=D)
     check_decode(ops, q, k, v, pos, lowrank, **PATHS[path])
     assert not ops.last_plan["vectorized"]
+
+
+# Each instance (D = 64, 128, 256) and each dtype at least once.
+PARTIAL_VECTOR_DIMS = [(8, torch.float32), (32, torch.bfloat16), (80, torch.bfloat16), (112, torch.float16),
+                       (160, torch.float32), (192, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("D,dtype", PARTIAL_VECTOR_DIMS)
+def test_partial_vector_rows_take_the_vectorised_path(ops, D, dtype):
+    """Rows of whole 16-byte vectors shorter than their instance's (8, 32 in the D = 64 one; 80, 112 in 128; 160,
+    192 in 256) load 16 bytes at a time on the lanes their vectors fall to; the other lanes' columns count as zero.
+    Both ops, one-chunk and split paths."""
+    q, k, v, pos, lowrank = harness_decode_inputs(B=2, Hkv=2, G=3, S=37, D=D, R=4, dtype=dtype, seed=D)
+    for path in ("one chunk", "split"):
+        check_decode(ops, q, k, v, pos, lowrank, **PATHS[path])
+        assert ops.last_plan["vectorized"]
+        inputs = step_inputs(2, 2, 3, 21, D, 4, dtype, seed=D, full={(1, 1)}, pad=(1,))
+        check_step(ops, *inputs, reference.H2O, 20, 4, 0, **STEP_PATHS["single" if path == "one chunk" else path])
+        assert ops.last_plan["vectorized"]
 
 
 def test_decode_attention_unaligned_rows_take_the_generic_path(ops):
@@ -224,6 +253,18 @@ def test_decode_attention_sparse_only(ops, dtype, chunk):
     check_decode(ops, q, k, v, pos, None, chunk=chunk, num_sms=1)
     out, _ = ops.decode_attention(q, k, v, pos, None, None, None, 0.125, chunk=chunk, num_sms=1)
     assert torch.all(out[0, :3] == 0)  # no occupied slot and no state: exactly zero
+
+
+@pytest.mark.parametrize("blocks_per_sm", [2, 4])
+def test_split_targets_the_blocks_the_device_holds(ops, blocks_per_sm):
+    """A split aims at as many blocks as the SMs hold at once, by the occupancy query (here 16 SMs, 8 rows)."""
+    q, k, v, pos, lowrank = harness_decode_inputs(B=1, Hkv=8, G=4, S=1024, D=128, R=4, dtype=torch.bfloat16, seed=4)
+    ops.set_occupancy(blocks_per_sm)
+    try:
+        check_decode(ops, q, k, v, pos, lowrank, chunk=0, num_sms=16)
+    finally:
+        ops.set_occupancy(2)
+    assert ops.last_plan["chunks"] == 16 * blocks_per_sm // 8
 
 
 @pytest.mark.parametrize("B,Hkv,S,expect_split", [(1, 3, 300, True), (8, 3, 300, True), (64, 3, 300, False)])
@@ -400,8 +441,8 @@ STEP_PATHS = {"single": dict(chunk=0, num_sms=1), "tiles": dict(chunk=0, tile=8,
 
 @kernel_grid(STEP_PATHS)
 def test_decode_step_matches_reference(ops, G, D, dtype, path):
-    """Groups up to a block's 8 heads and beyond (12: always two launches), head_dim 96 generic; row (0, 0) has no
-    slot held, row (1, 1) no slot free, batch row 1's token is a pad."""
+    """Groups up to a block's 8 heads and beyond (12: always two launches), head_dim 96 in the 128 instance; row
+    (0, 0) has no slot held, row (1, 1) no slot free, batch row 1's token is a pad."""
     policy = (G + D) % 2  # both policies over the grid
     S = 21
     inputs = step_inputs(2, 2, G, S, D, 8, dtype, seed=G * 100 + D, empty={(0, 0)}, full={(1, 1)}, pad=(1,))
@@ -409,7 +450,7 @@ def test_decode_step_matches_reference(ops, G, D, dtype, path):
     plan = ops.last_plan
     assert plan["split"] == (path == "split" or G > 8)
     assert plan["p_in_workspace"] == (path != "single" or G > 8)
-    assert plan["vectorized"] == (D != 96)
+    assert plan["vectorized"]
 
 
 @pytest.mark.parametrize("path", list(STEP_PATHS))
@@ -471,8 +512,8 @@ def test_decode_step_multi_token_call(ops, path):
         (1, 2, 4, 129, H100_SMS, True, True),
         (2, 2, 4, 300, 4, False, False),  # B * Hkv blocks fill the (4-SM) device
         (1, 2, 4, 300, 4, True, True),
-        (1, 2, 8, 1280, 2, False, False),  # the largest single tile for 8 heads at D = 64
-        (1, 2, 8, 1281, 2, False, True),  # one more slot: two tiles, p through the workspace
+        (1, 2, 8, 1119, 2, False, False),  # the largest single tile for 8 heads at D = 64
+        (1, 2, 8, 1120, 2, False, True),  # one more slot: two tiles, p through the workspace
         (1, 2, 9, 40, 1, True, True),  # G > 8: two head tiles
     ],
 )
@@ -521,6 +562,71 @@ def test_stream_of_fused_decode_steps(ops, policy, dtype, R, path):
                    **STEP_PATHS[path])  # fmt: skip
         done += T
     assert (cache.pos >= 0).sum(dim=-1).eq(budget).all()
+
+
+def near_tie_step():
+    """A full row (budget 4, recent 1) where H2O must choose between two slots whose scores differ by 32 ulps:
+    logits -49.9999924 and -49.9999962 (adjacent floats twice over) against three of 0, so slot 2 (the smaller
+    probability) is the victim. nvcc's --use_fast_math computes exp(x) as 2^(x * log2(e)) with the product rounded
+    to float, which makes the two products, hence the two probabilities, equal: the tie then evicts slot 1.
+    Returns the cache and the decode_step_ arguments after the cache."""
+    B, Hkv, S, D = 1, 1, 5, 64
+    cache = slots.SlotCache.empty(B, Hkv, S, D, 0, torch.float32)
+    cache.pos.copy_(torch.tensor([[[0, 1, 2, 3, reference.EMPTY]]], dtype=torch.int32))
+    cache.scores.copy_(torch.tensor([[[5.0, 0.0, 0.0, 5.0, 0.0]]]))
+    cache.k[0, 0, :4, 0] = torch.tensor([0.0, -49.99999237060547, -49.999996185302734, 0.0])
+    cache.v.normal_(generator=torch.Generator().manual_seed(0))
+    cache.next_position.fill_(4)
+    q = torch.zeros(B, Hkv, D)
+    q[..., 0] = 8.0  # with scale 1/8, the logit of a slot is its k[0]
+    k, v = torch.zeros(B, Hkv, D), torch.ones(B, Hkv, D)
+    return cache, (q, k, v, None, None, None, D**-0.5, reference.H2O, 4, 1, 0)
+
+
+@pytest.mark.parametrize("path", list(STEP_PATHS))
+def test_decode_step_near_tie_evicts_as_the_cpu_path(ops, path):
+    """The victim of a near-tie is the reference's and the CPU op's (IEEE exp, no fast-math approximation)."""
+    cache, args = near_tie_step()
+    ref, cpu = clone_cache(cache), clone_cache(cache)
+    ref_out = reference_steps(ref, *args)
+    less_ops.less_decode_step_(cpu, *args[:6], "h2o", *args[8:], scale=args[6])
+    out = ops.decode_step_(cache, *args, **STEP_PATHS[path])
+    assert_same_step(cache, ref, out, ref_out)
+    assert torch.equal(cpu.pos, ref.pos)
+    assert ref.pos[0, 0].tolist() == [0, 1, -1, 3, 4]
+
+
+def test_fast_math_would_evict_another_victim():
+    """The harness built as nvcc --use_fast_math compiles (approximate exp and log, subnormals flushed) evicts slot 1
+    in the near-tie above: the test before would fail for a fast-math build."""
+    fast = HarnessOps(harness_build.load("kernels", KERNEL_SOURCES, fast_math=True))
+    cache, args = near_tie_step()
+    fast.decode_step_(cache, *args, **STEP_PATHS["single"])
+    assert cache.pos[0, 0].tolist() == [0, -1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("path", list(STEP_PATHS))
+def test_decode_step_next_position_limit(ops, path, capfd):
+    """Positions stay below 2^24. next_position = 2^24 - T is the last start that fits: the call hands out positions
+    up to 2^24 - 1 and leaves next_position at 2^24 (read back exactly, not as a ticket); the next call must then
+    fail, as the CPU op refuses it, instead of reusing positions from 0."""
+    T, limit = 3, 1 << 24
+    cache, *_ = step_inputs(2, 3, 2, 17, 64, 4, torch.float32, seed=2)
+    g = torch.Generator().manual_seed(3)
+    B, Hkv, G, D, R = 2, 3, 2, 64, 4
+    q = torch.randn(B, Hkv * G, T, D, generator=g)
+    k, v = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    phi_q, psi_k = torch.rand(B, Hkv * G, T, R, generator=g), torch.rand(B, Hkv, T, R, generator=g)
+    cache.next_position.fill_(limit - T)
+    check_step(ops, cache, q, k, v, phi_q, psi_k, None, reference.LAMBDA, 16, 0, 2, **STEP_PATHS[path])
+    assert cache.pos.max() == limit - 1 and cache.next_position.tolist() == [limit, limit]
+    with pytest.raises(RuntimeError, match=r"__trap\(\)"):
+        ops.decode_step_(cache, q[:, :, :1], k[:, :, :1], v[:, :, :1], phi_q[:, :, :1], psi_k[:, :, :1], None,
+                         D**-0.5, reference.LAMBDA, 16, 0, 2, **STEP_PATHS[path])
+    assert f"next_position[0] = {limit} is outside [0, 2^24 - T] with T = 1" in capfd.readouterr().out
+    with pytest.raises(RuntimeError, match="next_position must be in"):
+        less_ops.less_decode_step_(clone_cache(cache), q[:, :, :1], k[:, :, :1], v[:, :, :1], phi_q[:, :, :1],
+                                   psi_k[:, :, :1], None, "lambda", 16, sinks=2)
 
 
 @pytest.mark.parametrize("schedule", ["reverse", "random"])

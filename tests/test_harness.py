@@ -160,7 +160,8 @@ def test_barrier_votes(lib):
 
 
 @pytest.mark.parametrize(
-    "kind,message", [(0, "__syncthreads"), (1, "leaves it out"), (2, "warp collectives")]
+    "kind,message",
+    [(0, "__syncthreads"), (1, "leaves it out"), (2, "warp collectives"), (3, r"__trap\(\) in block \(0,0,0\), thread \(5,0,0\)")],
 )
 def test_misuse_is_reported(lib, kind, message):
     out = torch.empty(32)

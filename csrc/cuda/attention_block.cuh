@@ -1,5 +1,6 @@
 // The attention machinery shared by decode_attention.cu and decode_step.cu (one implementation, two ops):
-//   - attend_chunk: a block of 4 warps attends over a chunk of slots for up to 8 query heads of one group. The
+//   - attend_chunk: a block of 4 warps attends over a chunk of slots for up to H query heads of one group (H = 4
+//     or 8, a template parameter, so that a group of up to 4 heads keeps half the registers of 8). The
 //     chunk is walked in tiles whose logits fit shared memory, with an online softmax across tiles (running max
 //     and sum per head, accumulators rescaled once per tile), so a chunk's length is not bounded by shared memory.
 //     Per tile: tile_logits (K pass), tile_softmax (per head), rescale_accumulators and tile_values (V pass); then
@@ -8,7 +9,8 @@
 //     chunk's partial state (o, m, l);
 //   - the pieces that finish a row: per-(head, chunk) and per-(head, tile) weights against the final max (computed
 //     once, never per slot), probs from the stored p, and the merge with the low-rank state (finish_output);
-//   - the planner: head tiles, tile and chunk lengths, split or not, vectorised or generic row loads.
+//   - the planner: head tiles, tile and chunk lengths, split or not (from the device's occupancy), vectorised or
+//     generic row loads.
 // Thread mapping of attend_chunk: see RowLayout and docs/cuda_design.md.
 #pragma once
 
@@ -23,17 +25,21 @@ namespace attention {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kMaxHeads = 8;                // query heads of a group per block
+constexpr int kMaxHeads = 8;                // query heads of a group per block (instances for 4 and 8)
 constexpr int kUnroll = 4;                  // rows per lane group with loads in flight
 constexpr int kGenericD = 0;                // RowLayout for any head_dim up to kMaxHeadDim, element loads
 constexpr int kMaxHeadDim = 256;
 constexpr int64_t kMinChunk = 128;          // the split heuristic never gives a block fewer slots
-constexpr size_t kSmemBudget = 44 * 1024;   // dynamic shared memory per block: below the 48 KiB default
+// Dynamic shared memory per block: with the static part and the 1 KiB the runtime reserves, 4 blocks fit an A100
+// SM (164 KiB) and 5 an H100's (228 KiB), so shared memory never limits occupancy below what registers allow.
+constexpr size_t kSmemBudget = 39 * 1024;
 static_assert(kWarps == 4, "attend_chunk's warp reduction is written for 4 warps");
 
-// How the lanes of a warp share rows of K or V. Vectorised (D = 64, 128, 256, 16-byte aligned rows): a row is
+// How the lanes of a warp share rows of K or V. Vectorised (rows of whole 16-byte vectors, 16-byte aligned, up to
+// D = 64, 128 or 256 elements: head_dim 80, 96, 112 take the D = 128 instance, 160 and 192 the 256 one): a row is
 // split into 16-byte vectors over kLanes consecutive lanes; vector v of lane l starts at element
-// (v * kLanes + l) * kVec, so each vector index is one coalesced kLanes * 16-byte segment of the row.
+// (v * kLanes + l) * kVec, so each vector index is one coalesced kLanes * 16-byte segment of the row. Vectors past
+// a shorter row's `dim` read nothing and count as zero.
 template <typename T, int D>
 struct RowLayout {
   static_assert(D > 0 && D * sizeof(T) % 16 == 0, "vectorised rows are whole 16-byte vectors");
@@ -49,10 +55,14 @@ struct RowLayout {
   static __device__ __forceinline__ int column(int e, int l, int) {
     return ((e / kVec) * kLanes + l) * kVec + e % kVec;
   }
-  static __device__ __forceinline__ bool valid(int, int, int) { return true; }
-  static __device__ __forceinline__ void load(Raw& raw, const T* row, int l, int) {
+  // dim is a multiple of kVec: a vector is wholly in the row or wholly past it.
+  static __device__ __forceinline__ bool valid(int e, int l, int dim) { return column(e, l, dim) < dim; }
+  static __device__ __forceinline__ void load(Raw& raw, const T* row, int l, int dim) {
 #pragma unroll
-    for (int vi = 0; vi < kVecsPerLane; ++vi) raw.v[vi] = load16(row + (vi * kLanes + l) * kVec);
+    for (int vi = 0; vi < kVecsPerLane; ++vi) {
+      const int c = (vi * kLanes + l) * kVec;
+      raw.v[vi] = c < dim ? load16(row + c) : make_uint4(0, 0, 0, 0);
+    }
   }
   static __device__ __forceinline__ void clear(Raw& raw) {
 #pragma unroll
@@ -64,7 +74,8 @@ struct RowLayout {
   }
 };
 
-// Generic head_dim (80, 96, ..., any D <= 256, or rows not 16-byte aligned): a whole warp per row, element d on
+// Generic head_dim (rows that are not whole 16-byte vectors, such as 100 halves, or not 16-byte aligned, any
+// D <= 256): a whole warp per row, element d on
 // lane d % 32, so loads stay coalesced; columns past D read nothing and count as zero.
 template <typename T>
 struct RowLayout<T, kGenericD> {
@@ -96,24 +107,45 @@ struct RowLayout<T, kGenericD> {
 LESS_HD inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline bool is_aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// `chunk` / `tile` > 0 force those lengths (tests reach every path with small shapes); 0 lets the heuristic
-// choose. `aligned`: K and V start at 16-byte aligned addresses (with D 64/128/256: vectorised loads).
-inline DecodePlan plan_slots(int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, bool aligned, int num_sms,
-                             int64_t chunk, int64_t tile) {
+// The block shape of a (G, D, dtype) row: heads per block and row layout, which pick the kernel instance.
+inline DecodePlan plan_block(int64_t Hq, int64_t Hkv, int64_t D, int64_t elem_bytes, bool aligned) {
   DecodePlan plan{};
   const int64_t G = Hkv > 0 ? Hq / Hkv : 0;
   plan.heads_per_block = std::max<int64_t>(1, std::min<int64_t>(G, kMaxHeads));
   plan.head_tiles = std::max<int64_t>(1, ceil_div(G, plan.heads_per_block));
-  plan.vectorized = aligned && (D == 64 || D == 128 || D == 256);
+  plan.vectorized = aligned && D * elem_bytes % 16 == 0;
+  return plan;
+}
+
+// The instance's query heads per block: 4 for groups of up to 4, else 8.
+inline int block_heads(const DecodePlan& plan) { return plan.heads_per_block <= 4 ? 4 : kMaxHeads; }
+
+// The blocks per SM an attend_chunk kernel instance asks of ptxas (__launch_bounds__' second argument). Blocks of 4
+// heads with vectorised rows up to D = 128 fit in 128 registers without spilling: 4 blocks (16 warps) per SM. The
+// others get 1, which lets ptxas use the registers they need: left to itself, ptxas squeezes a kernel that needs a
+// few more than 128 into 128 and spills.
+template <int D, int H>
+constexpr int kMinBlocksPerSm = H <= 4 && D != kGenericD && D <= 128 ? 4 : 1;
+
+// Where the reduction [2][heads][dim] starts in a block's dynamic shared memory, after the logits [heads][tile]:
+// on a 16-byte boundary, for reduce_warps' vector stores.
+LESS_HD inline int64_t reduction_offset(int64_t heads, int64_t tile) { return (heads * tile + 3) / 4 * 4; }
+
+// Completes plan_block's plan. `chunk` / `tile` > 0 force those lengths (tests reach every path with small
+// shapes); 0 lets the heuristic choose. `resident`: the blocks of the row kernel the device holds at once (SMs x
+// the occupancy API's blocks per SM).
+inline DecodePlan plan_slots(DecodePlan plan, int64_t B, int64_t Hkv, int64_t S, int64_t D, int num_sms,
+                             int64_t resident, int64_t chunk, int64_t tile) {
   // A tile's logits [heads][tile] share the block's shared memory with the output reduction [2][heads][D].
   const int64_t floats = static_cast<int64_t>(kSmemBudget / sizeof(float));
-  const int64_t max_tile = std::max<int64_t>(1, (floats - 2 * plan.heads_per_block * D) / plan.heads_per_block);
+  const int64_t max_tile = std::max<int64_t>(1, (floats - 3 - 2 * plan.heads_per_block * D) / plan.heads_per_block);
   if (chunk <= 0) {
-    // Split-KV only when one block per (batch, KV head, head tile) leaves SMs idle: aim for two blocks per SM,
-    // but give no block fewer than kMinChunk slots (the combine's extra traffic must stay small against a chunk).
+    // Split-KV only when one block per (batch, KV head, head tile) leaves SMs idle: then aim for as many blocks as
+    // the device holds at once, but give no block fewer than kMinChunk slots (the combine's extra traffic must
+    // stay small against a chunk).
     const int64_t blocks = B * Hkv * plan.head_tiles;
     int64_t chunks = 1;
-    if (blocks > 0 && blocks < num_sms) chunks = std::min(ceil_div(2 * num_sms, blocks), ceil_div(S, kMinChunk));
+    if (blocks > 0 && blocks < num_sms) chunks = std::min(ceil_div(resident, blocks), ceil_div(S, kMinChunk));
     chunk = ceil_div(S, std::max<int64_t>(chunks, 1));
   }
   chunk = std::max<int64_t>(chunk, 1);
@@ -232,7 +264,7 @@ __device__ __forceinline__ void row_probs(const float* p, int64_t p_stride, cons
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// attend_chunk: one block, one chunk of slots, up to kMaxHeads query heads
+// attend_chunk: one block, one chunk of slots, up to H query heads
 // ---------------------------------------------------------------------------------------------------------------
 // Per-head scalars of a block, in shared memory, [head][kHeadScalars]. After attend_chunk: kHeadM, kHeadL = the
 // chunk's softmax state (max, sum). The others are working values of attend_chunk and of the finishing code.
@@ -264,24 +296,26 @@ struct ChunkView {
 
 // Dynamic shared memory of a block that runs attend_chunk: p [heads][tile], then the reduction [2][heads][dim].
 inline size_t chunk_smem_bytes(const DecodePlan& plan, int64_t D) {
-  return sizeof(float) * static_cast<size_t>(plan.heads_per_block * (plan.tile + 2 * D));
+  return sizeof(float) *
+         static_cast<size_t>(reduction_offset(plan.heads_per_block, plan.tile) + 2 * plan.heads_per_block * D);
 }
 
-// A lane's slices (RowLayout<T, D>::column) of one row per head: the scaled q and the V accumulators of
-// attend_chunk. The helpers below take them by reference and are force-inlined, so that they stay in registers.
-template <typename T, int D>
-using HeadSlices = float[kMaxHeads][RowLayout<T, D>::kElems];
+// A lane's slices (RowLayout<T, D>::column) of one row per head, for the block's H heads: the scaled q and the V
+// accumulators of attend_chunk. The helpers below take them by reference and are force-inlined, so that they stay
+// in registers; H is a template parameter so that a block of 4 heads does not hold registers for 8.
+template <typename T, int D, int H>
+using HeadSlices = float[H][RowLayout<T, D>::kElems];
 
 // The chunk's q, scaled once here rather than per logit (warp_logit scales q first too, so that both round alike);
 // 0 for heads past c.heads.
-template <typename T, int D>
-__device__ __forceinline__ void load_scaled_q(const ChunkView& c, HeadSlices<T, D>& qs) {
+template <typename T, int D, int H>
+__device__ __forceinline__ void load_scaled_q(const ChunkView& c, HeadSlices<T, D, H>& qs) {
   using L = RowLayout<T, D>;
   const int lane = threadIdx.x % 32, l = lane % L::kLanes;
   const int heads = c.heads, dim = c.dim;
   const T* q = static_cast<const T*>(c.q);
 #pragma unroll
-  for (int g = 0; g < kMaxHeads; ++g)
+  for (int g = 0; g < H; ++g)
 #pragma unroll
     for (int e = 0; e < L::kElems; ++e)
       qs[g][e] =
@@ -290,8 +324,8 @@ __device__ __forceinline__ void load_scaled_q(const ChunkView& c, HeadSlices<T, 
 
 // K pass over the tile of trows slots from t0: p[g * tile + r] = the logit of head g and slot r, -inf where the
 // slot is not attended. Loop bounds are warp-uniform so that every lane takes part in the butterflies.
-template <typename T, int D>
-__device__ __forceinline__ void tile_logits(const ChunkView& c, int t0, int trows, const HeadSlices<T, D>& qs,
+template <typename T, int D, int H>
+__device__ __forceinline__ void tile_logits(const ChunkView& c, int t0, int trows, const HeadSlices<T, D, H>& qs,
                                             float* p) {
   using L = RowLayout<T, D>;
   constexpr int kRowsPerPass = L::kRowsPerWarp * kWarps;
@@ -318,7 +352,7 @@ __device__ __forceinline__ void tile_logits(const ChunkView& c, int t0, int trow
       float kf[L::kElems];
       L::unpack(raw[u], kf);
 #pragma unroll
-      for (int g = 0; g < kMaxHeads; ++g) {
+      for (int g = 0; g < H; ++g) {
         if (g >= heads) break;
         float s = 0.f;
 #pragma unroll
@@ -340,10 +374,11 @@ __device__ __forceinline__ void tile_softmax(const ChunkView& c, int t0, int tro
   for (int g = warp; g < c.heads; g += kWarps) {
     float* pg = p + g * tile;
     float* h = hs + g * kHeadScalars;
+    OnlineSoftmax running{h[kHeadM], h[kHeadL]};  // every lane reads it; lane 0 rewrites it below
     float m = -INFINITY;
     for (int r = lane; r < trows; r += 32) m = fmaxf(m, pg[r]);
     m = warp_max(m);
-    const float to_running = chunk_weight(m, fmaxf(h[kHeadM], m));
+    const float to_running = chunk_weight(m, fmaxf(running.m, m));
     float sum = 0.f;
     for (int r = lane; r < trows; r += 32) {
       const float e = m > -INFINITY ? expf(pg[r] - m) : 0.f;
@@ -352,9 +387,9 @@ __device__ __forceinline__ void tile_softmax(const ChunkView& c, int t0, int tro
       sum += e;
     }
     sum = group_sum(sum);
+    __syncwarp();  // the other lanes' reads of h happen before lane 0's writes (a shuffle orders no memory)
     if (lane == 0) {
       if (c.tile_m_out != nullptr) c.tile_m_out[g * c.tile_m_stride + t0 / tile] = m;
-      OnlineSoftmax running{h[kHeadM], h[kHeadL]};
       h[kHeadRescale] = running.combine(OnlineSoftmax{m, sum}).a;
       h[kHeadM] = running.m;
       h[kHeadL] = running.l;
@@ -363,10 +398,10 @@ __device__ __forceinline__ void tile_softmax(const ChunkView& c, int t0, int tro
 }
 
 // Brings the accumulators to the running max that tile_softmax has just moved.
-template <typename T, int D>
-__device__ __forceinline__ void rescale_accumulators(int heads, const float* hs, HeadSlices<T, D>& acc) {
+template <typename T, int D, int H>
+__device__ __forceinline__ void rescale_accumulators(int heads, const float* hs, HeadSlices<T, D, H>& acc) {
 #pragma unroll
-  for (int g = 0; g < kMaxHeads; ++g) {
+  for (int g = 0; g < H; ++g) {
     if (g >= heads) break;
     const float rescale = hs[g * kHeadScalars + kHeadRescale];
 #pragma unroll
@@ -375,10 +410,11 @@ __device__ __forceinline__ void rescale_accumulators(int heads, const float* hs,
 }
 
 // V pass over the tile: acc[g] += this lane's slice of sum_r p_gr v_r, in the running max's scale. Rows whose
-// weights are all zero (free slots) are not loaded.
-template <typename T, int D>
+// weights are all zero (free slots) are not loaded. The weights are read from shared memory again when they are
+// used rather than held in registers across the loads (kUnroll x H registers fewer).
+template <typename T, int D, int H>
 __device__ __forceinline__ void tile_values(const ChunkView& c, int t0, int trows, const float* p,
-                                            HeadSlices<T, D>& acc) {
+                                            HeadSlices<T, D, H>& acc) {
   using L = RowLayout<T, D>;
   constexpr int kRowsPerPass = L::kRowsPerWarp * kWarps;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -387,16 +423,12 @@ __device__ __forceinline__ void tile_values(const ChunkView& c, int t0, int trow
   const T* vt = static_cast<const T*>(c.v) + static_cast<int64_t>(t0) * dim;
   for (int base = warp * L::kRowsPerWarp; base < trows; base += kRowsPerPass * kUnroll) {
     typename L::Raw raw[kUnroll];
-    float w[kUnroll][kMaxHeads];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int r = base + group + u * kRowsPerPass;
       bool any = false;
 #pragma unroll
-      for (int g = 0; g < kMaxHeads; ++g) {
-        w[u][g] = g < heads && r < trows ? p[g * tile + r] : 0.f;
-        any |= w[u][g] != 0.f;
-      }
+      for (int g = 0; g < H; ++g) any |= g < heads && r < trows && p[g * tile + r] != 0.f;
       if (any)
         L::load(raw[u], vt + static_cast<int64_t>(r) * dim, l, dim);
       else
@@ -404,26 +436,29 @@ __device__ __forceinline__ void tile_values(const ChunkView& c, int t0, int trow
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
+      const int r = base + group + u * kRowsPerPass;
+      if (r >= trows) break;  // warp-uniform per lane group; later rows are further past the tile
       float vf[L::kElems];
       L::unpack(raw[u], vf);
 #pragma unroll
-      for (int g = 0; g < kMaxHeads; ++g) {
+      for (int g = 0; g < H; ++g) {
         if (g >= heads) break;
+        const float w = p[g * tile + r];
 #pragma unroll
-        for (int e = 0; e < L::kElems; ++e) acc[g][e] += w[u][g] * vf[e];
+        for (int e = 0; e < L::kElems; ++e) acc[g][e] += w * vf[e];
       }
     }
   }
 }
 
 // Sums the accumulators of the lane groups of a warp (the rows it held) with shuffles; every lane group gets them.
-template <typename T, int D>
-__device__ __forceinline__ void reduce_lane_groups(int heads, HeadSlices<T, D>& acc) {
+template <typename T, int D, int H>
+__device__ __forceinline__ void reduce_lane_groups(int heads, HeadSlices<T, D, H>& acc) {
   using L = RowLayout<T, D>;
 #pragma unroll
   for (int offset = L::kLanes; offset < 32; offset *= 2)
 #pragma unroll
-    for (int g = 0; g < kMaxHeads; ++g) {
+    for (int g = 0; g < H; ++g) {
       if (g >= heads) break;
 #pragma unroll
       for (int e = 0; e < L::kElems; ++e) acc[g][e] += __shfl_xor_sync(kFullMask, acc[g][e], offset);
@@ -432,10 +467,13 @@ __device__ __forceinline__ void reduce_lane_groups(int heads, HeadSlices<T, D>& 
 
 // red [heads][dim] = the 4 warps' sums, added in a fixed order through shared memory, (w0 + w2) + (w1 + w3), so
 // that the result does not depend on scheduling; red's second half [heads][dim] is scratch. Every thread of the
-// block must call it; it ends with a barrier.
-template <typename T, int D>
-__device__ __forceinline__ void reduce_warps(const ChunkView& c, const HeadSlices<T, D>& acc, float* red) {
+// block must call it; it ends with a barrier. A vectorised lane holds whole 16-byte vectors of columns, which it
+// stores as float4: consecutive lanes then fill consecutive banks (element-wise stores kVec floats apart would
+// meet 4 to a bank).
+template <typename T, int D, int H>
+__device__ __forceinline__ void reduce_warps(const ChunkView& c, const HeadSlices<T, D, H>& acc, float* red) {
   using L = RowLayout<T, D>;
+  constexpr int kStep = D == kGenericD ? 1 : 4;  // floats per shared-memory access
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = lane / L::kLanes, l = lane % L::kLanes;
   const int heads = c.heads, dim = c.dim;
@@ -443,13 +481,22 @@ __device__ __forceinline__ void reduce_warps(const ChunkView& c, const HeadSlice
     if (group == 0 && warp / 2 == half) {
       float* dst = red + (warp % 2) * heads * dim;
 #pragma unroll
-      for (int g = 0; g < kMaxHeads; ++g) {
+      for (int g = 0; g < H; ++g) {
         if (g >= heads) break;
 #pragma unroll
-        for (int e = 0; e < L::kElems; ++e) {
+        for (int e = 0; e < L::kElems; e += kStep) {
           if (!L::valid(e, l, dim)) continue;
-          float& slot = dst[g * dim + L::column(e, l, dim)];
-          slot = half == 1 ? acc[g][e] : acc[g][e] + slot;
+          float* slot = dst + g * dim + L::column(e, l, dim);
+          if constexpr (kStep == 4) {
+            float4 sum = make_float4(acc[g][e], acc[g][e + 1], acc[g][e + 2], acc[g][e + 3]);
+            if (half == 0) {
+              const float4 other = *reinterpret_cast<const float4*>(slot);
+              sum = make_float4(sum.x + other.x, sum.y + other.y, sum.z + other.z, sum.w + other.w);
+            }
+            *reinterpret_cast<float4*>(slot) = sum;
+          } else {
+            *slot = half == 1 ? acc[g][e] : acc[g][e] + *slot;
+          }
         }
       }
     }
@@ -463,30 +510,30 @@ __device__ __forceinline__ void reduce_warps(const ChunkView& c, const HeadSlice
 // max); hs[g * kHeadScalars + kHeadM / kHeadL] hold each head's (m, l). When the chunk is a single tile, smem's
 // first heads * tile floats hold its p = exp(s - m) (heads `tile` apart); otherwise p and the tile maxima are in the
 // workspace (c.p_out, c.tile_m_out). Every thread of the block must call it; it ends with a barrier.
-template <typename T, int D>
+template <typename T, int D, int H>
 __device__ float* attend_chunk(const ChunkView& c, float* hs, float* smem) {
-  float* p = smem;                       // [heads][tile]: logits, then exp(s - m_tile)
-  float* red = smem + c.heads * c.tile;  // [2][heads][dim]
+  float* p = smem;                                         // [heads][tile]: logits, then exp(s - m_tile)
+  float* red = smem + reduction_offset(c.heads, c.tile);  // [2][heads][dim]
   if (static_cast<int>(threadIdx.x) < c.heads) {
     hs[threadIdx.x * kHeadScalars + kHeadM] = -INFINITY;
     hs[threadIdx.x * kHeadScalars + kHeadL] = 0.f;
   }
-  HeadSlices<T, D> qs;
-  load_scaled_q<T, D>(c, qs);
-  HeadSlices<T, D> acc = {};
+  HeadSlices<T, D, H> qs;
+  load_scaled_q<T, D, H>(c, qs);
+  HeadSlices<T, D, H> acc = {};
 
   for (int t0 = 0; t0 < c.rows; t0 += c.tile) {
     const int trows = c.rows - t0 < c.tile ? c.rows - t0 : c.tile;
     __syncthreads();  // the previous tile's p has been consumed (and hs is initialised)
-    tile_logits<T, D>(c, t0, trows, qs, p);
+    tile_logits<T, D, H>(c, t0, trows, qs, p);
     __syncthreads();
     tile_softmax(c, t0, trows, p, hs);
     __syncthreads();
-    rescale_accumulators<T, D>(c.heads, hs, acc);
-    tile_values<T, D>(c, t0, trows, p, acc);
+    rescale_accumulators<T, D, H>(c.heads, hs, acc);
+    tile_values<T, D, H>(c, t0, trows, p, acc);
   }
-  reduce_lane_groups<T, D>(c.heads, acc);
-  reduce_warps<T, D>(c, acc, red);
+  reduce_lane_groups<T, D, H>(c.heads, acc);
+  reduce_warps<T, D, H>(c, acc, red);
   return red;
 }
 
@@ -536,25 +583,34 @@ struct ChunkInShared {
 }  // namespace less_cuda
 
 // Instantiates the body, which must return, once per row layout: `D` is 64, 128 or 256 when `vectorized`
-// (16-byte loads), else kGenericD (any head_dim up to kMaxHeadDim).
+// (16-byte loads; the smallest that holds `dim`), else kGenericD (any head_dim up to kMaxHeadDim).
 #define LESS_DISPATCH_ROW_LAYOUT(vectorized, dim, D, ...)          \
   if (vectorized) {                                                \
-    switch (dim) {                                                 \
-      case 64: {                                                   \
-        constexpr int D = 64;                                      \
-        __VA_ARGS__;                                               \
-      }                                                            \
-      case 128: {                                                  \
-        constexpr int D = 128;                                     \
-        __VA_ARGS__;                                               \
-      }                                                            \
-      case 256: {                                                  \
-        constexpr int D = 256;                                     \
-        __VA_ARGS__;                                               \
-      }                                                            \
+    if ((dim) <= 64) {                                             \
+      constexpr int D = 64;                                        \
+      __VA_ARGS__;                                                 \
+    }                                                              \
+    if ((dim) <= 128) {                                            \
+      constexpr int D = 128;                                       \
+      __VA_ARGS__;                                                 \
+    }                                                              \
+    if ((dim) <= 256) {                                            \
+      constexpr int D = 256;                                       \
+      __VA_ARGS__;                                                 \
     }                                                              \
   }                                                                \
   {                                                                \
     constexpr int D = ::less_cuda::cuda::attention::kGenericD;     \
+    __VA_ARGS__;                                                   \
+  }
+
+// Instantiates the body, which must return, once per block head count `H` (4 or 8, block_heads of the plan).
+#define LESS_DISPATCH_BLOCK_HEADS(plan, H, ...)                    \
+  if (::less_cuda::cuda::attention::block_heads(plan) == 4) {      \
+    constexpr int H = 4;                                           \
+    __VA_ARGS__;                                                   \
+  }                                                                \
+  {                                                                \
+    constexpr int H = ::less_cuda::cuda::attention::kMaxHeads;     \
     __VA_ARGS__;                                                   \
   }

@@ -95,7 +95,8 @@ at::Tensor decode_step_cuda(at::Tensor& k_slots, at::Tensor& v_slots, at::Tensor
   TORCH_CHECK(cuda::decode_attention_supports_head_dim(s.D),
               "less_cuda: the CUDA decode_step_ supports head_dim 1 to 256, got ", s.D);
   TORCH_CHECK(s.G <= 1024, "less_cuda: the CUDA decode_step_ supports up to 1024 query heads per KV head, got ", s.G);
-  // next_position is advanced on the device by tickets above its low 24 bits (csrc/cuda/decode_step.cu).
+  // next_position is advanced on the device by tickets above its low 25 bits (csrc/cuda/decode_step.cu); a value
+  // above 2^24 - T, which only the CPU op can check on the host, stops the kernel with a launch failure.
   TORCH_CHECK(s.Hkv <= cuda::kMaxStepKvHeads, "less_cuda: the CUDA decode_step_ supports up to ",
               cuda::kMaxStepKvHeads, " KV heads, got ", s.Hkv);
   const c10::cuda::CUDAGuard guard(q.device());

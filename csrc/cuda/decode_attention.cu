@@ -5,8 +5,8 @@
 // Layout: q, out [B, Hq, D]; k, v [B, Hkv, S, D] (fp32 / fp16 / bf16; D 64/128/256 vectorised, any other D up to
 // 256 generic); pos, probs [B, Hkv, S]; phi_q [B, Hq, R], H [B, Hkv, R, D], z [B, Hkv, R] fp32 (optional).
 //
-// Thread mapping. decode_chunk_kernel: a block of 4 warps handles one (batch, KV head, up to 8 query heads of its
-// group, chunk of slots) with attention::attend_chunk (attention_block.cuh): tiles of slots whose logits fit
+// Thread mapping. decode_chunk_kernel: a block of 4 warps handles one (batch, KV head, up to H = 4 or 8 query heads
+// of its group, chunk of slots) with attention::attend_chunk (attention_block.cuh): tiles of slots whose logits fit
 // shared memory, each with a K pass (logits), per-head statistics (one warp per head) and a V pass, and an online
 // softmax across tiles, so each K/V byte is read once for the whole group however long the chunk. With one chunk
 // and one head tile the block finishes the row: out = merge(sparse, low rank), probs = sum_g p_g * w_g(tile).
@@ -32,8 +32,8 @@ using namespace attention;
 constexpr int64_t kProbsSlots = 2 * kThreads;  // slots per probs block of the combine kernel
 constexpr size_t kCombineSmemBudget = 40 * 1024;
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, int D, int H>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<D, H>)
     decode_chunk_kernel(DecodeAttentionArgs a, DecodePlan plan, Workspace ws, int64_t exclude, int64_t q_stride) {
   const int64_t G = a.Hq / a.Hkv;
   const int64_t head_tile = blockIdx.x % plan.head_tiles;
@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kThreads)
   const int rows = static_cast<int>(a.S - begin < plan.chunk ? a.S - begin : plan.chunk);
   const int64_t dim = a.D;
   const int64_t head0 = b * a.Hq + kvh * G + g0;  // row of q / out / phi_q (and workspace row head) of head g0
-  __shared__ float hs[kMaxHeads * kHeadScalars];
+  __shared__ float hs[H * kHeadScalars];
   LESS_DYNAMIC_SHARED(float, smem);
 
   ChunkView view{};
@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kThreads)
     view.tile_m_out = ws.tile_m + head0 * plan.tiles + begin / plan.tile;
     view.tile_m_stride = plan.tiles;
   }
-  const float* o = attend_chunk<T, D>(view, hs, smem);
+  const float* o = attend_chunk<T, D, H>(view, hs, smem);
 
   if (plan.split) {
     for (int64_t idx = threadIdx.x; idx < heads * dim; idx += kThreads) {
@@ -188,11 +188,11 @@ __global__ void __launch_bounds__(kThreads)
   row_probs<kThreads>(ws.p + bh * G * a.S, a.S, w, nt, t0, plan.tile, G, j0, j1, a.probs + bh * a.S);
 }
 
-template <typename T, int D>
+template <typename T, int D, int H>
 cudaError_t launch_chunks(const DecodeAttentionArgs& a, const DecodePlan& plan, const Workspace& ws,
                           int64_t exclude, int64_t q_stride, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(a.B * a.Hkv * plan.head_tiles), static_cast<unsigned>(plan.chunks));
-  const auto chunk_kernel = decode_chunk_kernel<T, D>;
+  const auto chunk_kernel = decode_chunk_kernel<T, D, H>;
   LESS_LAUNCH(chunk_kernel, grid, kThreads, chunk_smem_bytes(plan, a.D), stream)(a, plan, ws, exclude, q_stride);
   return cudaGetLastError();
 }
@@ -201,7 +201,20 @@ template <typename T>
 cudaError_t launch_chunks_for_type(const DecodeAttentionArgs& a, const DecodePlan& plan, const Workspace& ws,
                                    int64_t exclude, int64_t q_stride, cudaStream_t stream) {
   LESS_DISPATCH_ROW_LAYOUT(plan.vectorized, a.D, D,
-                           return launch_chunks<T, D>(a, plan, ws, exclude, q_stride, stream));
+                           LESS_DISPATCH_BLOCK_HEADS(plan, H,
+                                                     return launch_chunks<T, D, H>(a, plan, ws, exclude, q_stride,
+                                                                                   stream)));
+}
+
+// Blocks of the chunk kernel instance `plan` selects that one SM holds, by the occupancy API (registers, static
+// and the planner's largest dynamic shared memory).
+template <typename T>
+cudaError_t chunk_occupancy(const DecodePlan& plan, int64_t dim, int* blocks) {
+  LESS_DISPATCH_ROW_LAYOUT(plan.vectorized, dim, D,
+                           LESS_DISPATCH_BLOCK_HEADS(plan, H,
+                                                     return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                                                         blocks, decode_chunk_kernel<T, D, H>, kThreads,
+                                                         kSmemBudget)));
 }
 
 // The combine's probs blocks hold G + G + G * (tiles a piece touches) floats; a piece shrinks until they fit.
@@ -233,7 +246,14 @@ cudaError_t launch_for_type(const DecodeAttentionArgs& a, const DecodePlan& plan
 bool decode_attention_supports_head_dim(int64_t D) { return D >= 1 && D <= kMaxHeadDim; }
 
 DecodePlan plan_decode_attention(const DecodeAttentionArgs& a, int num_sms, int64_t chunk, int64_t tile) {
-  return plan_slots(a.B, a.Hq, a.Hkv, a.S, a.D, is_aligned16(a.k) && is_aligned16(a.v), num_sms, chunk, tile);
+  const DecodePlan block = plan_block(a.Hq, a.Hkv, a.D, element_bytes(a.dtype), is_aligned16(a.k) && is_aligned16(a.v));
+  int blocks_per_sm = 1;
+  auto occupancy = [&]() -> cudaError_t {
+    LESS_DISPATCH_SCALAR(a.dtype, T, return chunk_occupancy<T>(block, a.D, &blocks_per_sm));
+  };
+  if (occupancy() != cudaSuccess) blocks_per_sm = 1;  // the query fails only for a kernel that cannot launch
+  return plan_slots(block, a.B, a.Hkv, a.S, a.D, num_sms, int64_t{num_sms} * std::max(blocks_per_sm, 1), chunk,
+                    tile);
 }
 
 size_t decode_attention_workspace_bytes(const DecodeAttentionArgs& a, const DecodePlan& plan) {

@@ -27,7 +27,7 @@
 //     (b, KV head) runs attend_chunk over all S slots (tiles with an online softmax, p in shared memory when S fits
 //     one tile), then finish_step on the same block.
 //   - split: TWO launches. decode_attention's chunk kernel (launch_decode_attention_partials, shared, slot 0 left
-//     out) writes each chunk's partial state and p; decode_step_finish_kernel, one block of 256 threads per
+//     out) writes each chunk's partial state and p; decode_step_finish_kernel, one block of 512 threads per
 //     (b, KV head), merges the chunks (per-(head, chunk) and per-(head, tile) weights computed once, in place in
 //     the workspace) and runs finish_step.
 // finish_step: warps over heads (final_head_states: final state, weights, phi(q) . z), threads over G x D
@@ -39,6 +39,8 @@
 // the new token (k, v, psi) and its slot's row; phi_q, z, H read once per group; on eviction the victim's v and psi
 // and H, z read and written (8 * B * Hkv * R * (D + 1)). With more than one tile per row, p goes through the
 // workspace (8 * B * Hq * S written and read back); split-KV adds the partial states (4 * B * Hq * chunks * (D + 2)).
+#include <cstdio>
+
 #include "cuda/attention_block.cuh"
 #include "cuda/slot_row.cuh"
 
@@ -48,7 +50,11 @@ namespace {
 
 using namespace attention;
 
-constexpr int kFinishThreads = 256;
+// The finishing kernel runs only when the plan splits: mostly with fewer (batch, KV head) rows than SMs, one block
+// per SM, so a block takes as many threads as fit 128 registers (1024 would spill), and its passes over the slots
+// take half the dependent iterations of 256 threads. (Groups over 8 heads split with any number of rows; then 16
+// warps per SM remain.)
+constexpr int kFinishThreads = 512;
 constexpr size_t kFinishSmemBudget = 48 * 1024;
 
 // The sparse state of a row split over chunks (decode_step_finish_kernel): the chunks' partial states in the
@@ -87,8 +93,12 @@ struct ChunksInWorkspace {
 // pad token. Blocks of the call's last token also advance next_position[b] by the call's real tokens, without any
 // block waiting for another: each of the row's Hkv blocks takes a ticket (adds kPositionTicket, above the position
 // bits) and reads the position from the bits below; the block that arrives last writes the advanced value. So
-// positions must stay below 2^24 (as eviction_key's float comparison needs anyway) and Hkv <= 128.
-constexpr unsigned kPositionTicket = 1u << 24;
+// Hkv <= 128, and positions must stay below 2^24 (as eviction_key's float comparison needs): a next_position
+// above 2^24 - T stops the kernel with __trap() (a launch failure the host sees at its next synchronisation),
+// as the CPU op refuses it (checks.cpp). The tickets start at bit 25, so every next_position this check can meet
+// while advancing (at most 2^24) is read back exactly instead of aliasing a ticket.
+constexpr unsigned kPositionTicket = 1u << 25;
+constexpr int kMaxPosition = 1 << 24;
 static_assert(kMaxStepKvHeads * uint64_t{kPositionTicket} <= uint64_t{1} << 32, "tickets must fit 32 bits");
 
 __device__ int token_position(const DecodeStepArgs& a, int64_t b, int64_t t) {
@@ -108,6 +118,11 @@ __device__ int token_position(const DecodeStepArgs& a, int64_t b, int64_t t) {
     base = static_cast<int>(ticket % kPositionTicket);
     if (ticket / kPositionTicket == static_cast<unsigned>(a.Hkv - 1))
       atomicExch(next, static_cast<unsigned>(base + real_tokens));
+  }
+  if (base < 0 || base > kMaxPosition - a.T) {
+    printf("less_cuda: decode_step_: next_position[%lld] = %d is outside [0, 2^24 - T] with T = %lld\n",
+           static_cast<long long>(b), base, static_cast<long long>(a.T));
+    __trap();
   }
   return valid == nullptr || valid[t] ? base + before : kEmptySlot;
 }
@@ -277,13 +292,13 @@ __device__ void finish_step(const DecodeStepArgs& a, int64_t bh, int64_t t, Spar
 }
 
 // One launch for token t's whole step: a block per (b, KV head) attends over all its slots, then finishes.
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, int D, int H>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<D, H>)
     decode_step_kernel(DecodeStepArgs a, DecodePlan plan, Workspace ws, int64_t t) {
   const int64_t G = a.Hq / a.Hkv, S = a.S, dim = a.D;
   const int64_t bh = blockIdx.x;
   const int64_t head0 = bh * G;
-  __shared__ float hs[kMaxHeads * kHeadScalars];
+  __shared__ float hs[H * kHeadScalars];
   LESS_DYNAMIC_SHARED(float, smem);
 
   ChunkView view{};
@@ -304,7 +319,7 @@ __global__ void __launch_bounds__(kThreads)
     view.tile_m_out = ws.tile_m + head0 * plan.tiles;
     view.tile_m_stride = plan.tiles;
   }
-  const float* o = attend_chunk<T, D>(view, hs, smem);
+  const float* o = attend_chunk<T, D, H>(view, hs, smem);
   float* p = plan.p_in_workspace ? ws.p + head0 * S : smem;
   ChunkInShared sparse{o, hs, p, plan.p_in_workspace ? S : plan.tile,
                        plan.p_in_workspace ? ws.tile_m + head0 * plan.tiles : nullptr, plan.tiles, plan.tile, dim};
@@ -313,7 +328,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // Split form, second launch: one block per (b, KV head) merges the chunk partials and finishes token t's step.
 template <typename T>
-__global__ void __launch_bounds__(kFinishThreads)
+__global__ void __launch_bounds__(kFinishThreads, 1)  // 1: ptxas would otherwise spill to fit 2 blocks per SM
     decode_step_finish_kernel(DecodeStepArgs a, DecodePlan plan, Workspace ws, int64_t t) {
   const int64_t G = a.Hq / a.Hkv, S = a.S, dim = a.D;
   const int64_t bh = blockIdx.x;
@@ -325,9 +340,9 @@ __global__ void __launch_bounds__(kFinishThreads)
   finish_step<T, kFinishThreads>(a, bh, t, sparse, hs, ws.p + head0 * S);
 }
 
-template <typename T, int D>
+template <typename T, int D, int H>
 cudaError_t launch_single(const DecodeStepArgs& a, const DecodePlan& plan, const Workspace& ws, cudaStream_t stream) {
-  const auto kernel = decode_step_kernel<T, D>;
+  const auto kernel = decode_step_kernel<T, D, H>;
   const size_t smem = chunk_smem_bytes(plan, a.D);
   for (int64_t t = 0; t < a.T; ++t) {
     LESS_LAUNCH(kernel, static_cast<unsigned>(a.B * a.Hkv), kThreads, smem, stream)(a, plan, ws, t);
@@ -361,14 +376,24 @@ template <typename T>
 cudaError_t launch_for_type(const DecodeStepArgs& a, const DecodePlan& plan, void* workspace, cudaStream_t stream) {
   if (plan.split) return launch_split<T>(a, plan, workspace, stream);
   const Workspace ws = carve_workspace(workspace, a.B, a.Hq, a.S, a.D, plan);
-  LESS_DISPATCH_ROW_LAYOUT(plan.vectorized, a.D, D, return launch_single<T, D>(a, plan, ws, stream));
+  LESS_DISPATCH_ROW_LAYOUT(plan.vectorized, a.D, D,
+                           LESS_DISPATCH_BLOCK_HEADS(plan, H, return launch_single<T, D, H>(a, plan, ws, stream)));
 }
 
 }  // namespace
 
+// The occupancy that sizes a split is the chunk kernel's, which is what runs when the plan splits.
 DecodePlan plan_decode_step(const DecodeStepArgs& a, int num_sms, int64_t chunk, int64_t tile) {
-  return plan_slots(a.B, a.Hq, a.Hkv, a.S, a.D, is_aligned16(a.k_slots) && is_aligned16(a.v_slots), num_sms, chunk,
-                    tile);
+  DecodeAttentionArgs slots{};
+  slots.k = a.k_slots;
+  slots.v = a.v_slots;
+  slots.B = a.B;
+  slots.Hq = a.Hq;
+  slots.Hkv = a.Hkv;
+  slots.S = a.S;
+  slots.D = a.D;
+  slots.dtype = a.dtype;
+  return plan_decode_attention(slots, num_sms, chunk, tile);
 }
 
 size_t decode_step_workspace_bytes(const DecodeStepArgs& a, const DecodePlan& plan) {

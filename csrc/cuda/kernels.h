@@ -15,6 +15,7 @@ namespace cuda {
 
 // Element type of q, k, v (and out) in decode_attention and decode_step, of v in state_fold.
 enum class ScalarKind : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+inline int64_t element_bytes(ScalarKind kind) { return kind == ScalarKind::kFloat32 ? 4 : 2; }
 
 // ---------------------------------------------------------------------------------------------------------------
 // (c) decode_attention
@@ -35,7 +36,7 @@ struct DecodeAttentionArgs {
 };
 
 // How the slots of one (batch, KV head) are split between blocks (decode_attention and decode_step). A block
-// attends over a chunk of slots for up to 8 query heads of a group, walking the chunk in tiles whose logits fit
+// attends over a chunk of slots for up to 8 query heads of a group (kernel instances for 4 and for 8), walking the chunk in tiles whose logits fit
 // shared memory (an online softmax across tiles), so a chunk's length is not bounded by shared memory. One chunk
 // and one head tile: the block finishes everything itself. Several (split-KV): every block writes a partial state
 // and a second kernel merges them. The heuristic is described in docs/cuda_design.md.
@@ -48,14 +49,15 @@ struct DecodePlan {
   int64_t chunks;           // ceil(S / chunk), at least 1
   bool split;               // chunks > 1 || head_tiles > 1: partial states merged by a second kernel
   bool p_in_workspace;      // split || S > tile: per-slot p and tile maxima go through the workspace
-  bool vectorized;          // 16-byte row loads (head_dim 64 / 128 / 256, aligned K and V); else the generic path
+  bool vectorized;          // 16-byte row loads (rows of whole 16-byte vectors, aligned K and V); else the generic path
 };
 
-// Any head_dim from 1 to 256: 64, 128 and 256 (16-byte aligned K, V) take the vectorised kernels, the others a
-// generic instance with element loads.
+// Any head_dim from 1 to 256: rows of whole 16-byte vectors (head_dim a multiple of 8 halves or 4 floats, 16-byte
+// aligned K, V) take the vectorised kernels, the others a generic instance with element loads.
 bool decode_attention_supports_head_dim(int64_t D);
 // `chunk` / `tile` > 0 force those lengths (tests use them to reach the split and multi-tile paths with small
-// shapes); 0 lets the heuristic choose from the shape and the device's SM count.
+// shapes); 0 lets the heuristic choose from the shape, the device's SM count and how many blocks of the chunk
+// kernel an SM holds (cudaOccupancyMaxActiveBlocksPerMultiprocessor, on the current device).
 DecodePlan plan_decode_attention(const DecodeAttentionArgs& args, int num_sms, int64_t chunk, int64_t tile);
 size_t decode_attention_workspace_bytes(const DecodeAttentionArgs& args, const DecodePlan& plan);
 // `workspace`: decode_attention_workspace_bytes of device memory (none when the plan needs none).
@@ -97,7 +99,7 @@ struct DecodeStepArgs {
 
 constexpr int64_t kMaxStepKvHeads = 128;  // decode_step's limit (next_position's tickets, decode_step.cu)
 
-// Same planner as decode_attention's (same chunk / tile overrides).
+// decode_attention's plan for the same slots (same chunk / tile overrides).
 DecodePlan plan_decode_step(const DecodeStepArgs& args, int num_sms, int64_t chunk, int64_t tile);
 size_t decode_step_workspace_bytes(const DecodeStepArgs& args, const DecodePlan& plan);
 // Launches per token (T tokens: T times that): 1 when the plan does not split (one block per (batch, KV head) does

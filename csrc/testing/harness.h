@@ -8,7 +8,11 @@
 //     named in the mask and follow PTX's lane arithmetic, sub-warp `width` included;
 //   - `__shared__` is one copy per block (blocks run in turn), dynamic shared memory is poisoned with NaN bytes
 //     at every block start, so reading what no thread wrote shows up in the results;
-//   - half / bfloat16 conversions round to nearest even bit for bit like the hardware and torch.
+//   - half / bfloat16 conversions round to nearest even bit for bit like the hardware and torch;
+//   - __trap() fails the launch (the GPU's sticky launch failure), with the calling thread in the message;
+//   - with LESS_HARNESS_FAST_MATH (harness_build.py defines it when csrc/cuda_build.py's nvcc flags ask for
+//     --use_fast_math), expf and logf are the approximate intrinsics and kernels run with subnormals flushed to
+//     zero, as nvcc's fast-math code does.
 // What it cannot show (races, timing, PTX, the memory model): README.md. Scheduler, barrier and collectives:
 // harness_runtime.cpp.
 #pragma once
@@ -68,6 +72,14 @@ enum cudaError_t {
 cudaError_t cudaGetLastError();   // returns and clears the last launch error
 cudaError_t cudaPeekAtLastError();
 const char* cudaGetErrorString(cudaError_t error);
+// The device's answer is a property of the compiled kernel (registers, shared memory): the harness has none, so
+// it returns what the tests set (less_harness_set_occupancy; 2 by default).
+int less_harness_occupancy();
+template <typename Kernel>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel, int, size_t) {
+  *blocks = less_harness_occupancy();
+  return cudaSuccess;
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Built-in variables: set by the scheduler before it hands control to a thread
@@ -82,6 +94,7 @@ namespace less_harness {
 
 // Scheduler entry points (harness_runtime.cpp).
 void block_barrier();
+[[noreturn]] void trap();  // fails the launch; the calling thread never resumes
 int block_barrier_count(int predicate);  // __syncthreads_count
 void* dynamic_shared_memory();
 
@@ -147,6 +160,7 @@ T* dynamic_shared() {
 // Synchronisation and warp intrinsics
 // ---------------------------------------------------------------------------------------------------------------
 inline void __syncthreads() { less_harness::block_barrier(); }
+[[noreturn]] inline void __trap() { less_harness::trap(); }
 inline int __syncthreads_count(int predicate) { return less_harness::block_barrier_count(predicate != 0); }
 inline int __syncthreads_and(int predicate) {
   return less_harness::block_barrier_count(predicate != 0) == static_cast<int>(blockDim.x * blockDim.y * blockDim.z);
@@ -276,7 +290,12 @@ T atomicXor(T* address, T value) {
 using std::isfinite;
 using std::isinf;
 using std::isnan;
+#ifdef LESS_HARNESS_FAST_MATH
+// The hardware's ex2.approx of x * log2(e): the rounding of the product is its main error, and what this keeps.
+inline float __expf(float x) { return exp2f(x * 1.44269504f); }
+#else
 inline float __expf(float x) { return expf(x); }
+#endif
 inline float __exp10f(float x) { return powf(10.f, x); }
 inline float __logf(float x) { return logf(x); }
 inline float __log2f(float x) { return log2f(x); }
@@ -307,3 +326,9 @@ T __ldg(const T* p) {
 }
 
 #include "harness_half.h"
+
+#ifdef LESS_HARNESS_FAST_MATH
+// nvcc --use_fast_math compiles these library calls to the intrinsics.
+#define expf(x) __expf(x)
+#define logf(x) __logf(x)
+#endif

@@ -6,6 +6,10 @@ and libraries are cached under build/harness/ (or $LESS_HARNESS_BUILD_DIR), keye
 flags, the source and every header it can include, so a test run recompiles only what changed; sources compile in
 parallel. No torch headers are involved, which keeps a full rebuild to a few seconds.
 
+The floating-point mode follows nvcc's flags (csrc/cuda_build.py): with --use_fast_math there, the kernels are
+built with -DLESS_HARNESS_FAST_MATH (approximate exp and log, subnormals flushed); `load(..., fast_math=True)` asks
+for that mode whatever the flags, so that a test can show what fast math would change.
+
 With LESS_CUDA_SANITIZE set (csrc/sanitize.py), the kernels and the runtime are built with ASan/UBSan; the process
 must then have libasan loaded first (LD_PRELOAD), as `make test-sanitize` arranges.
 """
@@ -24,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "csrc"))
+import cuda_build  # noqa: E402
 import sanitize  # noqa: E402
 
 TESTING = ROOT / "csrc" / "testing"
@@ -86,34 +91,38 @@ def _publish(build, target: Path) -> None:
         os.replace(tmp_path, target)
 
 
-def _compile(source: Path, env_key: bytes, headers_key: bytes) -> Path:
+def _compile(source: Path, flags: list[str], env_key: bytes, headers_key: bytes) -> Path:
     obj = _cache_dir() / "obj" / f"{source.stem}-{_digest(env_key, headers_key, source.read_bytes())}.o"
     if not obj.exists():
-        _publish(lambda out: _run([CXX, *FLAGS, "-x", "c++", "-c", str(source), "-o", str(out)]), obj)
+        _publish(lambda out: _run([CXX, *flags, "-x", "c++", "-c", str(source), "-o", str(out)]), obj)
     return obj
 
 
 _loaded: dict[str, ctypes.CDLL] = {}
 
 
-def load(name: str, sources: list[Path]) -> ctypes.CDLL:
-    """The shared library built from `sources` plus the harness runtime, compiled if needed."""
+def load(name: str, sources: list[Path], fast_math: bool = cuda_build.fast_math()) -> ctypes.CDLL:
+    """The shared library built from `sources` plus the harness runtime, compiled if needed; `fast_math`: emulate
+    nvcc's --use_fast_math (by default, exactly when the package's nvcc flags have it)."""
+    name += "-fast-math" if fast_math else ""
     if name in _loaded:
         return _loaded[name]
     if shutil.which(CXX) is None:
         raise RuntimeError(f"the CUDA harness needs a C++ compiler ({CXX}) on PATH")
+    flags = FLAGS + (["-DLESS_HARNESS_FAST_MATH"] if fast_math else [])
     version = subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout.encode()
-    env_key = _digest(version, " ".join(FLAGS + LINK_FLAGS).encode()).encode()
+    env_key = _digest(version, " ".join(flags + LINK_FLAGS).encode()).encode()
     headers_key = _digest(*(p.read_bytes() for p in _headers())).encode()
     all_sources = [RUNTIME, *sources]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        objects = list(pool.map(lambda s: _compile(s, env_key, headers_key), all_sources))
+        objects = list(pool.map(lambda s: _compile(s, flags, env_key, headers_key), all_sources))
     lib_path = _cache_dir() / f"{name}-{_digest(*(str(o).encode() for o in objects))}.so"
     if not lib_path.exists():
         _publish(lambda out: _run([CXX, "-shared", *LINK_FLAGS, "-o", str(out), *map(str, objects)]), lib_path)
     lib = ctypes.CDLL(str(lib_path))
     lib.less_harness_last_error.restype = ctypes.c_char_p
     lib.less_harness_set_schedule.argtypes = [ctypes.c_int, ctypes.c_uint]
+    lib.less_harness_set_occupancy.argtypes = [ctypes.c_int]
     _loaded[name] = lib
     return lib
 

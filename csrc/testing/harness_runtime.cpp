@@ -34,6 +34,10 @@
 
 #include "harness.h"
 
+#if defined(LESS_HARNESS_FAST_MATH) && defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
+
 uint3 threadIdx;
 uint3 blockIdx;
 dim3 blockDim;
@@ -304,6 +308,14 @@ uint64_t collective_result(const Collective& c, unsigned lane) {
 
 void block_barrier() { block_barrier_count(0); }
 
+[[noreturn]] void trap() {
+  Runtime& r = rt();
+  fail("__trap() in block (%u,%u,%u), thread (%u,%u,%u)", blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x,
+       threadIdx.y, threadIdx.z);
+  abandon(r.current);
+  __builtin_unreachable();  // an abandoned fiber is restarted from the top, never resumed here
+}
+
 int block_barrier_count(int predicate) {
   Runtime& r = rt();
   Fiber* self = r.current;
@@ -418,11 +430,19 @@ void run_kernel(const LaunchConfig& config, void (*body)(void*), void* ctx) {
       for (unsigned x = 0; x < g.x; ++x) blocks.push_back({x, y, z});
   if (r.schedule == Schedule::kReverse) std::reverse(blocks.begin(), blocks.end());
   if (r.schedule == Schedule::kRandom) std::shuffle(blocks.begin(), blocks.end(), r.rng);
+#if defined(LESS_HARNESS_FAST_MATH) && defined(__x86_64__)
+  // -ftz=true: flush subnormal results (FTZ) and treat subnormal inputs as zero (DAZ), for this launch only.
+  const unsigned float_mode = _mm_getcsr();
+  _mm_setcsr(float_mode | 0x8040);
+#endif
   for (const uint3& block : blocks) {
     blockIdx = block;
     run_block();
     if (r.failed) break;
   }
+#if defined(LESS_HARNESS_FAST_MATH) && defined(__x86_64__)
+  _mm_setcsr(float_mode);
+#endif
   if (r.failed) {
     // The block's fibers are stuck mid-kernel: restart them all from the top of fiber_main.
     for (unsigned i = 0; i < threads; ++i) start_fiber(r.fibers[i]);
@@ -453,6 +473,15 @@ const char* cudaGetErrorString(cudaError_t error) {
 extern "C" __attribute__((visibility("default"))) const char* less_harness_last_error() {
   return less_harness::rt().message.c_str();
 }
+
+namespace {
+int occupancy = 2;
+}  // namespace
+
+int less_harness_occupancy() { return occupancy; }
+
+// What cudaOccupancyMaxActiveBlocksPerMultiprocessor answers from now on.
+extern "C" __attribute__((visibility("default"))) void less_harness_set_occupancy(int blocks) { occupancy = blocks; }
 
 extern "C" __attribute__((visibility("default"))) void less_harness_set_schedule(int schedule, unsigned seed) {
   less_harness::rt().schedule = static_cast<less_harness::Schedule>(schedule);

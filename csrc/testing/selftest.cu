@@ -146,9 +146,12 @@ __global__ void barrier_votes_kernel(const int* x, int* out) {
 }
 
 // Misuse the harness must report instead of hanging: 0 = a barrier only half the block reaches, 1 = a
-// shuffle whose mask leaves out the calling lane, 2 = lanes waiting for a lane that has exited.
+// shuffle whose mask leaves out the calling lane, 2 = lanes waiting for a lane that has exited; and 3 = a thread
+// that calls __trap() while the others wait at a barrier, which fails the launch as on a GPU.
 __global__ void misuse_kernel(int kind, float* out) {
   float v = threadIdx.x;
+  if (kind == 3 && threadIdx.x == 5) __trap();
+  if (kind == 3) __syncthreads();
   if (kind == 0 && threadIdx.x < 16) __syncthreads();
   if (kind == 1) v = __shfl_xor_sync(0x0000ffffu, v, 1);
   if (kind == 2) {
