@@ -67,9 +67,9 @@ class PromptRecord:
         """The prefill scores [1, Hkv, end] `policy` ranks the first `end` tokens by at full-attention `layer`, as its
         own prefill computes them; None under Λ, which ranks by position."""
         self._check_end(end)
-        window = policy.prompt_window
         if not policy.scores_prompt:
             return None
+        window = policy.prompt_window
         if window is None:
             return self.column_sums[end][layer]
         if window != self.window:
