@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "less_numerics.h"
@@ -284,12 +285,99 @@ FoldSizes check_state_update(const at::Tensor& H, const at::Tensor& z, const at:
   return s;
 }
 
+namespace {
+
+// A state tensor of decode_step_: [N, ...] with each row contiguous and rows at least a row apart (a vLLM page may
+// hold other tensors between them). Returns the row stride in elements.
+int64_t check_state_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape,
+                           const Named& on) {
+  TORCH_CHECK(t.defined(), "less_cuda: ", name, " must be a tensor, got None");
+  TORCH_CHECK(t.device() == on.t->device(), "less_cuda: ", name, " is on ", t.device(), " but ", on.name, " is on ",
+              on.t->device());
+  check_dtype(t, name, dtype);
+  check_shape(t, name, shape);
+  int64_t row = 1;  // elements of one row
+  if (t.numel() == 0) return t.stride(0);  // nothing to address (R = 0: no low-rank state)
+  for (int64_t d = t.dim() - 1; d >= 1; --d) {
+    TORCH_CHECK(t.size(d) == 1 || t.stride(d) == row, "less_cuda: each row of ", name, " must be contiguous, got "
+                "strides ", t.strides(), " for shape ", t.sizes());
+    row *= t.size(d);
+  }
+  TORCH_CHECK(t.size(0) <= 1 || row == 0 || t.stride(0) >= row, "less_cuda: the rows of ", name, " overlap: stride ",
+              t.stride(0), " for rows of ", row, " elements");
+  return t.stride(0);
+}
+
+// One state tensor's place in memory: row r spans [begin + r * stride, + row) bytes.
+struct RowSpan {
+  uintptr_t begin;
+  int64_t row, stride, rows;
+  const char* name;
+  uintptr_t end() const { return begin + static_cast<uintptr_t>(rows > 0 ? (rows - 1) * stride + row : 0); }
+};
+
+RowSpan row_span(const at::Tensor& t, const char* name) {
+  const int64_t size = t.element_size(), rows = t.dim() > 0 ? t.size(0) : 1;
+  const int64_t row = rows > 0 ? t.numel() / rows * size : 0;
+  return {reinterpret_cast<uintptr_t>(t.const_data_ptr()), row, t.dim() > 0 ? t.stride(0) * size : row, rows, name};
+}
+
+bool overlap(uintptr_t a0, uintptr_t a1, uintptr_t b0, uintptr_t b1) { return a0 < b1 && b0 < a1; }
+
+// The step writes every state tensor, so no two may share an element, nor any state tensor an input. Separate
+// tensors (whole extents apart) pass, and so do tensors interleaved in pages of one byte stride P whose first rows
+// are apart and fit in P bytes together (vLLM's layout): then no row of one meets any row of another.
+void check_state_disjoint(const c10::SmallVector<RowSpan, 8>& state, std::initializer_list<Named> read) {
+  uintptr_t low = UINTPTR_MAX, high = 0;
+  bool paged = true;
+  for (const RowSpan& s : state) {
+    if (s.row == 0) continue;
+    paged &= s.rows <= 1 || s.stride == state[0].stride;
+    low = std::min(low, s.begin);
+    high = std::max(high, s.begin + static_cast<uintptr_t>(s.row));
+  }
+  paged &= state[0].rows <= 1 || high - low <= static_cast<uintptr_t>(state[0].stride);
+  for (size_t i = 0; i < state.size(); ++i) {
+    for (size_t j = i + 1; j < state.size(); ++j) {
+      const RowSpan &a = state[i], &b = state[j];
+      if (a.row == 0 || b.row == 0) continue;
+      const bool apart = paged ? !overlap(a.begin, a.begin + a.row, b.begin, b.begin + b.row)
+                               : !overlap(a.begin, a.end(), b.begin, b.end());
+      TORCH_CHECK(apart, "less_cuda: ", a.name, " is updated in place and must not share memory with ", b.name);
+    }
+  }
+  for (const RowSpan& s : state) {
+    for (const Named& n : read) {
+      if (n.t == nullptr || s.row == 0) continue;
+      const auto begin = reinterpret_cast<uintptr_t>(n.t->const_data_ptr());
+      TORCH_CHECK(!overlap(s.begin, s.end(), begin, begin + n.t->nbytes()), "less_cuda: ", s.name,
+                  " is updated in place and must not share memory with ", n.name);
+    }
+  }
+}
+
+// Value checks of the state rows a call uses (a pool's other rows may hold anything): `len` values from the start of
+// each used row.
+void check_state_values(const at::Tensor& t, const char* name, const StateRows& state, int64_t B, int64_t len,
+                        Values want, const char* why) {
+  if (!t.is_cpu() || len == 0) return;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t r = state.row(b);
+    if (!passes(t, r * t.stride(0), len, want)) {
+      const std::string row_name = std::string(name) + " (state row " + std::to_string(r) + ")";
+      fail_values(t.select(0, r).contiguous().view({1, -1}), row_name.c_str(), 0, len, want, why);
+    }
+  }
+}
+
+}  // namespace
+
 StepSizes check_decode_step(const StepTensors& t, int64_t policy, int64_t budget, int64_t recent, int64_t sinks) {
   const Named on = named(t.q, "q");
   check_tensor(t.q, "q", 4, on);
   check_kv_dtype(t.q, "q");
-  check_tensor(t.k_slots, "k_slots", 4, on);
-  check_tensor(t.psi_slots, "psi_slots", 4, on);
+  TORCH_CHECK(t.k_slots.defined() && t.k_slots.dim() == 4, "less_cuda: k_slots must be [B, Hkv, S, D]");
+  TORCH_CHECK(t.psi_slots.defined() && t.psi_slots.dim() == 4, "less_cuda: psi_slots must be [B, Hkv, S, R]");
   DecodeSizes s{t.q.size(0), t.q.size(1), t.k_slots.size(1), 0, t.k_slots.size(2), t.q.size(3), t.psi_slots.size(3)};
   const int64_t T = t.q.size(2);
   check_heads(s, t.q);
@@ -297,9 +385,25 @@ StepSizes check_decode_step(const StepTensors& t, int64_t policy, int64_t budget
   const auto expect = [&](const at::Tensor& x, const char* name, at::ScalarType dtype, at::IntArrayRef shape) {
     check_arg(x, name, dtype, shape, on);
   };
+  const int64_t N = t.state_rows.has_value() ? t.k_slots.size(0) : s.B;
+  const int64_t* rows = nullptr;
+  if (t.state_rows.has_value()) {
+    expect(*t.state_rows, "state_rows", at::kLong, {s.B});
+    rows = t.state_rows->const_data_ptr<int64_t>();
+  }
   const auto kv = t.q.scalar_type();
-  expect(t.k_slots, "k_slots", kv, {s.B, s.Hkv, s.S, s.D});
-  expect(t.v_slots, "v_slots", kv, {s.B, s.Hkv, s.S, s.D});
+  const auto state = [&](const at::Tensor& x, const char* name, at::ScalarType dtype, at::IntArrayRef shape) {
+    return check_state_tensor(x, name, dtype, shape, on);
+  };
+  const StateRows layout{rows,
+                         state(t.k_slots, "k_slots", kv, {N, s.Hkv, s.S, s.D}),
+                         state(t.v_slots, "v_slots", kv, {N, s.Hkv, s.S, s.D}),
+                         state(t.psi_slots, "psi_slots", at::kFloat, {N, s.Hkv, s.S, s.R}),
+                         state(t.pos, "pos", at::kInt, {N, s.Hkv, s.S}),
+                         state(t.scores, "scores", at::kFloat, {N, s.Hkv, s.S}),
+                         state(t.H, "H", at::kFloat, {N, s.Hkv, s.R, s.D}),
+                         state(t.z, "z", at::kFloat, {N, s.Hkv, s.R}),
+                         state(t.next_position, "next_position", at::kInt, {N})};
   expect(t.k, "k", kv, {s.B, s.Hkv, T, s.D});
   expect(t.v, "v", kv, {s.B, s.Hkv, T, s.D});
   TORCH_CHECK(t.phi_q.has_value() == t.psi_k.has_value(), "less_cuda: phi_q and psi_k must be given together");
@@ -308,23 +412,27 @@ StepSizes check_decode_step(const StepTensors& t, int64_t policy, int64_t budget
     expect(*t.psi_k, "psi_k", at::kFloat, {s.B, s.Hkv, T, s.R});
     expect(*t.phi_q, "phi_q", at::kFloat, {s.B, s.Hq, T, s.R});
   }
-  expect(t.psi_slots, "psi_slots", at::kFloat, {s.B, s.Hkv, s.S, s.R});
-  expect(t.scores, "scores", at::kFloat, {s.B, s.Hkv, s.S});
-  expect(t.H, "H", at::kFloat, {s.B, s.Hkv, s.R, s.D});
-  expect(t.z, "z", at::kFloat, {s.B, s.Hkv, s.R});
-  expect(t.pos, "pos", at::kInt, {s.B, s.Hkv, s.S});
-  expect(t.next_position, "next_position", at::kInt, {s.B});
   if (t.valid.has_value()) expect(*t.valid, "valid", at::kBool, {s.B, T});
   check_policy(policy, budget, recent, sinks);
   TORCH_CHECK(budget < s.S, "less_cuda: ", s.S, " slots cannot hold the budget (", budget,
               ") plus the incoming token");
-  check_disjoint({named(t.k_slots, "k_slots"), named(t.v_slots, "v_slots"), named(t.psi_slots, "psi_slots"),
-                  named(t.pos, "pos"), named(t.scores, "scores"), named(t.H, "H"), named(t.z, "z"),
-                  named(t.next_position, "next_position")},
-                 {named(t.q, "q"), named(t.k, "k"), named(t.v, "v"), named(t.phi_q, "phi_q"),
-                  named(t.psi_k, "psi_k"), named(t.valid, "valid")});
-  if (!t.q.is_cpu()) return {s, T};  // the rest reads values (see "Value checks")
+  check_state_disjoint({row_span(t.k_slots, "k_slots"), row_span(t.v_slots, "v_slots"),
+                        row_span(t.psi_slots, "psi_slots"), row_span(t.pos, "pos"), row_span(t.scores, "scores"),
+                        row_span(t.H, "H"), row_span(t.z, "z"), row_span(t.next_position, "next_position")},
+                       {named(t.q, "q"), named(t.k, "k"), named(t.v, "v"), named(t.phi_q, "phi_q"),
+                        named(t.psi_k, "psi_k"), named(t.valid, "valid"), named(t.state_rows, "state_rows")});
+  const StepSizes sizes{s, T, N, layout};
+  if (!t.q.is_cpu()) return sizes;  // the rest reads values (see "Value checks")
 
+  if (rows != nullptr) {  // two batch rows on one state row would race for it
+    std::vector<bool> taken(N);
+    for (int64_t b = 0; b < s.B; ++b) {
+      TORCH_CHECK(rows[b] >= 0 && rows[b] < N, "less_cuda: state_rows[", b, "] = ", rows[b],
+                  " is outside the state's ", N, " rows");
+      TORCH_CHECK(!taken[rows[b]], "less_cuda: state_rows holds row ", rows[b], " twice");
+      taken[rows[b]] = true;
+    }
+  }
   // A pad token's q, k, v, phi and psi are never read into a result (its slot stays free, its output is discarded).
   const bool* valid = t.valid.has_value() ? t.valid->const_data_ptr<bool>() : nullptr;
   const auto real = [valid, T](int64_t heads) {
@@ -337,24 +445,27 @@ StepSizes check_decode_step(const StepTensors& t, int64_t policy, int64_t budget
     check_values(*t.phi_q, "phi_q", Values::kFiniteNonNegative, kDenominator, real(s.Hq));
     check_values(*t.psi_k, "psi_k", Values::kFiniteNonNegative, kFolded, real(s.Hkv));
   }
-  check_values(t.z, "z", Values::kFiniteNonNegative, kDenominator);
+  check_state_values(t.z, "z", layout, s.B, s.Hkv * s.R, Values::kFiniteNonNegative, kDenominator);
   // Positions come from next_position, so bounding it bounds every position the call hands out.
   const int32_t* next = t.next_position.const_data_ptr<int32_t>();
-  for (int64_t b = 0; b < s.B; ++b) {
-    TORCH_CHECK(next[b] >= 0 && next[b] + T <= kMaxPosition, "less_cuda: next_position must be in [0, 2^24 - T] (",
-                "positions stay below 2^24: eviction compares them as floats), got ", next[b], " for batch row ", b,
-                " with T = ", T);
-  }
-  // Between steps a stream holds at most `budget` tokens; more would leave the new token no free slot, and it would
-  // overwrite slot 0 (a cache filled under a larger budget, or slots filled by hand).
   const int32_t* pos = t.pos.const_data_ptr<int32_t>();
-  for (int64_t row = 0; row < s.B * s.Hkv; ++row) {
-    int64_t held = 0;
-    for (int64_t j = 0; j < s.S; ++j) held += pos[row * s.S + j] >= 0;
-    TORCH_CHECK(held <= budget, "less_cuda: pos holds ", held, " tokens in row [", row / s.Hkv, ", ", row % s.Hkv,
-                "], more than the budget (", budget, "): a stream keeps at most budget tokens between steps");
+  for (int64_t b = 0; b < s.B; ++b) {
+    const int64_t r = layout.row(b);
+    const int32_t n = next[r * layout.next_position];
+    TORCH_CHECK(n >= 0 && n + T <= kMaxPosition, "less_cuda: next_position must be in [0, 2^24 - T] (",
+                "positions stay below 2^24: eviction compares them as floats), got ", n, " for batch row ", b,
+                " with T = ", T);
+    // Between steps a stream holds at most `budget` tokens; more would leave the new token no free slot, and it
+    // would overwrite slot 0 (a cache filled under a larger budget, or slots filled by hand).
+    for (int64_t h = 0; h < s.Hkv; ++h) {
+      const int32_t* row = pos + r * layout.pos + h * s.S;
+      int64_t held = 0;
+      for (int64_t j = 0; j < s.S; ++j) held += row[j] >= 0;
+      TORCH_CHECK(held <= budget, "less_cuda: pos holds ", held, " tokens in row [", b, ", ", h, "], more than the "
+                  "budget (", budget, "): a stream keeps at most budget tokens between steps");
+    }
   }
-  return {s, T};
+  return sizes;
 }
 
 FeatureMapSizes check_feature_maps(const at::Tensor& q, const at::Tensor& k, const at::Tensor& phi_w1,

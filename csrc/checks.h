@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "state_rows.h"
+
 // Instantiates the body once per K/V element type the checks admit (fp32, bf16, fp16), with `scalar_t` naming it.
 #define LESS_DISPATCH_KV_TYPES(type, name, ...)                 \
   AT_DISPATCH_SWITCH(type, name, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
@@ -52,12 +54,17 @@ struct StepTensors {
   const std::optional<at::Tensor>& phi_q;  // both given, or both none when R = 0
   const std::optional<at::Tensor>& psi_k;
   const std::optional<at::Tensor>& valid;
+  const std::optional<at::Tensor>& state_rows;  // [B] int64, or none: the state tensors are the call's batch
 };
 struct StepSizes {
   DecodeSizes d;
-  int64_t T;  // new tokens
+  int64_t T;        // new tokens
+  int64_t N;        // rows of each state tensor: B, or the pool's rows with state_rows
+  StateRows state;  // where row b's state is (state_rows' pointer and each state tensor's row stride)
 };
-// R may be 0 (sparse policy only); S must exceed budget (the budget plus the incoming token's slot).
+// R may be 0 (sparse policy only); S must exceed budget (the budget plus the incoming token's slot). The state
+// tensors may have rows a stride apart (contiguous inside); with state_rows they are a pool of N rows, and row b of
+// the call updates row state_rows[b] (distinct rows in [0, N), checked on the host for CPU tensors).
 StepSizes check_decode_step(const StepTensors& t, int64_t policy, int64_t budget, int64_t recent, int64_t sinks);
 
 // feature_maps (CPU only): q [B,Hq,T,D], k [B,Hkv,T,D] and the fp32 weights of one layer (ops.cpp's schema).

@@ -35,10 +35,12 @@ TORCH_LIBRARY(less_cuda, m) {
   // (the position the next real token gets, advanced by the real tokens); q [B,Hq,T,D]; k, v [B,Hkv,T,D]; phi_q
   // [B,Hq,T,R], psi_k [B,Hkv,T,R] fp32, or None for both when R = 0 (sparse policy only); valid [B,T] bool (False:
   // a pad token, which takes no slot, adds no score and evicts nothing), or None when every token is real
-  // -> out [B,Hq,T,D] (q's dtype)
+  // -> out [B,Hq,T,D] (q's dtype). state_rows [B] int64: the state tensors are a pool of N rows (each row
+  // contiguous, rows a stride apart, as vLLM lays out a request's state) and batch row b updates row state_rows[b]
+  // in place; None: the state tensors' first dimension is B.
   m.def(
       "decode_step_(Tensor(a!) k_slots, Tensor(b!) v_slots, Tensor(c!) psi_slots, Tensor(d!) pos, "
       "Tensor(e!) scores, Tensor(f!) H, Tensor(g!) z, Tensor(h!) next_position, Tensor q, Tensor k, Tensor v, "
-      "Tensor? phi_q, Tensor? psi_k, Tensor? valid, float scale, int policy, int budget, int recent, int sinks) "
-      "-> Tensor");
+      "Tensor? phi_q, Tensor? psi_k, Tensor? valid, float scale, int policy, int budget, int recent, int sinks, "
+      "Tensor? state_rows=None) -> Tensor");
 }

@@ -6,9 +6,10 @@
 // T new tokens are stepped in turn (one parallel pass each); a pad token (valid false) is written into the free
 // slot as a free slot (pos -1), adds no score and evicts nothing; next_position advances by the real tokens.
 //
-// Layout, all contiguous: k_slots, v_slots [B,Hkv,S,D] and q [B,Hq,T,D], k, v [B,Hkv,T,D] in T (fp32, bf16,
-// fp16); psi_slots [B,Hkv,S,R], scores [B,Hkv,S], H [B,Hkv,R,D], z [B,Hkv,R], phi_q [B,Hq,T,R], psi_k [B,Hkv,T,R]
-// fp32 or none when R = 0; pos [B,Hkv,S], next_position [B] int32; valid [B,T] bool or none. Returns out
+// Layout: q [B,Hq,T,D], k, v [B,Hkv,T,D] in T (fp32, bf16, fp16); phi_q [B,Hq,T,R], psi_k [B,Hkv,T,R] fp32 or none
+// when R = 0; valid [B,T] bool or none; all contiguous. The state, row b's at row state.row(b) of each tensor (rows
+// a stride apart, contiguous inside: state_rows.h): k_slots, v_slots [N,Hkv,S,D] in T; psi_slots [N,Hkv,S,R],
+// scores [N,Hkv,S], H [N,Hkv,R,D], z [N,Hkv,R] fp32; pos [N,Hkv,S], next_position [N] int32. Returns out
 // [B,Hq,T,D].
 //
 // Parallel mapping: one at::parallel_for over the B*Hkv rows; a thread owns a row and all G of its query heads, so
@@ -56,6 +57,7 @@ struct StepPointers {
   const float* phi_q;
   const float* psi_k;
   const bool* valid;  // [B, T], or null: every token is real
+  StateRows state;    // where batch row b's state is
   void* out;
   DecodeSizes s;
   int64_t T, t;  // tokens of the call, and the one this pass steps
@@ -179,7 +181,7 @@ LESS_INLINE float softmax_in_place(float* p, int64_t S) {
   return m + std::log(sum);
 }
 
-// Row bh's slots (bh = b * Hkv + KV head).
+// The state of row bh (bh = b * Hkv + KV head): its slots and its H, z.
 template <typename T>
 struct RowSlots {
   T* k;           // [S, D]
@@ -187,13 +189,22 @@ struct RowSlots {
   float* psi;     // [S, R]
   int32_t* pos;   // [S]
   float* scores;  // [S]
+  float* H;       // [R, D]
+  float* z;       // [R]
 };
 
 template <typename T>
 LESS_INLINE RowSlots<T> row_slots(const StepPointers& a, int64_t bh) {
-  const int64_t S = a.s.S, D = a.s.D;
-  return {static_cast<T*>(a.k_slots) + bh * S * D, static_cast<T*>(a.v_slots) + bh * S * D,
-          a.psi_slots + bh * S * a.s.R, a.pos + bh * S, a.scores + bh * S};
+  const int64_t S = a.s.S, D = a.s.D, R = a.s.R, h = bh % a.s.Hkv;
+  const StateRows& st = a.state;
+  const int64_t r = st.row(bh / a.s.Hkv);
+  return {static_cast<T*>(a.k_slots) + r * st.k_slots + h * S * D,
+          static_cast<T*>(a.v_slots) + r * st.v_slots + h * S * D,
+          a.psi_slots + r * st.psi_slots + h * S * R,
+          a.pos + r * st.pos + h * S,
+          a.scores + r * st.scores + h * S,
+          a.H + r * st.H + h * R * D,
+          a.z + r * st.z + h * R};
 }
 
 // Writes token a.t into the lowest free slot (slot 0 if none is free, as the reference's argmax) with a zero score.
@@ -278,11 +289,11 @@ LESS_INLINE void v_pass(const DecodeSizes& s, const float* p, const T* v_slots, 
 // Merges each head's sparse state (o, lse) with the low-rank state (H, z before this step's fold) and writes token
 // a.t's out rows; o is permuted back to natural order in place.
 template <typename T>
-LESS_INLINE void write_out(const StepPointers& a, int64_t bh, float* o, const float* lse) {
+LESS_INLINE void write_out(const StepPointers& a, int64_t bh, const RowSlots<T>& slots, float* o, const float* lse) {
   const int64_t G = a.s.G, D = a.s.D, R = a.s.R;
   T* out = static_cast<T*>(a.out);
-  const float* H = a.H + bh * R * D;
-  const float* z = a.z + bh * R;
+  const float* H = slots.H;
+  const float* z = slots.z;
   for (int64_t g = 0; g < G; ++g) {
     float* og = o + g * D;
     simd::permute16<T>(og, D, /*inverse=*/true);
@@ -309,11 +320,10 @@ LESS_INLINE void group_probs(const float* p, int64_t G, int64_t S, float* probs)
 // Folds the evicted slot's psi, v into H, z (eviction only marks the slot free, so its row is intact); row: D floats
 // of scratch.
 template <typename T>
-LESS_INLINE void fold_victim(const StepPointers& a, int64_t bh, const RowSlots<T>& slots, int64_t victim,
-                             float* row) {
+LESS_INLINE void fold_victim(const StepPointers& a, const RowSlots<T>& slots, int64_t victim, float* row) {
   const int64_t D = a.s.D, R = a.s.R;
   simd::to_float(slots.v + victim * D, row, D);
-  fold_token(a.H + bh * R * D, a.z + bh * R, slots.psi + victim * R, row, R, D);
+  fold_token(slots.H, slots.z, slots.psi + victim * R, row, R, D);
 }
 
 // Token a.t's whole step for row bh (see the file comment).
@@ -323,7 +333,7 @@ LESS_INLINE void step_row(const StepPointers& a, int64_t bh, Scratch& w) {
   const RowSlots<T> slots = row_slots<T>(a, bh);
   const int64_t b = bh / s.Hkv;
   const bool real = a.valid == nullptr || a.valid[b * a.T + a.t];
-  insert_token(a, bh, slots, real ? a.next_position[b] : kEmptySlot);  // a pad token is written as a free slot
+  insert_token(a, bh, slots, real ? a.next_position[a.state.row(b) * a.state.next_position] : kEmptySlot);  // a pad token is written as a free slot
 
   float* q = w.q.data();
   load_scaled_q<T>(a, bh, q);
@@ -334,7 +344,7 @@ LESS_INLINE void step_row(const StepPointers& a, int64_t bh, Scratch& w) {
   k_pass(s, q, slots.k, occupied, n, p, lse);
   float* o = w.o.data();
   v_pass(s, p, slots.v, occupied, n, w.weights.data(), o);
-  write_out<T>(a, bh, o, lse);
+  write_out<T>(a, bh, slots, o, lse);
 
   float* probs = nullptr;  // Λ and pad tokens (whose attention is no evidence) add no score
   if (a.policy == kPolicyH2O && real) {
@@ -343,7 +353,7 @@ LESS_INLINE void step_row(const StepPointers& a, int64_t bh, Scratch& w) {
   }
   const int64_t victim =
       score_and_evict_row(slots.scores, slots.pos, probs, s.S, a.policy, a.budget, a.recent, a.sinks);
-  if (victim >= 0 && s.R > 0) fold_victim(a, bh, slots, victim, w.row.data());
+  if (victim >= 0 && s.R > 0) fold_victim(a, slots, victim, w.row.data());
 }
 
 template <typename T>
@@ -369,10 +379,11 @@ at::Tensor decode_step_cpu(at::Tensor& k_slots, at::Tensor& v_slots, at::Tensor&
                            const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::optional<at::Tensor>& phi_q, const std::optional<at::Tensor>& psi_k,
                            const std::optional<at::Tensor>& valid, double scale,
-                           int64_t policy, int64_t budget, int64_t recent, int64_t sinks) {
+                           int64_t policy, int64_t budget, int64_t recent, int64_t sinks,
+                           const std::optional<at::Tensor>& state_rows) {
   const StepSizes sizes = check_decode_step(
-      {k_slots, v_slots, psi_slots, pos, scores, H, z, next_position, q, k, v, phi_q, psi_k, valid}, policy, budget,
-      recent, sinks);
+      {k_slots, v_slots, psi_slots, pos, scores, H, z, next_position, q, k, v, phi_q, psi_k, valid, state_rows},
+      policy, budget, recent, sinks);
   const DecodeSizes& s = sizes.d;
   at::Tensor out = at::empty_like(q);
   const auto clamp = [](int64_t x) { return static_cast<int>(std::min<int64_t>(x, INT_MAX)); };
@@ -381,7 +392,7 @@ at::Tensor decode_step_cpu(at::Tensor& k_slots, at::Tensor& v_slots, at::Tensor&
                  next_position.data_ptr<int32_t>(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
                  phi_q.has_value() ? phi_q->data_ptr<float>() : nullptr,
                  psi_k.has_value() ? psi_k->data_ptr<float>() : nullptr,
-                 valid.has_value() ? valid->data_ptr<bool>() : nullptr, out.data_ptr(), s, sizes.T, 0,
+                 valid.has_value() ? valid->data_ptr<bool>() : nullptr, sizes.state, out.data_ptr(), s, sizes.T, 0,
                  static_cast<float>(scale), static_cast<int>(policy), clamp(budget), clamp(recent), clamp(sinks)};
   auto* rows = q.scalar_type() == at::kBFloat16 ? step_rows_bf16
                : q.scalar_type() == at::kHalf   ? step_rows_f16
@@ -390,7 +401,8 @@ at::Tensor decode_step_cpu(at::Tensor& k_slots, at::Tensor& v_slots, at::Tensor&
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, s.G * s.S * s.D));
   for (a.t = 0; a.t < sizes.T; ++a.t) {  // tokens in turn: each step sees the evictions of the one before
     at::parallel_for(0, s.B * s.Hkv, grain, [&](int64_t begin, int64_t end) { rows(a, begin, end); });
-    for (int64_t b = 0; b < s.B; ++b) a.next_position[b] += a.valid == nullptr || a.valid[b * sizes.T + a.t];
+    for (int64_t b = 0; b < s.B; ++b)
+      a.next_position[a.state.row(b) * a.state.next_position] += a.valid == nullptr || a.valid[b * sizes.T + a.t];
   }
   return out;
 }

@@ -87,10 +87,14 @@ at::Tensor decode_step_cuda(at::Tensor& k_slots, at::Tensor& v_slots, at::Tensor
                             const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& phi_q, const std::optional<at::Tensor>& psi_k,
                             const std::optional<at::Tensor>& valid, double scale, int64_t policy, int64_t budget,
-                            int64_t recent, int64_t sinks) {
+                            int64_t recent, int64_t sinks, const std::optional<at::Tensor>& state_rows) {
   const StepSizes sizes = check_decode_step(
-      {k_slots, v_slots, psi_slots, pos, scores, H, z, next_position, q, k, v, phi_q, psi_k, valid}, policy, budget,
-      recent, sinks);
+      {k_slots, v_slots, psi_slots, pos, scores, H, z, next_position, q, k, v, phi_q, psi_k, valid, state_rows},
+      policy, budget, recent, sinks);
+  TORCH_CHECK(!state_rows.has_value() && k_slots.is_contiguous() && v_slots.is_contiguous() &&
+                  psi_slots.is_contiguous() && pos.is_contiguous() && scores.is_contiguous() && H.is_contiguous() &&
+                  z.is_contiguous() && next_position.is_contiguous(),
+              "less_cuda: the CUDA decode_step_ does not take state_rows or strided state rows yet");
   const DecodeSizes& s = sizes.d;
   TORCH_CHECK(cuda::decode_attention_supports_head_dim(s.D),
               "less_cuda: the CUDA decode_step_ supports head_dim 1 to 256, got ", s.D);

@@ -102,6 +102,9 @@ def less_decode_attention(
         phi_q: [B, Hq, R] fp32 phi(q); H: [B, Hkv, R, D] fp32; z: [B, Hkv, R] fp32. All three, or none for
             sparse-only attention.
         scale: logit scale, default 1 / sqrt(D).
+        state_rows: [B] int64, distinct: `cache` is then a pool of N rows (every field [N, ...], e.g. a serving
+            engine's per-request state) and batch row b updates row state_rows[b] in place, with no gather and no
+            scatter. Each field's rows may be a stride apart (contiguous inside), as vLLM lays out its state pages.
     Returns:
         out: [B, Hq, D] in q's dtype; (phi(q)H + sum_j e^{s_j} v_j) / (phi(q)z + sum_j e^{s_j}).
         probs: [B, Hkv, S] fp32 softmax probabilities over the occupied slots, summed over each KV head's
@@ -207,7 +210,7 @@ def less_state_update_(H: Tensor, z: Tensor, psi: Tensor, v: Tensor, mask: Optio
 # ---------------------------------------------------------------------------------------------------------------
 @torch.library.register_fake("less_cuda::decode_step_")
 def _decode_step_fake(k_slots, v_slots, psi_slots, pos, scores, H, z, next_position, q, k, v, phi_q, psi_k, valid,
-                      scale, policy, budget, recent, sinks):
+                      scale, policy, budget, recent, sinks, state_rows=None):
     return torch.empty_like(q)
 
 
@@ -224,6 +227,7 @@ def less_decode_step_(
     recent: int = 0,
     sinks: int = 0,
     scale: Optional[float] = None,
+    state_rows: Optional[Tensor] = None,
 ) -> Tensor:
     """One layer's decode step for T new tokens in turn, in place on `cache` (`reference.decode_step` per token):
     write each token into the first free slot, attend over the slots plus the low-rank state, accumulate H2O
@@ -240,12 +244,15 @@ def less_decode_step_(
             every token is real.
         policy: "h2o" / "lambda" or their ids; budget, recent, sinks: as `less_score_and_evict_`.
         scale: logit scale, default 1 / sqrt(D).
+        state_rows: [B] int64, distinct: `cache` is then a pool of N rows (every field [N, ...], e.g. a serving
+            engine's per-request state) and batch row b updates row state_rows[b] in place, with no gather and no
+            scatter. Each field's rows may be a stride apart (contiguous inside), as vLLM lays out its state pages.
     Returns:
         out: [B, Hq, T, D] (or [B, Hq, D]) in q's dtype. Not differentiable (training uses the parallel form).
     """
     if not isinstance(cache, SlotCache):
         raise TypeError(f"less_cuda: cache must be a SlotCache, got {type(cache).__name__}")
-    _check_tensors(dict(q=q, k=k, v=v), dict(phi_q=phi_q, psi_k=psi_k, valid=valid))
+    _check_tensors(dict(q=q, k=k, v=v), dict(phi_q=phi_q, psi_k=psi_k, valid=valid, state_rows=state_rows))
     single = q.dim() == 3
     if single:
         # The single-token form adds the T axis to every argument; one given with it already would reach the op one
@@ -263,7 +270,7 @@ def less_decode_step_(
     q, k, v, phi_q, psi_k, valid = (None if t is None else t.contiguous() for t in (q, k, v, phi_q, psi_k, valid))
     out = _ops.decode_step_(
         cache.k, cache.v, cache.psi, cache.pos, cache.scores, cache.H, cache.z, cache.next_position, q, k, v, phi_q,
-        psi_k, valid, scale, policy_id(policy), budget, recent, sinks,
+        psi_k, valid, scale, policy_id(policy), budget, recent, sinks, state_rows,
     )  # fmt: skip
     return out[:, :, 0] if single else out
 
