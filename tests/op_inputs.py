@@ -100,3 +100,30 @@ def new_token(B, Hq, Hkv, D, R, dtype, gen):
     q = torch.randn(B, Hq, D, generator=gen).to(dtype)
     k, v = (torch.randn(B, Hkv, D, generator=gen).to(dtype) for _ in range(2))
     return q, k, v, torch.rand(B, Hq, R, generator=gen), torch.rand(B, Hkv, R, generator=gen)
+
+
+def paged_pool(rows: int, Hkv: int, S: int, D: int, R: int, dtype: torch.dtype, gen) -> SlotCache:
+    """A pool of `rows` states laid out as vLLM lays out a request's state: all of one row's fields in one page of a
+    byte buffer (SlotCache's field order), each field an as_strided view whose rows are a page apart. Every byte starts
+    random, NaNs included, as memory vLLM hands over does: a step must read and write only the rows it is given."""
+    shapes = dict(k=(Hkv, S, D), v=(Hkv, S, D), psi=(Hkv, S, R), pos=(Hkv, S), scores=(Hkv, S), H=(Hkv, R, D),
+                  z=(Hkv, R), next_position=())  # fmt: skip
+    dtypes = dict(k=dtype, v=dtype, pos=torch.int32, next_position=torch.int32)
+    sizes = {name: torch.Size(shape).numel() * dtypes.get(name, torch.float32).itemsize for name, shape in shapes.items()}
+    page = -(-sum(sizes.values()) // 8) * 8
+    raw = torch.randint(0, 256, (rows * page,), dtype=torch.uint8, generator=gen)
+    fields, offset = {}, 0
+    for name, shape in shapes.items():
+        field_dtype = dtypes.get(name, torch.float32)
+        size = field_dtype.itemsize
+        contiguous = torch.empty(rows, *shape).stride()
+        fields[name] = torch.as_strided(raw.view(field_dtype), (rows, *shape), (page // size, *contiguous[1:]),
+                                        offset // size)  # fmt: skip
+        offset += sizes[name]
+    return SlotCache(**fields)
+
+
+def place_rows(pool: SlotCache, rows: torch.Tensor, cache: SlotCache) -> None:
+    """Writes `cache`'s batch rows into the pool's rows `rows`."""
+    for name, field in vars(pool).items():
+        field[rows] = getattr(cache, name)

@@ -10,7 +10,7 @@ from helpers import assert_close_ratio, assert_same_step, clone_cache, reference
 from less_cuda.core import ops
 from less_cuda.core import reference as ref
 from less_cuda.core.state import SlotCache
-from op_inputs import random_cache, new_token
+from op_inputs import new_token, paged_pool, place_rows, random_cache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -102,6 +102,9 @@ def test_opcheck():
     for valid in (None, torch.tensor([[True], [False]])):
         args = (*vars(clone_cache(cache)).values(), *step, valid, 0.125, ref.H2O, 8, 4, 0)
         torch.library.opcheck(torch.ops.less_cuda.decode_step_.default, args)
+    pool = random_cache(3, 2, 9, 64, 4, torch.float32, 8, gen)
+    args = (*vars(pool).values(), *step, None, 0.125, ref.H2O, 8, 4, 0, torch.tensor([2, 0]))
+    torch.library.opcheck(torch.ops.less_cuda.decode_step_.default, args)
 
 
 def test_compiles_without_graph_breaks():
@@ -169,3 +172,66 @@ def test_multi_token_call_equals_token_by_token(dtype, R):
     assert torch.equal(cache.pos, expected.pos) and torch.equal(cache.next_position, expected.next_position)
     assert_close_ratio(cache.H, expected.H, torch.float32, what="H")
     assert_close_ratio(cache.scores, expected.scores, torch.float32, what="scores")
+
+
+def pool_bytes(pool: SlotCache) -> torch.Tensor:
+    """The pool's whole byte buffer (every field views the same storage)."""
+    storage = pool.k.untyped_storage()
+    return torch.tensor([], dtype=torch.uint8).set_(storage).clone()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("R", [0, 8])
+def test_step_in_place_on_pool_rows_equals_step_on_gathered_rows(dtype, policy, R):
+    """state_rows: the step on a vLLM-like pool (fields interleaved in pages, rows a page apart, unused rows holding
+    random bytes and NaNs) updates exactly the given rows, bit for bit as the step on those rows gathered into a
+    contiguous cache; every other byte of the pool is untouched. Three tokens, pad tokens among them."""
+    gen = torch.Generator().manual_seed(17 + R)
+    B, N, Hkv, G, D, S, T = 3, 7, 2, 3, 64, 17, 3
+    cache = random_cache(B, Hkv, S, D, R, dtype, 12, gen)
+    pool = paged_pool(N, Hkv, S, D, R, dtype, gen)
+    rows = torch.tensor([5, 0, 3])
+    place_rows(pool, rows, cache)
+    before = pool_bytes(pool)
+    q = torch.randn(B, Hkv * G, T, D, generator=gen).to(dtype)
+    k, v = (torch.randn(B, Hkv, T, D, generator=gen).to(dtype) for _ in range(2))
+    phi, psi = (torch.rand(B, Hkv * G, T, R, generator=gen), torch.rand(B, Hkv, T, R, generator=gen)) if R else (None, None)
+    valid = torch.tensor([[True, True, True], [False, True, True], [True, False, True]])
+    expected = clone_cache(cache)
+    want = ops.less_decode_step_(expected, q, k, v, phi, psi, valid, policy, S - 1, 4, 2)
+    out = ops.less_decode_step_(pool, q, k, v, phi, psi, valid, policy, S - 1, 4, 2, state_rows=rows)
+    assert torch.equal(out[valid[:, None, :].expand(-1, Hkv * G, -1)], want[valid[:, None, :].expand(-1, Hkv * G, -1)])
+    for name, field in vars(pool).items():
+        assert torch.equal(field[rows], getattr(expected, name)), f"{name} of the pool's rows"
+    after = pool_bytes(pool)
+    place_rows(pool, rows, cache)  # the rows' old contents back: the rest of the pool must be as it was
+    assert torch.equal(pool_bytes(pool), before), "the step wrote outside its rows"
+    assert not torch.equal(after, before)
+
+
+def test_state_rows_rejects_bad_rows_and_shared_memory():
+    gen = torch.Generator().manual_seed(19)
+    pool = paged_pool(4, 2, 9, 64, 4, torch.float32, gen)
+    place_rows(pool, torch.arange(4), random_cache(4, 2, 9, 64, 4, torch.float32, 8, gen))
+    q, k, v, phi, psi = new_token(2, 4, 2, 64, 4, torch.float32, gen)
+
+    def step(cache, rows):
+        return ops.less_decode_step_(cache, q, k, v, phi, psi, None, "h2o", 8, 4, state_rows=rows)
+
+    with pytest.raises(RuntimeError, match="holds row 1 twice"):
+        step(pool, torch.tensor([1, 1]))
+    with pytest.raises(RuntimeError, match=r"state_rows\[1\] = 4 is outside the state's 4 rows"):
+        step(pool, torch.tensor([0, 4]))
+    with pytest.raises(RuntimeError, match="state_rows must be Long"):
+        step(pool, torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="state_rows must have shape"):
+        step(pool, torch.tensor([0, 1, 2]))
+    inside_psi = torch.as_strided(pool.psi, pool.scores.shape, (pool.psi.stride(0), 9, 1), pool.psi.storage_offset())
+    overlapping = SlotCache(**{**vars(pool), "scores": inside_psi})
+    with pytest.raises(RuntimeError, match="must not share memory"):
+        step(overlapping, torch.tensor([0, 1]))
+    pool.z[2, 0, 1] = float("nan")
+    with pytest.raises(RuntimeError, match=r"z \(state row 2\) must be finite"):
+        step(pool, torch.tensor([0, 2]))
+    step(pool, torch.tensor([0, 1]))  # row 2's NaN is not read when row 2 is not stepped
