@@ -55,11 +55,13 @@ def compress(k: Tensor, v: Tensor, valid: Tensor, scores: Optional[Tensor], poli
 
 @torch.no_grad()
 def decode(state: SlotCache, q: Tensor, k: Tensor, v: Tensor, valid: Optional[Tensor], scale: float,
-           policy: ResolvedPolicy, feature_maps: Optional[LayerFeatureMaps]) -> Tensor:
+           policy: ResolvedPolicy, feature_maps: Optional[LayerFeatureMaps],
+           state_rows: Optional[Tensor] = None) -> Tensor:  # fmt: skip
     """The decode step for each of T new tokens in turn, in one fused op call, in place on `state`.
-    q [B, Hq, T, D]; k, v [B, Hkv, T, D]; valid [B, T] bool, or None when every token is real. Returns out
-    [B, Hq, T, D]. A pad token takes no slot, adds no score and evicts nothing."""
+    q [B, Hq, T, D]; k, v [B, Hkv, T, D]; valid [B, T] bool, or None when every token is real; state_rows [B] int64
+    when `state` is a pool of rows (`ops.less_decode_step_`). Returns out [B, Hq, T, D]. A pad token takes no slot,
+    adds no score and evicts nothing."""
     phi = psi = None
     if feature_maps is not None:  # phi(q), psi(k) once for all of the call's tokens
         phi, psi = feature_maps.features(q, k)
-    return less_decode_step_(state, q, k, v, phi, psi, valid, *policy.as_args(), scale=scale)
+    return less_decode_step_(state, q, k, v, phi, psi, valid, *policy.as_args(), scale=scale, state_rows=state_rows)

@@ -6,13 +6,16 @@ State of one request (its row in each tensor), for the layer's Hkv KV heads on t
     (fp32), next_position [1] int32
 which is `state.SlotCache` for one batch row; without feature maps (R = 0) psi, H and z are not stored.
 
-Per step the layer does what `LessCache` does for the same tokens:
-- a request's first tokens (no tokens computed before, a whole prompt or the first chunk of a chunked prefill) get
-  exact causal attention, and the policy compresses them into the request's row (`compressed_layer.prefill`); this
-  rewrites the whole row, so the stale data a new request's row holds never leaks in;
-- every other request's new tokens (decodes and later prefill chunks) stream through the decode rule: one fused
-  decode step for all of them (`compressed_layer.decode`), the rows gathered from and written back to the state
-  tensors.
+Per step the layer does what `LessCache` does for the same tokens, on groups the metadata builder prepared
+(`backend.LessStateMetadata`):
+- requests with no tokens before this step (a whole prompt or the first chunk of a chunked prefill) get exact
+  causal attention together, right-padded to the longest, and the policy compresses them into their rows
+  (`compressed_layer.prefill`); this rewrites each whole row, so the stale data a new request's row holds never
+  leaks in;
+- every other request's new tokens (decodes and later prefill chunks) stream through the decode rule in one fused op
+  call that updates their rows of vLLM's state tensors in place (`state_rows`): each slot byte is read once and
+  only the new token's slot is written, with no gather before the step and no scatter after it. The step reads
+  device tensors only: no host synchronisation.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 from ..core import compressed_layer
 from ..core.feature_maps import LayerFeatureMaps
 from ..core.state import SlotCache
-from .backend import LessStateMetadata
+from .backend import LessStateMetadata, RequestGroup
 from .settings import ServingSettings
 
 LOWRANK_FIELDS = ("psi", "H", "z")
@@ -91,20 +94,17 @@ class LessStateLayer(MambaBase, nn.Module):
     def mamba_type(self) -> MambaAttentionBackendEnum:
         return MambaAttentionBackendEnum.CUSTOM
 
-    def _rows(self, rows: Tensor) -> SlotCache:
-        """The SlotCache of the requests whose state rows are `rows` (a copy, [len(rows), ...] per field)."""
-        cache = {name: t[rows] for name, t in zip(self.stored_fields, self.kv_cache)}
-        cache["next_position"] = cache["next_position"].view(-1)
-        if not self.settings.rank:
-            B, Hkv, S, D = cache["k"].shape
-            empty = dict(dtype=torch.float32, device=rows.device)
-            cache.update(psi=torch.zeros(B, Hkv, S, 0, **empty), H=torch.zeros(B, Hkv, 0, D, **empty),
-                         z=torch.zeros(B, Hkv, 0, **empty))  # fmt: skip
+    def pool(self) -> SlotCache:
+        """The state tensors vLLM allocated for this layer as one `SlotCache` over all its rows (views, no copy):
+        the decode step updates the running requests' rows in place."""
+        cache = dict(zip(self.stored_fields, self.kv_cache))
+        cache["next_position"] = cache["next_position"][:, 0]
+        if not self.settings.rank:  # no low-rank state: empty fields, which take no memory
+            N, Hkv, S, D = cache["k"].shape
+            empty = dict(dtype=torch.float32, device=cache["k"].device)
+            cache.update(psi=torch.empty(N, Hkv, S, 0, **empty), H=torch.empty(N, Hkv, 0, D, **empty),
+                         z=torch.empty(N, Hkv, 0, **empty))  # fmt: skip
         return SlotCache(**cache)
-
-    def _store(self, rows: Tensor, cache: SlotCache) -> None:
-        for name, t in zip(self.stored_fields, self.kv_cache):
-            t[rows] = getattr(cache, name).view(-1, *t.shape[1:])
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         out = torch.zeros_like(q)
@@ -113,45 +113,33 @@ class LessStateLayer(MambaBase, nn.Module):
         if metadata is None:  # vLLM's profiling run: no state is bound yet
             return out
         assert isinstance(metadata, LessStateMetadata)
-        n = metadata.num_tokens
-        q = q[:n].view(n, self.num_heads, self.head_dim)
-        k = k[:n].view(n, self.num_kv_heads, self.head_dim)
-        v = v[:n].view(n, self.num_kv_heads, self.head_dim)
-        flat = out[:n].view(n, self.num_heads, self.head_dim)
-        starts = metadata.query_start.tolist()
-        fresh = (metadata.computed == 0).tolist()
-        for i in (i for i, is_new in enumerate(fresh) if is_new):
-            self._prefill(metadata.state_rows[i : i + 1], q, k, v, flat, starts[i], starts[i + 1])
-        streaming = [i for i, is_new in enumerate(fresh) if not is_new]
-        if streaming:
-            self._stream(metadata, streaming, q, k, v, flat)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        pool = self.pool()
+        for group, attend in ((metadata.fresh, self._prefill), (metadata.stream, self._stream)):
+            if group is not None:
+                requests = (t[group.tokens].transpose(1, 2).contiguous() for t in (q, k, v))  # [n, heads, T, D]
+                attended = attend(pool, group, *requests)
+                attended = attended.transpose(1, 2).reshape(-1, out.shape[-1])  # [n * T, Hq * D]
+                if group.real is not None:
+                    attended = attended.index_select(0, group.real)
+                out.index_copy_(0, group.destination, attended)
         return out
 
-    def _prefill(self, row: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, start: int, end: int) -> None:
-        """Exact attention over one request's first tokens, then their compression into its state row."""
-        q, k, v = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, T, D]
-        valid = torch.ones(1, end - start, dtype=torch.bool, device=q.device)
+    def _prefill(self, pool: SlotCache, group: RequestGroup, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Exact causal attention over the fresh requests' tokens, then their compression into their state rows."""
+        valid = group.valid if group.valid is not None else torch.ones(q.shape[0], q.shape[2], dtype=torch.bool,
+                                                                       device=q.device)  # fmt: skip
         attended, state = compressed_layer.prefill(q, k, v, valid, self.scale, self.settings.resolved,
                                                    self.feature_maps, attend=True)
-        self._store(row, state)
-        out[start:end] = attended[0].transpose(0, 1)
+        for name, field in vars(pool).items():
+            if field.numel():
+                field[group.rows] = getattr(state, name)
+        return attended
 
-    def _stream(self, metadata: LessStateMetadata, requests: list[int], q: Tensor, k: Tensor, v: Tensor,
-                out: Tensor) -> None:  # fmt: skip
-        """The decode rule for the new tokens of every request that has a state, in one op call. Requests with
-        fewer new tokens than the longest are right-padded; pad tokens take no slot and change nothing."""
-        index = torch.tensor(requests)
-        starts = metadata.query_start[index]
-        lengths = metadata.query_start[index + 1] - starts
-        steps = torch.arange(int(lengths.max()))
-        valid = steps[None, :] < lengths[:, None]  # [B, T]
-        tokens = (starts[:, None] + torch.minimum(steps[None, :], lengths[:, None] - 1)).to(q.device)
-        q, k, v = (t[tokens].transpose(1, 2).contiguous() for t in (q, k, v))  # [B, heads, T, D]
-        rows = metadata.state_rows[index.to(metadata.state_rows.device)]
-        state = self._rows(rows)
-        step_valid = None if bool(valid.all()) else valid.to(q.device)
-        attended = compressed_layer.decode(state, q, k, v, step_valid, self.scale, self.settings.resolved,
-                                           self.feature_maps)
-        self._store(rows, state)
-        valid = valid.to(q.device)
-        out[tokens[valid]] = attended.transpose(1, 2)[valid]
+    def _stream(self, pool: SlotCache, group: RequestGroup, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The decode rule for the new tokens of every request that has a state: one op call, in place on the
+        requests' rows of the pool. Pad tokens take no slot and change nothing."""
+        return compressed_layer.decode(pool, q, k, v, group.valid, self.scale, self.settings.resolved,
+                                       self.feature_maps, state_rows=group.rows)
