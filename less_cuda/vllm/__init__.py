@@ -15,17 +15,22 @@ See `less_cuda.vllm.settings` for every override.
 """
 
 ARCHITECTURE_FOR_MODEL_TYPE = {"llama": "LessLlamaForCausalLM", "mistral": "LessLlamaForCausalLM",
-                               "qwen2": "LessQwen2ForCausalLM"}
-"""The LESS class that serves a transformers config's model_type: vLLM's Llama classes for the Llama family, its
-Qwen2 classes for Qwen2 (readable without vLLM)."""
+                               "qwen2": "LessQwen2ForCausalLM", "gemma3_text": "LessGemma3ForCausalLM"}
+"""The LESS class that serves a transformers config's model_type, built on vLLM's class for that family (readable
+without vLLM)."""
 
 ARCHITECTURES = {name: f"less_cuda.vllm.model:{name}" for name in dict.fromkeys(ARCHITECTURE_FOR_MODEL_TYPE.values())}
 """The LESS model classes by name, and where each lives."""
 
 
+SPLITTING_OP = "vllm::less_state_attention"
+"""The registered op of a LESS layer's step, where vLLM's compiled graph splits."""
+
+
 def register() -> None:
     """vLLM's plugin hook: register the LESS model classes and the state layer's backend. Safe to call twice."""
     from vllm import ModelRegistry
+    from vllm.config import CompilationConfig
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum, register_backend
 
@@ -36,3 +41,6 @@ def register() -> None:
             ModelRegistry.register_model(name, path)
         MODELS_CONFIG_MAP[name] = LessStateModelConfig
     register_backend(MambaAttentionBackendEnum.CUSTOM, "less_cuda.vllm.backend.LessStateBackend", is_mamba=True)
+    # The layers' op (less_cuda.vllm.layer) runs between compiled pieces, as vLLM's own attention ops do.
+    if SPLITTING_OP not in CompilationConfig._attention_ops:
+        CompilationConfig._attention_ops.append(SPLITTING_OP)

@@ -30,3 +30,6 @@ class LessStateModelConfig(VerifyAndUpdateConfig):
             # full-attention layers are LESS state layers here, so the list says so. vLLM's Llama and Qwen2 models
             # read the list only to check sliding windows ("sliding_attention" entries are left as they are).
             hf_config.layer_types = [LESS_LAYER if kind == "full_attention" else kind for kind in layer_types]
+            rope = getattr(hf_config, "rope_parameters", None)
+            if isinstance(rope, dict) and "full_attention" in rope:  # per layer type (Gemma 3): LESS layers keep theirs
+                rope.setdefault(LESS_LAYER, rope["full_attention"])

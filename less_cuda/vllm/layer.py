@@ -24,9 +24,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from vllm.compilation.breakable_cudagraph import eager_break_during_capture
 from vllm.config import get_current_vllm_config
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.mamba.abstract import MambaBase
+from vllm.utils.torch_utils import LayerNameType, _encode_layer_name, _resolve_layer_name, direct_register_custom_op
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from ..core import compressed_layer
@@ -107,11 +109,17 @@ class LessStateLayer(MambaBase, nn.Module):
         return SlotCache(**cache)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        out = torch.zeros_like(q)
+        out = torch.empty_like(q)
+        torch.ops.vllm.less_state_attention(q, k, v, out, _encode_layer_name(self.prefix))
+        return out
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> None:
+        """The layer's step, into `out` (what the registered op runs)."""
+        out.zero_()  # the rows of padding tokens (vLLM pads batches to captured sizes)
         metadata = get_forward_context().attn_metadata
         metadata = metadata.get(self.prefix) if isinstance(metadata, dict) else None
         if metadata is None:  # vLLM's profiling run: no state is bound yet
-            return out
+            return
         assert isinstance(metadata, LessStateMetadata)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -125,7 +133,6 @@ class LessStateLayer(MambaBase, nn.Module):
                 if group.real is not None:
                     attended = attended.index_select(0, group.real)
                 out.index_copy_(0, group.destination, attended)
-        return out
 
     def _prefill(self, pool: SlotCache, group: RequestGroup, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Exact causal attention over the fresh requests' tokens, then their compression into their state rows."""
@@ -143,3 +150,15 @@ class LessStateLayer(MambaBase, nn.Module):
         requests' rows of the pool. Pad tokens take no slot and change nothing."""
         return compressed_layer.decode(pool, q, k, v, group.valid, self.scale, self.settings.resolved,
                                        self.feature_maps, state_rows=group.rows)
+
+
+@eager_break_during_capture
+def less_state_attention(q: Tensor, k: Tensor, v: Tensor, output: Tensor, layer_name: LayerNameType) -> None:
+    """`vllm::less_state_attention`: a LESS layer's step as one op that torch.compile does not trace into, as vLLM's
+    own attention and Mamba layers are. The engine then compiles the rest of the model and splits its graph here
+    (`less_cuda.vllm.register` adds the op to vLLM's splitting ops)."""
+    layer = get_forward_context().no_compile_layers[_resolve_layer_name(layer_name)]
+    layer.attend(q, k, v, output)
+
+
+direct_register_custom_op(op_name="less_state_attention", op_func=less_state_attention, mutates_args=["output"])

@@ -7,6 +7,7 @@ import torch
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.mamba.mamba_utils import get_temporal_copy_spec
+from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
@@ -43,7 +44,7 @@ class LessStateModel:
     """What every LESS model class adds to vLLM's class for its family (the next base): after the base model is
     built, each full-attention layer's `Attention` becomes a `LessStateLayer`; the state shapes vLLM allocates.
     The family's attention modules must expose `attn`, `num_heads`, `num_kv_heads`, `head_dim` and `scaling`, as
-    vLLM's Llama and Qwen2 attention do. Settings: `less_cuda.vllm.settings`."""
+    vLLM's Llama, Qwen2 and Gemma 3 attention do. Settings: `less_cuda.vllm.settings`."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         check_family(vllm_config.model_config.hf_config, type(self).__name__)
@@ -94,3 +95,8 @@ class LessLlamaForCausalLM(LessStateModel, LlamaForCausalLM, HasInnerState, IsHy
 class LessQwen2ForCausalLM(LessStateModel, Qwen2ForCausalLM, HasInnerState, IsHybrid):
     """Qwen2-family causal LM (Qwen2, Qwen2.5, Qwen2.5-Coder) under LESS. Layers under vLLM's sliding window (Qwen2's
     `use_sliding_window` above `max_window_layers`) keep vLLM's paged cache."""
+
+
+class LessGemma3ForCausalLM(LessStateModel, Gemma3ForCausalLM, HasInnerState, IsHybrid):
+    """Gemma 3 (text) under LESS: its full-attention layers hold a LESS state, its sliding-window layers keep vLLM's
+    paged cache (the window is already a fixed size)."""

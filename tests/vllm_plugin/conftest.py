@@ -65,3 +65,14 @@ def qwen2_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def qwen2_hf(qwen2_dir):
     return load_exported(qwen2_dir)
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(tmp_path_factory) -> Path:
+    """Gemma 3 270M as a transformers directory (safetensors, fp32), converted once from its GGUF."""
+    return export_model("gemma3-270m", tmp_path_factory.mktemp("gemma3"))
+
+
+@pytest.fixture(scope="session")
+def gemma3_hf(gemma3_dir):
+    return load_exported(gemma3_dir)

@@ -10,6 +10,7 @@ import less_cuda
 CHECKPOINTS = Path(less_cuda.__file__).parent / "checkpoints"
 CHECKPOINT = {"h2o": CHECKPOINTS / "smollm2-135m-h2o-5pct", "lambda": CHECKPOINTS / "smollm2-135m-lambda-5pct"}
 QWEN2_CHECKPOINT = {kind: CHECKPOINTS / f"qwen2.5-coder-0.5b-{kind}-5pct" for kind in ("h2o", "lambda")}
+GEMMA3_CHECKPOINT = {kind: CHECKPOINTS / f"gemma3-270m-{kind}-5pct" for kind in ("h2o", "lambda")}
 BUDGET = 32  # tokens per layer and KV head: every test prompt is longer, so prefill and decode both evict
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from engines import BUDGET, CHECKPOINT, NEW_TOKENS, QWEN2_CHECKPOINT, engine, readme_prompts, vllm_greedy
+from engines import (BUDGET, CHECKPOINT, GEMMA3_CHECKPOINT, NEW_TOKENS, QWEN2_CHECKPOINT, engine, readme_prompts,
+                     vllm_greedy)
 
 from less_cuda import LessCache, FeatureMaps, Policy
 from less_cuda.vllm.model import check_family
@@ -92,6 +93,24 @@ def test_qwen2_chunked_prefill_matches_lesscache(qwen2_dir, qwen2_hf):
     with engine(qwen2_dir, "h2o", **QWEN2, max_num_batched_tokens=64, enable_chunked_prefill=True) as llm:
         (tokens,) = vllm_greedy(llm, [prompt])
     assert lesscache_predictions(model, "h2o", True, prompt, tokens, 64, QWEN2_CHECKPOINT) == tokens
+
+
+GEMMA3 = dict(checkpoints=GEMMA3_CHECKPOINT, architecture="LessGemma3ForCausalLM")
+
+
+def test_gemma3_batch_of_prompts_matches_lesscache(gemma3_dir, gemma3_hf):
+    """Gemma 3 270M with its shipped H2O maps: the full-attention layers hold LESS states, the sliding-window layers
+    (512 tokens) vLLM's paged cache. Five prompts in one engine batch, one longer than the window, so that the paged
+    layers slide too."""
+    model, tokenizer = gemma3_hf
+    prompts = readme_prompts(tokenizer)
+    prompts.append(tokenizer((Path(__file__).parents[2] / "README.md").read_text())["input_ids"][100:700])
+    assert len(prompts[-1]) > model.config.sliding_window
+    with engine(gemma3_dir, "h2o", **GEMMA3, max_model_len=1024) as llm:
+        generated = vllm_greedy(llm, prompts)
+    for prompt, tokens in zip(prompts, generated):
+        assert lesscache_predictions(model, "h2o", True, prompt, tokens, checkpoints=GEMMA3_CHECKPOINT) == tokens
+    assert any(full_cache_predictions(model, p, t) != t for p, t in zip(prompts, generated))
 
 
 def test_tensor_parallel_over_two_processes_matches_lesscache(qwen2_dir, qwen2_hf, tmp_path):
