@@ -20,6 +20,7 @@ can run apart).
 import os
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # decode: room for every setting's paged cache
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
@@ -117,8 +118,8 @@ def paged_bytes_per_token(llm) -> int:
     return 2 * layers * config.get_total_num_kv_heads() * config.get_head_size() * config.dtype.itemsize
 
 
-def engines(model_dir: Path, max_len: int, **engine_args):
-    """(name, LLM) for the paged cache and for LESS, each torn down before the next starts."""
+def measure_engines(model_dir: Path, max_len: int, measure, **engine_args) -> dict:
+    """{name: measure(llm)} for the paged cache and for LESS, each engine torn down before the next starts."""
     from vllm import LLM
     from vllm.distributed import cleanup_dist_env_and_memory
 
@@ -129,14 +130,15 @@ def engines(model_dir: Path, max_len: int, **engine_args):
     }
     args = dict(dtype="float32", enforce_eager=True, distributed_executor_backend="uni", max_model_len=max_len,
                 enable_prefix_caching=False, seed=0, **engine_args)  # fmt: skip
+    results = {}
     for name, overrides in methods.items():
         llm = LLM(str(model_dir), hf_overrides=overrides, **args)
-        try:
-            yield name, llm
-        finally:
-            del llm
-            gc.collect()
-            cleanup_dist_env_and_memory()
+        results[name] = measure(llm, name)
+        print(name, results[name], flush=True)
+        del llm  # the last reference: the engine shuts down before the next one starts
+        gc.collect()
+        cleanup_dist_env_and_memory()
+    return results
 
 
 def decode_mode(args, ids: list[int]) -> dict:
@@ -145,14 +147,15 @@ def decode_mode(args, ids: list[int]) -> dict:
         prompt_tokens, batch = (int(x) for x in setting.split("x"))
         prompts = prompts_from(ids, batch, prompt_tokens)
         max_len = prompt_tokens + args.new_tokens
-        results = {}
-        for name, llm in engines(args.model_dir, max_len, max_num_seqs=batch,
-                                 max_num_batched_tokens=max(2048, prompt_tokens)):  # fmt: skip
+
+        def measure(llm, name: str) -> dict:
             requests, _ = run_stream(llm, prompts, args.new_tokens, arrival_s=0.0)
             kv = less_state_bytes(llm) if name == "less" else paged_bytes_per_token(llm) * max_len
-            results[name] = {"prefill_s": max(r.first_token for r in requests),
-                             "decode_tokens_per_s": decode_rate(requests), "kv_bytes_per_request": kv}  # fmt: skip
-            print(setting, name, results[name], flush=True)
+            return {"prefill_s": max(r.first_token for r in requests), "decode_tokens_per_s": decode_rate(requests),
+                    "kv_bytes_per_request": kv}  # fmt: skip
+
+        results = measure_engines(args.model_dir, max_len, measure, max_num_seqs=batch,
+                                  max_num_batched_tokens=max(2048, prompt_tokens))  # fmt: skip
         report[setting] = {"budget": round(BUDGET_FRACTION * max_len), "results": results, "ratios": {
             "decode_tokens_per_s_less_over_full": results["less"]["decode_tokens_per_s"]
             / results["full"]["decode_tokens_per_s"],
@@ -165,18 +168,18 @@ def capacity_mode(args, ids: list[int]) -> dict:
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_space_gib)
     max_len = args.prompt_tokens + args.new_tokens
     prompts = prompts_from(ids, args.stream_requests, args.prompt_tokens)
-    results = {}
-    for name, llm in engines(args.model_dir, max_len, max_num_seqs=args.stream_requests,
-                             max_num_batched_tokens=max(2048, args.prompt_tokens)):  # fmt: skip
+
+    def measure(llm, name: str) -> dict:
         fits = llm.llm_engine.vllm_config.cache_config.kv_cache_max_concurrency
         requests, peak = run_stream(llm, prompts, args.new_tokens, args.arrival_s)
         span = max(r.finish for r in requests)
         tokens = len(prompts) * (args.prompt_tokens + args.new_tokens)
         ttft = [r.first_token - r.arrival for r in requests]
-        results[name] = {"requests_that_fit": fits, "most_in_one_step": peak, "stream_s": span,
-                         "tokens_per_s": tokens / span, "ttft_median_s": statistics.median(ttft),
-                         "ttft_max_s": max(ttft)}  # fmt: skip
-        print(name, results[name], flush=True)
+        return {"requests_that_fit": fits, "most_in_one_step": peak, "stream_s": span, "tokens_per_s": tokens / span,
+                "ttft_median_s": statistics.median(ttft), "ttft_max_s": max(ttft)}  # fmt: skip
+
+    results = measure_engines(args.model_dir, max_len, measure, max_num_seqs=args.stream_requests,
+                              max_num_batched_tokens=max(2048, args.prompt_tokens))  # fmt: skip
     return {"kv_space_gib": args.kv_space_gib, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
             "requests": args.stream_requests, "arrival_s": args.arrival_s, "budget": round(BUDGET_FRACTION * max_len),
             "results": results, "ratios": {
@@ -193,7 +196,7 @@ def main() -> None:
     parser.add_argument("--settings", default="2048x8,4096x8,2048x32", help="decode: PROMPTxBATCH, comma-separated")
     parser.add_argument("--new-tokens", type=int, help="new tokens per request (default: decode 64, capacity 256)")
     parser.add_argument("--prompt-tokens", type=int, default=4096, help="capacity: tokens per prompt")
-    parser.add_argument("--kv-space-gib", type=float, default=1.0, help="capacity: KV memory of each engine")
+    parser.add_argument("--kv-space-gib", type=int, default=1, help="capacity: KV memory of each engine (GiB)")
     parser.add_argument("--stream-requests", type=int, default=16)
     parser.add_argument("--arrival-s", type=float, default=5.0, help="capacity: seconds between arrivals")
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "smollm2-135m-instruct",

@@ -61,6 +61,16 @@ def test_batch_of_prompts_matches_lesscache(model_dir, hf_model, prompts, policy
     assert any(full_cache_predictions(hf_model[0], p, t) != t for p, t in zip(prompts, generated))
 
 
+def test_compiled_engine_matches_lesscache(model_dir, hf_model, prompts):
+    """Without enforce_eager: vLLM's CPU platform traces the model once with Dynamo and compiles it with Inductor;
+    each LESS layer's step is one registered op (`vllm::less_state_attention`) that the graph calls as it stands."""
+    with engine(model_dir, "h2o", enforce_eager=False) as llm:
+        assert llm.llm_engine.vllm_config.compilation_config.backend == "inductor"
+        generated = vllm_greedy(llm, prompts)
+    for prompt, tokens in zip(prompts, generated):
+        assert lesscache_predictions(hf_model[0], "h2o", True, prompt, tokens) == tokens
+
+
 @pytest.mark.parametrize("policy, lowrank", [("h2o", True), ("lambda", False)])
 def test_chunked_prefill_matches_lesscache(model_dir, hf_model, prompts, policy, lowrank):
     """A 230-token prompt with at most 64 tokens per engine step: the first chunk is compressed, the others stream
