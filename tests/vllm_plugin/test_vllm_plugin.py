@@ -148,7 +148,8 @@ def test_server_answers_a_completion(model_dir, tmp_path):
     # The installed console script, run outside the source tree (whose less_cuda/ holds the main venv's build).
     command = [str(Path(sys.executable).parent / "less-cuda"), "serve", str(model_dir), "--checkpoint", str(CHECKPOINT["h2o"]),
                "--budget", str(BUDGET), "--", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-               "--max-model-len", "512", "--max-num-seqs", "4", "--distributed-executor-backend", "uni"]  # fmt: skip
+               "--max-model-len", "512", "--max-num-seqs", "4", "--distributed-executor-backend", "uni",
+               "--enforce-eager"]  # fmt: skip (compiling is tested apart; here it would only add a minute)
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
