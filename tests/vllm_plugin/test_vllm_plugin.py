@@ -240,3 +240,20 @@ def test_serve_command_names_the_plugin_settings(model_dir):
     assert overrides == {"architectures": ["LessLlamaForCausalLM"], "less_checkpoint": str(CHECKPOINT["h2o"]),
                          "less_budget": 64}  # fmt: skip
     assert "--no-enable-prefix-caching" in command and command[-2:] == ["--port", "9"]
+
+
+def test_request_groups_pad_on_the_right_and_say_where_each_output_goes():
+    """The builder's groups: requests 0 and 2 of a step (3 and 1 new tokens) become a [2, 3] batch; the pad repeats
+    the short request's token, and `real` / `destination` send the 4 real outputs to their rows of the flat batch."""
+    from less_cuda.vllm.backend import request_group
+
+    query_start = torch.tensor([0, 3, 5, 6])  # request 1 (tokens 3-4) is not in the group
+    group = request_group(torch.tensor([0, 2]), query_start, torch.tensor([7, 8, 9]), torch.device("cpu"))
+    assert group.tokens.tolist() == [[0, 1, 2], [5, 5, 5]]
+    assert group.valid.tolist() == [[True, True, True], [True, False, False]]
+    assert group.rows.tolist() == [7, 9]
+    assert group.real.tolist() == [0, 1, 2, 3] and group.destination.tolist() == [0, 1, 2, 5]
+    single = request_group(torch.tensor([1]), query_start, torch.tensor([7, 8, 9]), torch.device("cpu"))
+    assert single.valid is None and single.real is None and single.destination.tolist() == [3, 4]
+    assert request_group(torch.tensor([], dtype=torch.int64), query_start, torch.tensor([7, 8, 9]),
+                         torch.device("cpu")) is None  # fmt: skip
