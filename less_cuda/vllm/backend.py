@@ -56,7 +56,6 @@ class LessStateMetadata:
     new tokens go through the in-place decode step. Either is None when the step has no such request.
     """
 
-    num_tokens: int
     fresh: Optional[RequestGroup]
     stream: Optional[RequestGroup]
 
@@ -102,7 +101,6 @@ class LessStateMetadataBuilder(AttentionMetadataBuilder[LessStateMetadata]):
         )[: m.num_reqs, 0].to(torch.int64)
         fresh = computed == 0
         return LessStateMetadata(
-            num_tokens=int(query_start[-1]),
             fresh=request_group(fresh.nonzero()[:, 0], query_start, rows, self.device),
             stream=request_group((~fresh).nonzero()[:, 0], query_start, rows, self.device),
         )
