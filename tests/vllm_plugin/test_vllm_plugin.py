@@ -49,26 +49,19 @@ def full_cache_predictions(model, prompt: list[int], tokens: list[int]) -> list[
     return logits.argmax(dim=-1).tolist()
 
 
-@pytest.mark.parametrize("policy", ["h2o", "lambda"])
-def test_batch_of_prompts_matches_lesscache(model_dir, hf_model, prompts, policy):
-    """Four prompts of different lengths in one engine batch, each prompt compressed in one chunk."""
-    with engine(model_dir, policy) as llm:
+@pytest.mark.parametrize("policy, compiled", [("h2o", True), ("lambda", False)])
+def test_batch_of_prompts_matches_lesscache(model_dir, hf_model, prompts, policy, compiled):
+    """Four prompts of different lengths in one engine batch, each prompt compressed in one chunk. H2O runs compiled
+    (no enforce_eager): vLLM's CPU platform traces the model once with Dynamo and compiles it with Inductor, each
+    LESS layer's step one registered op (`vllm::less_state_attention`) in the graph; Λ runs eager."""
+    with engine(model_dir, policy, enforce_eager=not compiled) as llm:
+        assert (llm.llm_engine.vllm_config.compilation_config.backend == "inductor") == compiled
         generated = vllm_greedy(llm, prompts)
     for prompt, tokens in zip(prompts, generated):
         assert len(tokens) == NEW_TOKENS
         assert lesscache_predictions(hf_model[0], policy, True, prompt, tokens) == tokens
     # ...and compression is at work: with the full cache, some prediction along these tokens differs.
     assert any(full_cache_predictions(hf_model[0], p, t) != t for p, t in zip(prompts, generated))
-
-
-def test_compiled_engine_matches_lesscache(model_dir, hf_model, prompts):
-    """Without enforce_eager: vLLM's CPU platform traces the model once with Dynamo and compiles it with Inductor;
-    each LESS layer's step is one registered op (`vllm::less_state_attention`) that the graph calls as it stands."""
-    with engine(model_dir, "h2o", enforce_eager=False) as llm:
-        assert llm.llm_engine.vllm_config.compilation_config.backend == "inductor"
-        generated = vllm_greedy(llm, prompts)
-    for prompt, tokens in zip(prompts, generated):
-        assert lesscache_predictions(hf_model[0], "h2o", True, prompt, tokens) == tokens
 
 
 @pytest.mark.parametrize("policy, lowrank", [("h2o", True), ("lambda", False)])
