@@ -103,6 +103,7 @@ at::Tensor decode_step_cuda(at::Tensor& k_slots, at::Tensor& v_slots, at::Tensor
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty_like(q);
   if (q.numel() == 0) return out;
+  TORCH_CHECK(sizes.N > 0, "less_cuda: state_rows index a state of 0 rows");
   const cuda::DecodeStepArgs args{k_slots.data_ptr(), v_slots.data_ptr(), psi_slots.data_ptr<float>(),
                                   pos.data_ptr<int32_t>(), scores.data_ptr<float>(), H.data_ptr<float>(),
                                   z.data_ptr<float>(), next_position.data_ptr<int32_t>(), q.data_ptr(), k.data_ptr(),

@@ -8,7 +8,6 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <cstdio>
 
 #include "cuda/kernels.h"
 #include "cuda/portable.cuh"
@@ -82,18 +81,12 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
-// Batch row b's row in a state pool of N rows (decode_step's state_rows). The host checks the rows only for CPU
-// tensors (they live on the device here), and a row outside the pool would read and write memory that is not the
-// state's: such a row stops the kernel with __trap(), a launch failure the host sees at its next synchronisation.
-__device__ __forceinline__ int64_t checked_state_row(const StateRows& state, int64_t N, int64_t b) {
+// Batch row b's row in a state pool of N rows (decode_step's state_rows), for addressing: a row outside [0, N)
+// addresses row 0 instead, so that no block reads outside the pool; decode_step's token_position stops the kernel
+// on such a row before any block writes the state.
+__device__ __forceinline__ int64_t pool_row(const StateRows& state, int64_t N, int64_t b) {
   const int64_t r = state.row(b);
-  if (r < 0 || r >= N) {
-    if (threadIdx.x == 0)
-      printf("less_cuda: decode_step_: state_rows[%lld] = %lld is outside the state's %lld rows\n",
-             static_cast<long long>(b), static_cast<long long>(r), static_cast<long long>(N));
-    __trap();
-  }
-  return r;
+  return r >= 0 && r < N ? r : 0;
 }
 
 }  // namespace cuda

@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<D, H>)
   const int rows = static_cast<int>(a.S - begin < plan.chunk ? a.S - begin : plan.chunk);
   const int64_t dim = a.D;
   const int64_t head0 = b * a.Hq + kvh * G + g0;  // row of q / out / phi_q (and workspace row head) of head g0
-  const int64_t r = checked_state_row(state, N, b);  // the state row of k, v, pos
+  const int64_t r = pool_row(state, N, b);  // the state row of k, v, pos
   __shared__ float hs[H * kHeadScalars];
   LESS_DYNAMIC_SHARED(float, smem);
 

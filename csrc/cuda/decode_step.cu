@@ -12,7 +12,7 @@
 // After the last token next_position[b] has advanced by the call's real tokens.
 // Layout: q, out [B, Hq, T, D]; k, v [B, Hkv, T, D]; phi_q [B, Hq, T, R], psi_k [B, Hkv, T, R] fp32 (R may be 0);
 // valid [B, T] bool or none; all contiguous. The state, batch row b's at row r = state.row(b) of each tensor (rows a
-// per-tensor stride apart, contiguous inside: state_rows.h; r is read once per block and checked against N):
+// per-tensor stride apart, contiguous inside: state_rows.h; a row outside [0, N) traps, see token_position):
 // k_slots, v_slots [N, Hkv, S, D] (fp32 / fp16 / bf16; D 64/128/256 vectorised, any other D up to 256 generic);
 // psi_slots [N, Hkv, S, R], scores [N, Hkv, S], H [N, Hkv, R, D], z [N, Hkv, R] fp32; pos [N, Hkv, S],
 // next_position [N] int32. Above, "row b" of a state tensor means its row r.
@@ -104,8 +104,16 @@ constexpr unsigned kPositionTicket = 1u << 25;
 constexpr int kMaxPosition = 1 << 24;
 static_assert(kMaxStepKvHeads * uint64_t{kPositionTicket} <= uint64_t{1} << 32, "tickets must fit 32 bits");
 
-// b: the batch row (valid's); r: its state row (next_position's).
-__device__ int token_position(const DecodeStepArgs& a, int64_t b, int64_t r, int64_t t) {
+// It also checks batch row b's state row, which only the CPU op can check on the host: a row outside [0, N) stops the
+// kernel here. Until then the block has read row 0 in its place (pool_row) and written no state: every thread passes
+// a barrier after thread 0 runs this and before the block's first write to the state.
+__device__ int token_position(const DecodeStepArgs& a, int64_t b, int64_t t) {
+  const int64_t r = a.state.row(b);
+  if (r < 0 || r >= a.N) {
+    printf("less_cuda: decode_step_: state_rows[%lld] = %lld is outside the state's %lld rows\n",
+           static_cast<long long>(b), static_cast<long long>(r), static_cast<long long>(a.N));
+    __trap();
+  }
   const bool* valid = a.valid != nullptr ? a.valid + b * a.T : nullptr;
   int before = 0, real_tokens = 0;
   for (int64_t i = 0; i < a.T; ++i) {
@@ -132,19 +140,13 @@ __device__ int token_position(const DecodeStepArgs& a, int64_t b, int64_t r, int
   return valid == nullptr || valid[t] ? base + before : kEmptySlot;
 }
 
-// What token t's step touches in row bh (= b * Hkv + KV head): the KV head's slots, H and z in state row r, and the
-// token's rows of q, out, phi_q [B, Hq, T, *] (the group's first head; heads T rows apart) and of k, v, psi_k
-// [B, Hkv, T, *].
+// What token t's step touches in row bh (= b * Hkv + KV head): the KV head's slots, H and z in state row
+// state.row(b), and the token's rows of q, out, phi_q [B, Hq, T, *] (the group's first head; heads T rows apart) and
+// of k, v, psi_k [B, Hkv, T, *].
 template <typename T>
 struct StepRow {
-  int64_t G, S, dim, R;  // computed once for all the helpers (G is a 64-bit division)
-  T* k_slots;            // [S][dim]
-  T* v_slots;            // [S][dim]
-  float* psi_slots;      // [S][R], null when R = 0
-  int32_t* pos;          // [S]
-  float* scores;         // [S]
-  float* H;              // [R][dim], null when R = 0
-  float* z;              // [R], null when R = 0
+  const DecodeStepArgs* a;
+  int64_t b, h, G, S, dim, R;  // computed once for all the helpers (G is a 64-bit division)
   const T* q;
   T* out;
   const float* phi;      // null when R = 0
@@ -152,23 +154,17 @@ struct StepRow {
   const T* v_new;
   const float* psi_new;  // null when R = 0
 
-  static __device__ __forceinline__ StepRow at(const DecodeStepArgs& a, int64_t bh, int64_t r, int64_t t) {
-    const int64_t G = a.Hq / a.Hkv, S = a.S, dim = a.D, R = a.R, h = bh % a.Hkv;
+  static __device__ __forceinline__ StepRow at(const DecodeStepArgs& a, int64_t bh, int64_t t) {
+    const int64_t G = a.Hq / a.Hkv, S = a.S, dim = a.D, R = a.R;
     const int64_t head0 = bh * G;  // b * Hq + kv head * G
-    const StateRows& st = a.state;
     StepRow row;
+    row.a = &a;
+    row.b = bh / a.Hkv;
+    row.h = bh % a.Hkv;
     row.G = G;
     row.S = S;
     row.dim = dim;
     row.R = R;
-    row.k_slots = static_cast<T*>(a.k_slots) + r * st.k_slots + h * S * dim;
-    row.v_slots = static_cast<T*>(a.v_slots) + r * st.v_slots + h * S * dim;
-    // Without a low-rank state these tensors are empty: their row strides mean nothing.
-    row.psi_slots = R > 0 ? a.psi_slots + r * st.psi_slots + h * S * R : nullptr;
-    row.pos = a.pos + r * st.pos + h * S;
-    row.scores = a.scores + r * st.scores + h * S;
-    row.H = R > 0 ? a.H + r * st.H + h * R * dim : nullptr;
-    row.z = R > 0 ? a.z + r * st.z + h * R : nullptr;
     row.q = static_cast<const T*>(a.q) + (head0 * a.T + t) * dim;
     row.out = static_cast<T*>(a.out) + (head0 * a.T + t) * dim;
     row.phi = R > 0 ? a.phi_q + (head0 * a.T + t) * R : nullptr;
@@ -177,6 +173,25 @@ struct StepRow {
     row.psi_new = R > 0 ? a.psi_k + (bh * a.T + t) * R : nullptr;
     return row;
   }
+
+  // The KV head's state in row state.row(b) (psi_slots, H, z only when R > 0: else they are empty, their strides
+  // meaningless). Each phase of the step reads the row from state_rows again (its barriers make the compiler reload
+  // it): a loaded row is not uniform to the compiler, as one derived from blockIdx is, and seven pointers held in
+  // registers through the step made the 4-head kernels spill.
+  __device__ __forceinline__ int64_t row_offset(int64_t stride) const { return pool_row(a->state, a->N, b) * stride; }
+  __device__ __forceinline__ T* k_slots() const {
+    return static_cast<T*>(a->k_slots) + row_offset(a->state.k_slots) + h * S * dim;
+  }
+  __device__ __forceinline__ T* v_slots() const {
+    return static_cast<T*>(a->v_slots) + row_offset(a->state.v_slots) + h * S * dim;
+  }
+  __device__ __forceinline__ float* psi_slots() const {
+    return a->psi_slots + row_offset(a->state.psi_slots) + h * S * R;
+  }
+  __device__ __forceinline__ int32_t* pos() const { return a->pos + row_offset(a->state.pos) + h * S; }
+  __device__ __forceinline__ float* scores() const { return a->scores + row_offset(a->state.scores) + h * S; }
+  __device__ __forceinline__ float* H() const { return a->H + row_offset(a->state.H) + h * R * dim; }
+  __device__ __forceinline__ float* z() const { return a->z + row_offset(a->state.z) + h * R; }
 };
 
 // Per head (warps over heads): the final softmax state, the chunk state with the single slots merged in (slot 0 when
@@ -190,11 +205,11 @@ __device__ __forceinline__ void final_head_states(const DecodeStepArgs& a, const
   for (int64_t g = warp; g < G; g += kBlockWarps) {
     OnlineSoftmax st = sparse.state(g);
     const T* q = row.q + g * a.T * dim;
-    const float s0 = slot0 ? warp_logit(q, row.k_slots, dim, a.scale) : -INFINITY;
+    const float s0 = slot0 ? warp_logit(q, row.k_slots(), dim, a.scale) : -INFINITY;
     const float sn = fresh ? warp_logit(q, row.k_new, dim, a.scale) : -INFINITY;
     if (slot0) st.combine(OnlineSoftmax{s0, 1.f});
     if (fresh) st.combine(OnlineSoftmax{sn, 1.f});
-    const float den = R > 0 ? lowrank_den(row.phi + g * a.T * R, row.z, R) : 0.f;
+    const float den = R > 0 ? lowrank_den(row.phi + g * a.T * R, row.z(), R) : 0.f;
     sparse.set_reference(g, st.m, st.l);
     if (lane == 0) {
       float* h = hs + g * kHeadScalars;
@@ -218,11 +233,12 @@ __device__ __forceinline__ void write_out(const DecodeStepArgs& a, const StepRow
     const float* h = hs + g * kHeadScalars;
     const float M = h[kHeadTotalM];
     float o = sparse.o_sum(g, d);
-    if (slot0) o += chunk_weight(h[kHeadLogit0], M) * to_float(row.v_slots[d]);
+    if (slot0) o += chunk_weight(h[kHeadLogit0], M) * to_float(row.v_slots()[d]);
     if (fresh) o += chunk_weight(h[kHeadLogitNew], M) * to_float(row.v_new[d]);
     const float* phi_row = R > 0 ? row.phi + g * a.T * R : nullptr;
     row.out[g * a.T * dim + d] =
-        from_float<T>(finish_output(o, M, h[kHeadTotalL], h[kHeadDen], phi_row, row.H, d, R, dim));
+        from_float<T>(finish_output(o, M, h[kHeadTotalL], h[kHeadDen], phi_row, R > 0 ? row.H() : nullptr, d, R,
+                                    dim));
   }
 }
 
@@ -250,13 +266,13 @@ template <typename T, int kBlock>
 __device__ __forceinline__ void insert_token(const StepRow<T>& row, int slot, int position) {
   const int64_t dim = row.dim, R = row.R;
   for (int64_t d = threadIdx.x; d < dim; d += kBlock) {
-    row.k_slots[slot * dim + d] = row.k_new[d];
-    row.v_slots[slot * dim + d] = row.v_new[d];
+    row.k_slots()[slot * dim + d] = row.k_new[d];
+    row.v_slots()[slot * dim + d] = row.v_new[d];
   }
-  for (int64_t r = threadIdx.x; r < R; r += kBlock) row.psi_slots[slot * R + r] = row.psi_new[r];
+  for (int64_t r = threadIdx.x; r < R; r += kBlock) row.psi_slots()[slot * R + r] = row.psi_new[r];
   if (threadIdx.x == 0) {
-    row.pos[slot] = position;
-    row.scores[slot] = 0.f;
+    row.pos()[slot] = position;
+    row.scores()[slot] = 0.f;
   }
 }
 
@@ -264,27 +280,26 @@ __device__ __forceinline__ void insert_token(const StepRow<T>& row, int slot, in
 template <typename T, int kBlock>
 __device__ __forceinline__ void fold_victim(const StepRow<T>& row, int victim) {
   const int64_t dim = row.dim, R = row.R;
-  const float* psi = row.psi_slots + victim * R;
-  const T* v_victim = row.v_slots + victim * dim;
+  const float* psi = row.psi_slots() + victim * R;
+  const T* v_victim = row.v_slots() + victim * dim;
   for (int64_t idx = threadIdx.x; idx < R * dim; idx += kBlock)
-    row.H[idx] += psi[idx / dim] * to_float(v_victim[idx % dim]);
-  for (int64_t r = threadIdx.x; r < R; r += kBlock) row.z[r] += psi[r];
+    row.H()[idx] += psi[idx / dim] * to_float(v_victim[idx % dim]);
+  for (int64_t r = threadIdx.x; r < R; r += kBlock) row.z()[r] += psi[r];
 }
 
-// Steps 1-5 of token t for row bh (state row r), once the chunk pass is done. `sparse`: the row's chunk state
+// Steps 1-5 of token t for row bh, once the chunk pass is done. `sparse`: the row's chunk state
 // (ChunkInShared or ChunksInWorkspace); hs: [G][kHeadScalars] shared memory; probs: where the row's probs are built
 // (p's head-0 row, overwritten). Every thread of the block calls it.
 template <typename T, int kBlock, typename Sparse>
-__device__ void finish_step(const DecodeStepArgs& a, int64_t bh, int64_t r, int64_t t, Sparse& sparse, float* hs,
-                            float* probs) {
+__device__ void finish_step(const DecodeStepArgs& a, int64_t bh, int64_t t, Sparse& sparse, float* hs, float* probs) {
   const int64_t b = bh / a.Hkv;
-  const StepRow<T> row = StepRow<T>::at(a, bh, r, t);
+  const StepRow<T> row = StepRow<T>::at(a, bh, t);
   __shared__ int position_shared;
-  if (threadIdx.x == 0) position_shared = token_position(a, b, r, t);
+  if (threadIdx.x == 0) position_shared = token_position(a, b, t);
 
   // Where the token goes; which single slots join the chunk state: slot 0 unless the token takes it (the chunk
   // pass left it out), and the token itself unless it is a pad.
-  const int slot = slot_row::first_free_slot<kBlock>(row.pos, row.S);  // its barriers also publish position_shared
+  const int slot = slot_row::first_free_slot<kBlock>(row.pos(), row.S);  // its barriers also publish position_shared
   const int position = position_shared;
   const bool slot0 = slot != 0;  // then slot 0 is occupied: a free slot 0 would have been the first free one
   const bool fresh = position >= 0;
@@ -298,8 +313,8 @@ __device__ void finish_step(const DecodeStepArgs& a, int64_t bh, int64_t r, int6
   insert_token<T, kBlock>(row, slot, position);
   __syncthreads();
 
-  const int victim = slot_row::score_and_evict<kBlock>(row.scores, row.pos, fresh ? probs : nullptr, row.S, a.policy,
-                                                       a.budget, a.recent, a.sinks);
+  const int victim = slot_row::score_and_evict<kBlock>(row.scores(), row.pos(), fresh ? probs : nullptr, row.S,
+                                                       a.policy, a.budget, a.recent, a.sinks);
   if (victim >= 0 && row.R > 0) fold_victim<T, kBlock>(row, victim);
 }
 
@@ -310,7 +325,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<D, H>)
   const int64_t G = a.Hq / a.Hkv, S = a.S, dim = a.D;
   const int64_t bh = blockIdx.x;
   const int64_t head0 = bh * G;
-  const int64_t h = bh % a.Hkv, r = checked_state_row(a.state, a.N, bh / a.Hkv);
+  const int64_t h = bh % a.Hkv, r = pool_row(a.state, a.N, bh / a.Hkv);  // checked before any write: token_position
   __shared__ float hs[H * kHeadScalars];
   LESS_DYNAMIC_SHARED(float, smem);
 
@@ -336,7 +351,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<D, H>)
   float* p = plan.p_in_workspace ? ws.p + head0 * S : smem;
   ChunkInShared sparse{o, hs, p, plan.p_in_workspace ? S : plan.tile,
                        plan.p_in_workspace ? ws.tile_m + head0 * plan.tiles : nullptr, plan.tiles, plan.tile, dim};
-  finish_step<T, kThreads>(a, bh, r, t, sparse, hs, p);
+  finish_step<T, kThreads>(a, bh, t, sparse, hs, p);
 }
 
 // Split form, second launch: one block per (b, KV head) merges the chunk partials and finishes token t's step.
@@ -346,12 +361,11 @@ __global__ void __launch_bounds__(kFinishThreads, 1)  // 1: ptxas would otherwis
   const int64_t G = a.Hq / a.Hkv, S = a.S, dim = a.D;
   const int64_t bh = blockIdx.x;
   const int64_t head0 = bh * G;
-  const int64_t r = checked_state_row(a.state, a.N, bh / a.Hkv);
   LESS_DYNAMIC_SHARED(float, hs);  // [G][kHeadScalars]
   ChunksInWorkspace sparse{ws.chunk_ml + head0 * plan.chunks * 2, ws.o + head0 * plan.chunks * dim,
                            ws.tile_m + head0 * plan.tiles, ws.p + head0 * S, plan.chunks, plan.tiles, plan.tile,
                            S, dim};
-  finish_step<T, kFinishThreads>(a, bh, r, t, sparse, hs, ws.p + head0 * S);
+  finish_step<T, kFinishThreads>(a, bh, t, sparse, hs, ws.p + head0 * S);
 }
 
 template <typename T, int D, int H>
@@ -422,7 +436,9 @@ size_t decode_step_workspace_bytes(const DecodeStepArgs& a, const DecodePlan& pl
 cudaError_t launch_decode_step(const DecodeStepArgs& a, const DecodePlan& plan, void* workspace,
                                cudaStream_t stream) {
   if (a.B == 0 || a.Hkv == 0 || a.Hq == 0 || a.T == 0) return cudaSuccess;
-  if (!decode_attention_supports_head_dim(a.D) || a.S < 1 || a.Hkv > kMaxStepKvHeads) return cudaErrorInvalidValue;
+  // N >= 1: pool_row's stand-in row 0 must exist.
+  if (!decode_attention_supports_head_dim(a.D) || a.S < 1 || a.Hkv > kMaxStepKvHeads || a.N < 1)
+    return cudaErrorInvalidValue;
   LESS_DISPATCH_SCALAR(a.dtype, T, return launch_for_type<T>(a, plan, workspace, stream));
 }
 
