@@ -769,11 +769,15 @@ def test_decode_step_on_unaligned_pool_rows(ops, path):
 @pytest.mark.parametrize("path", ["single", "split"])
 def test_decode_step_state_row_outside_the_pool_traps(ops, path, capfd):
     """The host checks state_rows only for CPU tensors (on a GPU they stay on the device): a row outside [0, N) stops
-    the kernel with __trap() before it addresses memory outside the pool."""
+    the kernel with __trap(). Until then its blocks read row 0 in its place and write nothing: rows 0 and 2 stay as
+    they were (the blocks of batch row 0, which run first here, update row 1)."""
     N = 3
     cache, q, k, v, phi_q, psi_k, _ = step_inputs(N, 2, 2, 17, 64, 4, torch.float32, seed=5)
     for bad in (N, -1):
+        before = clone_cache(cache)
         with pytest.raises(RuntimeError, match=r"__trap\(\)"):
             ops.decode_step_(cache, q[:2], k[:2], v[:2], phi_q[:2], psi_k[:2], None, 0.125, reference.H2O, 15, 2, 0,
-                             state_rows=torch.tensor([0, bad]), **STEP_PATHS[path])  # fmt: skip
+                             state_rows=torch.tensor([1, bad]), **STEP_PATHS[path])  # fmt: skip
         assert f"state_rows[1] = {bad} is outside the state's {N} rows" in capfd.readouterr().out
+        for name in STATE_FIELDS:
+            assert torch.equal(getattr(cache, name)[[0, 2]], getattr(before, name)[[0, 2]]), name

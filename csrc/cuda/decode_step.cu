@@ -104,9 +104,9 @@ constexpr unsigned kPositionTicket = 1u << 25;
 constexpr int kMaxPosition = 1 << 24;
 static_assert(kMaxStepKvHeads * uint64_t{kPositionTicket} <= uint64_t{1} << 32, "tickets must fit 32 bits");
 
-// It also checks batch row b's state row, which only the CPU op can check on the host: a row outside [0, N) stops the
-// kernel here. Until then the block has read row 0 in its place (pool_row) and written no state: every thread passes
-// a barrier after thread 0 runs this and before the block's first write to the state.
+// token_position also checks batch row b's state row, which only the CPU op can check on the host: a row outside
+// [0, N) stops the kernel here. Until then the block has read row 0 in its place (pool_row) and written no state:
+// every thread passes a barrier after thread 0 runs this and before the block's first write to the state.
 __device__ int token_position(const DecodeStepArgs& a, int64_t b, int64_t t) {
   const int64_t r = a.state.row(b);
   if (r < 0 || r >= a.N) {
@@ -287,9 +287,9 @@ __device__ __forceinline__ void fold_victim(const StepRow<T>& row, int victim) {
   for (int64_t r = threadIdx.x; r < R; r += kBlock) row.z()[r] += psi[r];
 }
 
-// Steps 1-5 of token t for row bh, once the chunk pass is done. `sparse`: the row's chunk state
-// (ChunkInShared or ChunksInWorkspace); hs: [G][kHeadScalars] shared memory; probs: where the row's probs are built
-// (p's head-0 row, overwritten). Every thread of the block calls it.
+// Steps 1-5 of token t for row bh, once the chunk pass is done. `sparse`: the row's chunk state (ChunkInShared or
+// ChunksInWorkspace); hs: [G][kHeadScalars] shared memory; probs: where the row's probs are built (p's head-0 row,
+// overwritten). Every thread of the block calls it.
 template <typename T, int kBlock, typename Sparse>
 __device__ void finish_step(const DecodeStepArgs& a, int64_t bh, int64_t t, Sparse& sparse, float* hs, float* probs) {
   const int64_t b = bh / a.Hkv;

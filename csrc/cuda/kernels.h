@@ -71,7 +71,8 @@ cudaError_t launch_decode_attention(const DecodeAttentionArgs& args, const Decod
 // (o, m, l) and p to the workspace. `exclude`: a slot never attended (-1: none); `q_stride`: elements between
 // the rows of consecutive query heads in args.q (D when q is [B, Hq, D]). Batch row b's slots are row
 // state.row(b) of args.k, v, pos, pools of N rows (only state's rows, k_slots, v_slots and pos are read; a row
-// outside [0, N) traps). Needs plan.split; out, probs, phi_q, H and z of `args` are not used.
+// outside [0, N) reads row 0: the caller checks the rows). Needs plan.split; out, probs, phi_q, H and z of `args`
+// are not used.
 cudaError_t launch_decode_attention_partials(const DecodeAttentionArgs& args, const StateRows& state, int64_t N,
                                              const DecodePlan& plan, void* workspace, int64_t exclude,
                                              int64_t q_stride, cudaStream_t stream);
