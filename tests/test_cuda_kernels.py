@@ -40,6 +40,12 @@ def ptr(t):
     return ctypes.c_void_p(t.data_ptr())
 
 
+def row_ptr(t):
+    """A state tensor [N, ...] whose rows are contiguous but may be a stride apart (a pool laid out in pages)."""
+    assert t.device.type == "cpu" and (t.shape[0] == 0 or t[0].is_contiguous())
+    return ctypes.c_void_p(t.data_ptr())
+
+
 PLAN_FIELDS = ("chunks", "head_tiles", "tile", "tiles", "split", "p_in_workspace", "vectorized")
 
 
@@ -49,7 +55,9 @@ class HarnessOps:
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
         lib.less_harness_decode_attention.argtypes = [P] * 9 + [I64] * 6 + [I32, F32, I32, I64, I64, P]
-        lib.less_harness_decode_step.argtypes = [P] * 15 + [I64] * 7 + [I32, F32] + [I32] * 5 + [I64, I64, P]
+        lib.less_harness_decode_step.argtypes = (
+            [P] * 15 + [I64] * 7 + [I32, F32] + [I32] * 4 + [P, I64, P] + [I32, I64, I64, P]
+        )
         lib.less_harness_score_and_evict.argtypes = [P] * 4 + [I64, I64] + [I32] * 4
         lib.less_harness_state_fold.argtypes = [P] * 5 + [I64] * 4 + [I32, I32]
         self.last_plan: dict = {}
@@ -76,10 +84,11 @@ class HarnessOps:
         self._plan(plan)
         return out, probs
 
-    def decode_step_(self, cache, q, k, v, phi_q, psi_k, valid, scale, policy, budget, recent, sinks, *, chunk=0,
-                     tile=0, num_sms=H100_SMS):
+    def decode_step_(self, cache, q, k, v, phi_q, psi_k, valid, scale, policy, budget, recent, sinks, *,
+                     state_rows=None, chunk=0, tile=0, num_sms=H100_SMS):
         """ops.less_decode_step_'s signature, in place on `cache` (a SlotCache, next_position included): q [B, Hq, T, D]
-        or [B, Hq, D] for one token, and so on; valid [B, T] / [B] or None."""
+        or [B, Hq, D] for one token, and so on; valid [B, T] / [B] or None. state_rows [B] int64: `cache` is a pool of
+        N rows (each field's rows contiguous, a stride apart) and batch row b updates row state_rows[b]."""
         single = q.dim() == 3
         if single:
             q, k, v = q[:, :, None], k[:, :, None], v[:, :, None]
@@ -88,13 +97,14 @@ class HarnessOps:
         q, k, v, phi_q, psi_k, valid = (None if x is None else x.contiguous() for x in (q, k, v, phi_q, psi_k, valid))
         B, Hq, T, D = q.shape
         Hkv, S, R = cache.k.shape[1], cache.k.shape[2], cache.psi.shape[-1]
+        state = [cache.k, cache.v, cache.psi, cache.pos, cache.scores, cache.H, cache.z, cache.next_position]
+        strides = torch.tensor([t.stride(0) for t in state], dtype=torch.int64)
         out = torch.empty_like(q)
         plan = torch.zeros(len(PLAN_FIELDS), dtype=torch.int64)
         code = self.lib.less_harness_decode_step(
-            ptr(cache.k), ptr(cache.v), ptr(cache.psi), ptr(cache.pos), ptr(cache.scores), ptr(cache.H),
-            ptr(cache.z), ptr(cache.next_position), ptr(q), ptr(k), ptr(v), ptr(phi_q), ptr(psi_k), ptr(valid),
-            ptr(out), B, Hq, Hkv, S, D, R, T, SCALAR_KIND[q.dtype], scale, policy, budget, recent, sinks, num_sms,
-            chunk, tile, ptr(plan),
+            *map(row_ptr, state), ptr(q), ptr(k), ptr(v), ptr(phi_q), ptr(psi_k), ptr(valid), ptr(out), B, Hq, Hkv,
+            S, D, R, T, SCALAR_KIND[q.dtype], scale, policy, budget, recent, sinks, ptr(state_rows),
+            cache.k.shape[0], ptr(strides), num_sms, chunk, tile, ptr(plan),
         )  # fmt: skip
         harness_build.check(self.lib, code)
         self._plan(plan)
@@ -642,3 +652,132 @@ def test_decode_step_does_not_depend_on_thread_order(ops, schedule):
             harness_build.set_schedule(ops.lib, "forward")
             results.append([out, *vars(cache).values()])
         assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decode_step_ on a pool's rows (state_rows), the state laid out as vLLM lays out a layer's
+# ---------------------------------------------------------------------------------------------------------------
+
+STATE_FIELDS = ("k", "v", "psi", "pos", "scores", "H", "z", "next_position")
+
+
+def page_views(raw, like, page):
+    """The fields of a SlotCache like `like` ([N, ...] each) in `raw`, a byte buffer of N pages of `page` bytes, as
+    vLLM binds a layer's state: each page holds one row of every stored field, back to back, and each field is an
+    as_strided view whose rows are a page apart. Without a low-rank state (R = 0) psi, H and z are not stored: they
+    stay `like`'s (empty) tensors."""
+    views, offset = {}, 0
+    for name in STATE_FIELDS:
+        t = getattr(like, name)
+        if t.numel() == 0:
+            views[name] = t
+            continue
+        size, shape = t.element_size(), t.shape[1:]
+        assert offset % size == 0 and page % size == 0
+        views[name] = torch.as_strided(raw.view(t.dtype), t.shape, (page // size, *torch.empty(shape).stride()),
+                                       offset // size)  # fmt: skip
+        offset += t[0].numel() * size
+    assert offset <= page
+    return slots.SlotCache(**views)
+
+
+def paged_pool(cache, gap, gen):
+    """`cache` moved into pages (page_views) of its rows' bytes rounded up to 16, plus `gap` bytes; the bytes
+    between and after the fields are random. Returns (raw, pool)."""
+    used = sum(t[0].numel() * t.element_size() for t in vars(cache).values() if t.numel())
+    page = -(-used // 16) * 16 + gap
+    raw = torch.randint(0, 256, (cache.k.shape[0] * page,), dtype=torch.uint8, generator=gen)
+    pool = page_views(raw, cache, page)
+    for name in STATE_FIELDS:
+        if getattr(cache, name).numel():
+            getattr(pool, name).copy_(getattr(cache, name))
+    return raw, pool, page
+
+
+def pool_step_inputs(N, B, Hkv, G, S, D, R, T, dtype, seed):
+    """A pool of N rows mid-stream (step_inputs) and T tokens for B of its rows, chosen at random in random order;
+    among the tokens a pad."""
+    cache, *_ = step_inputs(N, Hkv, G, S, D, R, dtype, seed=seed, full={(1, 0)}, empty={(2, 1)})
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(N, generator=g)[:B]
+    q = torch.randn(B, Hkv * G, T, D, generator=g).to(dtype)
+    k, v = ((torch.randn(B, Hkv, T, D, generator=g) * 1.5).to(dtype) for _ in range(2))
+    phi_q = torch.rand(B, Hkv * G, T, R, generator=g) if R else None
+    psi_k = torch.rand(B, Hkv, T, R, generator=g) if R else None
+    valid = torch.rand(B, T, generator=g) > 0.3
+    valid[0, 0], valid[1, -1] = True, False
+    return cache, rows, (q, k, v, phi_q, psi_k, valid)
+
+
+def check_pool_step(ops, cache, rows, inputs, policy, gap, gen, misalign=False, **plan):
+    """The step on `rows` of a paged pool, in place, against the step on those rows gathered into contiguous tensors:
+    out and every field of the pool's rows bit for bit equal, every other byte of the pages unchanged. `misalign`
+    offsets the gathered K and V by 4 bytes, so that both take the generic (unaligned) kernels."""
+    raw, pool, page = paged_pool(cache, gap, gen)
+    gathered = {name: getattr(pool, name)[rows] for name in STATE_FIELDS}
+    if misalign:
+        for name in ("k", "v"):
+            t = gathered[name]
+            shifted = torch.empty(t.numel() + 8, dtype=t.dtype)[4 // t.element_size() :][: t.numel()].view(t.shape)
+            gathered[name] = shifted.copy_(t)
+    gathered = slots.SlotCache(**gathered)
+    S, D = cache.k.shape[2:]
+    args = (*inputs, D**-0.5, policy, S - 1, 3, 1)
+    out_gathered = ops.decode_step_(gathered, *args, **plan)
+    plan_gathered = ops.last_plan
+    expected = raw.clone()
+    expected_pool = page_views(expected, cache, page)
+    for name in STATE_FIELDS:
+        if getattr(cache, name).numel():
+            getattr(expected_pool, name)[rows] = getattr(gathered, name)
+
+    out = ops.decode_step_(pool, *args, state_rows=rows, **plan)
+    assert ops.last_plan == plan_gathered
+    assert torch.equal(out, out_gathered), "out differs"
+    for name in STATE_FIELDS:
+        assert torch.equal(getattr(pool, name)[rows], getattr(gathered, name)), f"{name} of the pool's rows differs"
+    assert torch.equal(raw, expected), "bytes outside the stepped rows changed"
+    return plan_gathered
+
+
+@pytest.mark.parametrize("path", ["single", "split"])
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("policy", [reference.H2O, reference.LAMBDA])
+@pytest.mark.parametrize("R", [0, 6])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_step_on_pool_rows(ops, dtype, R, policy, T, path):
+    """state_rows: a layer's state in vLLM's layout (pages of one byte buffer, each field an as_strided view a page
+    apart, 16 spare bytes a page), stepped in place for 4 of its 7 rows in random order, is bit for bit the step on
+    those rows gathered into contiguous tensors; nothing else in the buffer changes."""
+    seed = SCALAR_KIND[dtype] * 100 + R * 10 + policy * 4 + T
+    cache, rows, inputs = pool_step_inputs(7, 4, 2, 3, 19, 64, R, T, dtype, seed)
+    plan = check_pool_step(ops, cache, rows, inputs, policy, 16, torch.Generator().manual_seed(seed),
+                           **STEP_PATHS[path])  # fmt: skip
+    assert plan["split"] == (path == "split") and plan["vectorized"]
+
+
+@pytest.mark.parametrize("path", ["single", "split"])
+def test_decode_step_on_unaligned_pool_rows(ops, path):
+    """Pages of 16n + 4 bytes leave most rows of K and V unaligned for 16-byte loads: the step takes the generic
+    kernels and still equals the gathered step (itself unaligned, so that both run the same instances)."""
+    cache, rows, inputs = pool_step_inputs(5, 3, 2, 2, 17, 64, 4, 2, torch.bfloat16, seed=9)
+    plan = check_pool_step(ops, cache, rows, inputs, reference.H2O, 4, torch.Generator().manual_seed(9),
+                           misalign=True, **STEP_PATHS[path])  # fmt: skip
+    assert plan["split"] == (path == "split") and not plan["vectorized"]
+
+
+@pytest.mark.parametrize("path", ["single", "split"])
+def test_decode_step_state_row_outside_the_pool_traps(ops, path, capfd):
+    """The host checks state_rows only for CPU tensors (on a GPU they stay on the device): a row outside [0, N) stops
+    the kernel with __trap(). Until then its blocks read row 0 in its place and write nothing: rows 0 and 2 stay as
+    they were (the blocks of batch row 0, which run first here, update row 1)."""
+    N = 3
+    cache, q, k, v, phi_q, psi_k, _ = step_inputs(N, 2, 2, 17, 64, 4, torch.float32, seed=5)
+    for bad in (N, -1):
+        before = clone_cache(cache)
+        with pytest.raises(RuntimeError, match=r"__trap\(\)"):
+            ops.decode_step_(cache, q[:2], k[:2], v[:2], phi_q[:2], psi_k[:2], None, 0.125, reference.H2O, 15, 2, 0,
+                             state_rows=torch.tensor([1, bad]), **STEP_PATHS[path])  # fmt: skip
+        assert f"state_rows[1] = {bad} is outside the state's {N} rows" in capfd.readouterr().out
+        for name in STATE_FIELDS:
+            assert torch.equal(getattr(cache, name)[[0, 2]], getattr(before, name)[[0, 2]]), name

@@ -91,21 +91,19 @@ at::Tensor decode_step_cuda(at::Tensor& k_slots, at::Tensor& v_slots, at::Tensor
   const StepSizes sizes = check_decode_step(
       {k_slots, v_slots, psi_slots, pos, scores, H, z, next_position, q, k, v, phi_q, psi_k, valid, state_rows},
       policy, budget, recent, sinks);
-  TORCH_CHECK(!state_rows.has_value() && k_slots.is_contiguous() && v_slots.is_contiguous() &&
-                  psi_slots.is_contiguous() && pos.is_contiguous() && scores.is_contiguous() && H.is_contiguous() &&
-                  z.is_contiguous() && next_position.is_contiguous(),
-              "less_cuda: the CUDA decode_step_ does not take state_rows or strided state rows yet");
   const DecodeSizes& s = sizes.d;
   TORCH_CHECK(cuda::decode_attention_supports_head_dim(s.D),
               "less_cuda: the CUDA decode_step_ supports head_dim 1 to 256, got ", s.D);
   TORCH_CHECK(s.G <= 1024, "less_cuda: the CUDA decode_step_ supports up to 1024 query heads per KV head, got ", s.G);
   // next_position is advanced on the device by tickets above its low 25 bits (csrc/cuda/decode_step.cu); a value
-  // above 2^24 - T, which only the CPU op can check on the host, stops the kernel with a launch failure.
+  // above 2^24 - T, which only the CPU op can check on the host, stops the kernel with a launch failure, as does a
+  // state row outside the pool. state_rows stays on the device: its rows' distinctness is the caller's promise.
   TORCH_CHECK(s.Hkv <= cuda::kMaxStepKvHeads, "less_cuda: the CUDA decode_step_ supports up to ",
               cuda::kMaxStepKvHeads, " KV heads, got ", s.Hkv);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty_like(q);
   if (q.numel() == 0) return out;
+  TORCH_CHECK(sizes.N > 0, "less_cuda: state_rows index a state of 0 rows");
   const cuda::DecodeStepArgs args{k_slots.data_ptr(), v_slots.data_ptr(), psi_slots.data_ptr<float>(),
                                   pos.data_ptr<int32_t>(), scores.data_ptr<float>(), H.data_ptr<float>(),
                                   z.data_ptr<float>(), next_position.data_ptr<int32_t>(), q.data_ptr(), k.data_ptr(),
@@ -113,7 +111,7 @@ at::Tensor decode_step_cuda(at::Tensor& k_slots, at::Tensor& v_slots, at::Tensor
                                   valid.has_value() ? valid->data_ptr<bool>() : nullptr, out.data_ptr(), s.B, s.Hq,
                                   s.Hkv, s.S, s.D, s.R, sizes.T, scalar_kind(q.scalar_type()),
                                   static_cast<float>(scale), static_cast<int>(policy), clamp_to_int(budget),
-                                  clamp_to_int(recent), clamp_to_int(sinks)};
+                                  clamp_to_int(recent), clamp_to_int(sinks), sizes.state, sizes.N};
   const cuda::DecodePlan plan = cuda::plan_decode_step(args, sm_count(q.device().index()), 0, 0);
   check_launch_shape(s, plan, "decode_step_");
   at::Tensor workspace = workspace_for(cuda::decode_step_workspace_bytes(args, plan), q);

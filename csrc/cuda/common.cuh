@@ -81,6 +81,14 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
+// Batch row b's row in a state pool of N rows (decode_step's state_rows), for addressing: a row outside [0, N)
+// addresses row 0 instead, so that no block reads outside the pool; decode_step's token_position stops the kernel
+// on such a row before any block writes the state.
+__device__ __forceinline__ int64_t pool_row(const StateRows& state, int64_t N, int64_t b) {
+  const int64_t r = state.row(b);
+  return r >= 0 && r < N ? r : 0;
+}
+
 }  // namespace cuda
 }  // namespace less_cuda
 

@@ -3,7 +3,8 @@
 //                (phi(q)H / phi(q)z, log phi(q)z), in q's dtype
 //   probs[b, j] = sum over the G query heads of the group of exp(s_j - lse_sparse), fp32 (low rank not included)
 // Layout: q, out [B, Hq, D]; k, v [B, Hkv, S, D] (fp32 / fp16 / bf16; D 64/128/256 vectorised, any other D up to
-// 256 generic); pos, probs [B, Hkv, S]; phi_q [B, Hq, R], H [B, Hkv, R, D], z [B, Hkv, R] fp32 (optional).
+// 256 generic); pos, probs [B, Hkv, S]; phi_q [B, Hq, R], H [B, Hkv, R, D], z [B, Hkv, R] fp32 (optional). The
+// chunk kernel, shared with decode_step, finds batch row b's k, v, pos at a state row (StateRows): row b here.
 //
 // Thread mapping. decode_chunk_kernel: a block of 4 warps handles one (batch, KV head, up to H = 4 or 8 query heads
 // of its group, chunk of slots) with attention::attend_chunk (attention_block.cuh): tiles of slots whose logits fit
@@ -34,7 +35,8 @@ constexpr size_t kCombineSmemBudget = 40 * 1024;
 
 template <typename T, int D, int H>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<D, H>)
-    decode_chunk_kernel(DecodeAttentionArgs a, DecodePlan plan, Workspace ws, int64_t exclude, int64_t q_stride) {
+    decode_chunk_kernel(DecodeAttentionArgs a, StateRows state, int64_t N, DecodePlan plan, Workspace ws,
+                        int64_t exclude, int64_t q_stride) {
   const int64_t G = a.Hq / a.Hkv;
   const int64_t head_tile = blockIdx.x % plan.head_tiles;
   const int64_t bh = blockIdx.x / plan.head_tiles;  // b * Hkv + kv head
@@ -46,15 +48,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<D, H>)
   const int rows = static_cast<int>(a.S - begin < plan.chunk ? a.S - begin : plan.chunk);
   const int64_t dim = a.D;
   const int64_t head0 = b * a.Hq + kvh * G + g0;  // row of q / out / phi_q (and workspace row head) of head g0
+  const int64_t r = pool_row(state, N, b);  // the state row of k, v, pos
   __shared__ float hs[H * kHeadScalars];
   LESS_DYNAMIC_SHARED(float, smem);
 
   ChunkView view{};
   view.q = static_cast<const T*>(a.q) + head0 * q_stride;
   view.q_stride = q_stride;
-  view.k = static_cast<const T*>(a.k) + (bh * a.S + begin) * dim;
-  view.v = static_cast<const T*>(a.v) + (bh * a.S + begin) * dim;
-  view.pos = a.pos + bh * a.S + begin;
+  view.k = static_cast<const T*>(a.k) + r * state.k_slots + (kvh * a.S + begin) * dim;
+  view.v = static_cast<const T*>(a.v) + r * state.v_slots + (kvh * a.S + begin) * dim;
+  view.pos = a.pos + r * state.pos + kvh * a.S + begin;
   view.heads = heads;
   view.rows = rows;
   view.dim = static_cast<int>(dim);
@@ -82,7 +85,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<D, H>)
     return;
   }
 
-  // One chunk, one head tile (heads == G): the chunk's state is final.
+  // One chunk, one head tile (heads == G): the chunk's state is final. Only decode_attention gets here, whose
+  // state is contiguous (r == b), so H, z and probs are indexed by bh.
   const int warp = threadIdx.x / 32;
   ChunkInShared row{o, hs, plan.p_in_workspace ? ws.p + head0 * a.S : smem,
                     plan.p_in_workspace ? a.S : plan.tile,
@@ -189,21 +193,23 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T, int D, int H>
-cudaError_t launch_chunks(const DecodeAttentionArgs& a, const DecodePlan& plan, const Workspace& ws,
-                          int64_t exclude, int64_t q_stride, cudaStream_t stream) {
+cudaError_t launch_chunks(const DecodeAttentionArgs& a, const StateRows& state, int64_t N, const DecodePlan& plan,
+                          const Workspace& ws, int64_t exclude, int64_t q_stride, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(a.B * a.Hkv * plan.head_tiles), static_cast<unsigned>(plan.chunks));
   const auto chunk_kernel = decode_chunk_kernel<T, D, H>;
-  LESS_LAUNCH(chunk_kernel, grid, kThreads, chunk_smem_bytes(plan, a.D), stream)(a, plan, ws, exclude, q_stride);
+  LESS_LAUNCH(chunk_kernel, grid, kThreads, chunk_smem_bytes(plan, a.D), stream)(a, state, N, plan, ws, exclude,
+                                                                                 q_stride);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_chunks_for_type(const DecodeAttentionArgs& a, const DecodePlan& plan, const Workspace& ws,
-                                   int64_t exclude, int64_t q_stride, cudaStream_t stream) {
+cudaError_t launch_chunks_for_type(const DecodeAttentionArgs& a, const StateRows& state, int64_t N,
+                                   const DecodePlan& plan, const Workspace& ws, int64_t exclude, int64_t q_stride,
+                                   cudaStream_t stream) {
   LESS_DISPATCH_ROW_LAYOUT(plan.vectorized, a.D, D,
                            LESS_DISPATCH_BLOCK_HEADS(plan, H,
-                                                     return launch_chunks<T, D, H>(a, plan, ws, exclude, q_stride,
-                                                                                   stream)));
+                                                     return launch_chunks<T, D, H>(a, state, N, plan, ws, exclude,
+                                                                                   q_stride, stream)));
 }
 
 // Blocks of the chunk kernel instance `plan` selects that one SM holds, by the occupancy API (registers, static
@@ -231,7 +237,10 @@ template <typename T>
 cudaError_t launch_for_type(const DecodeAttentionArgs& a, const DecodePlan& plan, void* workspace,
                             cudaStream_t stream) {
   const Workspace ws = carve_workspace(workspace, a.B, a.Hq, a.S, a.D, plan);
-  const cudaError_t error = launch_chunks_for_type<T>(a, plan, ws, -1, a.D, stream);
+  StateRows contiguous{};  // row b of k, v, pos [B, Hkv, S, *]
+  contiguous.k_slots = contiguous.v_slots = a.Hkv * a.S * a.D;
+  contiguous.pos = a.Hkv * a.S;
+  const cudaError_t error = launch_chunks_for_type<T>(a, contiguous, a.B, plan, ws, -1, a.D, stream);
   if (error != cudaSuccess || !plan.split) return error;
   size_t smem = 0;
   const int64_t piece = probs_piece(a, plan, &smem);
@@ -246,7 +255,11 @@ cudaError_t launch_for_type(const DecodeAttentionArgs& a, const DecodePlan& plan
 bool decode_attention_supports_head_dim(int64_t D) { return D >= 1 && D <= kMaxHeadDim; }
 
 DecodePlan plan_decode_attention(const DecodeAttentionArgs& a, int num_sms, int64_t chunk, int64_t tile) {
-  const DecodePlan block = plan_block(a.Hq, a.Hkv, a.D, element_bytes(a.dtype), is_aligned16(a.k) && is_aligned16(a.v));
+  return plan_decode_slots(a, is_aligned16(a.k) && is_aligned16(a.v), num_sms, chunk, tile);
+}
+
+DecodePlan plan_decode_slots(const DecodeAttentionArgs& a, bool aligned, int num_sms, int64_t chunk, int64_t tile) {
+  const DecodePlan block = plan_block(a.Hq, a.Hkv, a.D, element_bytes(a.dtype), aligned);
   int blocks_per_sm = 1;
   auto occupancy = [&]() -> cudaError_t {
     LESS_DISPATCH_SCALAR(a.dtype, T, return chunk_occupancy<T>(block, a.D, &blocks_per_sm));
@@ -267,13 +280,14 @@ cudaError_t launch_decode_attention(const DecodeAttentionArgs& a, const DecodePl
   LESS_DISPATCH_SCALAR(a.dtype, T, return launch_for_type<T>(a, plan, workspace, stream));
 }
 
-cudaError_t launch_decode_attention_partials(const DecodeAttentionArgs& a, const DecodePlan& plan,
-                                             void* workspace, int64_t exclude, int64_t q_stride,
-                                             cudaStream_t stream) {
+cudaError_t launch_decode_attention_partials(const DecodeAttentionArgs& a, const StateRows& state, int64_t N,
+                                             const DecodePlan& plan, void* workspace, int64_t exclude,
+                                             int64_t q_stride, cudaStream_t stream) {
   if (a.B == 0 || a.Hkv == 0 || a.Hq == 0) return cudaSuccess;
   if (!plan.split || !decode_attention_supports_head_dim(a.D)) return cudaErrorInvalidValue;
   const Workspace ws = carve_workspace(workspace, a.B, a.Hq, a.S, a.D, plan);
-  LESS_DISPATCH_SCALAR(a.dtype, T, return launch_chunks_for_type<T>(a, plan, ws, exclude, q_stride, stream));
+  LESS_DISPATCH_SCALAR(a.dtype, T,
+                       return launch_chunks_for_type<T>(a, state, N, plan, ws, exclude, q_stride, stream));
 }
 
 }  // namespace cuda

@@ -10,10 +10,12 @@
 //      (eviction_key, slot): pos = -1, score = 0 (slot_row::score_and_evict, as score_and_evict.cu);
 //   5. fold the victim: H[r, :] += psi_slots[victim, r] * v_slots[victim, :], z[r] += psi_slots[victim, r].
 // After the last token next_position[b] has advanced by the call's real tokens.
-// Layout: k_slots, v_slots [B, Hkv, S, D] (fp32 / fp16 / bf16; D 64/128/256 vectorised, any other D up to 256
-// generic); psi_slots [B, Hkv, S, R], scores [B, Hkv, S], H [B, Hkv, R, D], z [B, Hkv, R] fp32; pos [B, Hkv, S],
-// next_position [B] int32; q, out [B, Hq, T, D]; k, v [B, Hkv, T, D]; phi_q [B, Hq, T, R], psi_k [B, Hkv, T, R]
-// fp32 (R may be 0); valid [B, T] bool or none.
+// Layout: q, out [B, Hq, T, D]; k, v [B, Hkv, T, D]; phi_q [B, Hq, T, R], psi_k [B, Hkv, T, R] fp32 (R may be 0);
+// valid [B, T] bool or none; all contiguous. The state, batch row b's at row r = state.row(b) of each tensor (rows a
+// per-tensor stride apart, contiguous inside: state_rows.h; a row outside [0, N) traps, see token_position):
+// k_slots, v_slots [N, Hkv, S, D] (fp32 / fp16 / bf16; D 64/128/256 vectorised, any other D up to 256 generic);
+// psi_slots [N, Hkv, S, R], scores [N, Hkv, S], H [N, Hkv, R, D], z [N, Hkv, R] fp32; pos [N, Hkv, S],
+// next_position [N] int32. Above, "row b" of a state tensor means its row r.
 //
 // How the attention is split so that it can be spread over blocks: the chunk pass (attention::attend_chunk) attends
 // over the slots occupied BEFORE the insert, leaving out slot 0 (the one slot the new token may overwrite, when no
@@ -96,12 +98,22 @@ struct ChunksInWorkspace {
 // Hkv <= 128, and positions must stay below 2^24 (as eviction_key's float comparison needs): a next_position
 // above 2^24 - T stops the kernel with __trap() (a launch failure the host sees at its next synchronisation),
 // as the CPU op refuses it (checks.cpp). The tickets start at bit 25, so every next_position this check can meet
-// while advancing (at most 2^24) is read back exactly instead of aliasing a ticket.
+// while advancing (at most 2^24) is read back exactly instead of aliasing a ticket. The tickets count on batch
+// rows having distinct state rows (the op's contract): a shared row would get 2 * Hkv tickets.
 constexpr unsigned kPositionTicket = 1u << 25;
 constexpr int kMaxPosition = 1 << 24;
 static_assert(kMaxStepKvHeads * uint64_t{kPositionTicket} <= uint64_t{1} << 32, "tickets must fit 32 bits");
 
+// token_position also checks batch row b's state row, which only the CPU op can check on the host: a row outside
+// [0, N) stops the kernel here. Until then the block has read row 0 in its place (pool_row) and written no state:
+// every thread passes a barrier after thread 0 runs this and before the block's first write to the state.
 __device__ int token_position(const DecodeStepArgs& a, int64_t b, int64_t t) {
+  const int64_t r = a.state.row(b);
+  if (r < 0 || r >= a.N) {
+    printf("less_cuda: decode_step_: state_rows[%lld] = %lld is outside the state's %lld rows\n",
+           static_cast<long long>(b), static_cast<long long>(r), static_cast<long long>(a.N));
+    __trap();
+  }
   const bool* valid = a.valid != nullptr ? a.valid + b * a.T : nullptr;
   int before = 0, real_tokens = 0;
   for (int64_t i = 0; i < a.T; ++i) {
@@ -109,11 +121,12 @@ __device__ int token_position(const DecodeStepArgs& a, int64_t b, int64_t t) {
     before += i < t ? real : 0;
     real_tokens += real;
   }
+  int32_t* const position = a.next_position + r * a.state.next_position;
   int base;
   if (t + 1 < a.T) {
-    base = a.next_position[b];  // nobody writes it before the last token's launch
+    base = *position;  // nobody writes it before the last token's launch
   } else {
-    unsigned* next = reinterpret_cast<unsigned*>(a.next_position + b);
+    unsigned* next = reinterpret_cast<unsigned*>(position);
     const unsigned ticket = atomicAdd(next, kPositionTicket);
     base = static_cast<int>(ticket % kPositionTicket);
     if (ticket / kPositionTicket == static_cast<unsigned>(a.Hkv - 1))
@@ -121,21 +134,19 @@ __device__ int token_position(const DecodeStepArgs& a, int64_t b, int64_t t) {
   }
   if (base < 0 || base > kMaxPosition - a.T) {
     printf("less_cuda: decode_step_: next_position[%lld] = %d is outside [0, 2^24 - T] with T = %lld\n",
-           static_cast<long long>(b), base, static_cast<long long>(a.T));
+           static_cast<long long>(r), base, static_cast<long long>(a.T));
     __trap();
   }
   return valid == nullptr || valid[t] ? base + before : kEmptySlot;
 }
 
-// What token t's step touches in row bh (= b * Hkv + KV head): the row's slots, and the token's rows of q, out,
-// phi_q [B, Hq, T, *] (the group's first head; heads T rows apart) and of k, v, psi_k [B, Hkv, T, *].
+// What token t's step touches in row bh (= b * Hkv + KV head): the KV head's slots, H and z in state row
+// state.row(b), and the token's rows of q, out, phi_q [B, Hq, T, *] (the group's first head; heads T rows apart) and
+// of k, v, psi_k [B, Hkv, T, *].
 template <typename T>
 struct StepRow {
-  int64_t bh, G, S, dim, R;  // computed once for all the helpers (G is a 64-bit division)
-  T* k_slots;            // [S][dim]
-  T* v_slots;            // [S][dim]
-  int32_t* pos;          // [S]
-  float* scores;         // [S]
+  const DecodeStepArgs* a;
+  int64_t b, h, G, S, dim, R;  // computed once for all the helpers (G is a 64-bit division)
   const T* q;
   T* out;
   const float* phi;      // null when R = 0
@@ -147,15 +158,13 @@ struct StepRow {
     const int64_t G = a.Hq / a.Hkv, S = a.S, dim = a.D, R = a.R;
     const int64_t head0 = bh * G;  // b * Hq + kv head * G
     StepRow row;
-    row.bh = bh;
+    row.a = &a;
+    row.b = bh / a.Hkv;
+    row.h = bh % a.Hkv;
     row.G = G;
     row.S = S;
     row.dim = dim;
     row.R = R;
-    row.k_slots = static_cast<T*>(a.k_slots) + bh * S * dim;
-    row.v_slots = static_cast<T*>(a.v_slots) + bh * S * dim;
-    row.pos = a.pos + bh * S;
-    row.scores = a.scores + bh * S;
     row.q = static_cast<const T*>(a.q) + (head0 * a.T + t) * dim;
     row.out = static_cast<T*>(a.out) + (head0 * a.T + t) * dim;
     row.phi = R > 0 ? a.phi_q + (head0 * a.T + t) * R : nullptr;
@@ -164,6 +173,25 @@ struct StepRow {
     row.psi_new = R > 0 ? a.psi_k + (bh * a.T + t) * R : nullptr;
     return row;
   }
+
+  // The KV head's state in row state.row(b) (psi_slots, H, z only when R > 0: else they are empty, their strides
+  // meaningless). Each phase of the step reads the row from state_rows again (its barriers make the compiler reload
+  // it): a loaded row is not uniform to the compiler, as one derived from blockIdx is, and seven pointers held in
+  // registers through the step made the 4-head kernels spill.
+  __device__ __forceinline__ int64_t row_offset(int64_t stride) const { return pool_row(a->state, a->N, b) * stride; }
+  __device__ __forceinline__ T* k_slots() const {
+    return static_cast<T*>(a->k_slots) + row_offset(a->state.k_slots) + h * S * dim;
+  }
+  __device__ __forceinline__ T* v_slots() const {
+    return static_cast<T*>(a->v_slots) + row_offset(a->state.v_slots) + h * S * dim;
+  }
+  __device__ __forceinline__ float* psi_slots() const {
+    return a->psi_slots + row_offset(a->state.psi_slots) + h * S * R;
+  }
+  __device__ __forceinline__ int32_t* pos() const { return a->pos + row_offset(a->state.pos) + h * S; }
+  __device__ __forceinline__ float* scores() const { return a->scores + row_offset(a->state.scores) + h * S; }
+  __device__ __forceinline__ float* H() const { return a->H + row_offset(a->state.H) + h * R * dim; }
+  __device__ __forceinline__ float* z() const { return a->z + row_offset(a->state.z) + h * R; }
 };
 
 // Per head (warps over heads): the final softmax state, the chunk state with the single slots merged in (slot 0 when
@@ -172,16 +200,16 @@ template <typename T, int kBlock, typename Sparse>
 __device__ __forceinline__ void final_head_states(const DecodeStepArgs& a, const StepRow<T>& row, bool slot0,
                                                   bool fresh, Sparse& sparse, float* hs) {
   constexpr int kBlockWarps = kBlock / 32;
-  const int64_t G = row.G, bh = row.bh, dim = row.dim, R = row.R;
+  const int64_t G = row.G, dim = row.dim, R = row.R;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int64_t g = warp; g < G; g += kBlockWarps) {
     OnlineSoftmax st = sparse.state(g);
     const T* q = row.q + g * a.T * dim;
-    const float s0 = slot0 ? warp_logit(q, row.k_slots, dim, a.scale) : -INFINITY;
+    const float s0 = slot0 ? warp_logit(q, row.k_slots(), dim, a.scale) : -INFINITY;
     const float sn = fresh ? warp_logit(q, row.k_new, dim, a.scale) : -INFINITY;
     if (slot0) st.combine(OnlineSoftmax{s0, 1.f});
     if (fresh) st.combine(OnlineSoftmax{sn, 1.f});
-    const float den = R > 0 ? lowrank_den(row.phi + g * a.T * R, a.z + bh * R, R) : 0.f;
+    const float den = R > 0 ? lowrank_den(row.phi + g * a.T * R, row.z(), R) : 0.f;
     sparse.set_reference(g, st.m, st.l);
     if (lane == 0) {
       float* h = hs + g * kHeadScalars;
@@ -199,18 +227,18 @@ __device__ __forceinline__ void final_head_states(const DecodeStepArgs& a, const
 template <typename T, int kBlock, typename Sparse>
 __device__ __forceinline__ void write_out(const DecodeStepArgs& a, const StepRow<T>& row, bool slot0, bool fresh,
                                           const Sparse& sparse, const float* hs) {
-  const int64_t G = row.G, bh = row.bh, dim = row.dim, R = row.R;
+  const int64_t G = row.G, dim = row.dim, R = row.R;
   for (int64_t idx = threadIdx.x; idx < G * dim; idx += kBlock) {
     const int64_t g = idx / dim, d = idx % dim;
     const float* h = hs + g * kHeadScalars;
     const float M = h[kHeadTotalM];
     float o = sparse.o_sum(g, d);
-    if (slot0) o += chunk_weight(h[kHeadLogit0], M) * to_float(row.v_slots[d]);
+    if (slot0) o += chunk_weight(h[kHeadLogit0], M) * to_float(row.v_slots()[d]);
     if (fresh) o += chunk_weight(h[kHeadLogitNew], M) * to_float(row.v_new[d]);
     const float* phi_row = R > 0 ? row.phi + g * a.T * R : nullptr;
-    const float* H_bh = R > 0 ? a.H + bh * R * dim : nullptr;
     row.out[g * a.T * dim + d] =
-        from_float<T>(finish_output(o, M, h[kHeadTotalL], h[kHeadDen], phi_row, H_bh, d, R, dim));
+        from_float<T>(finish_output(o, M, h[kHeadTotalL], h[kHeadDen], phi_row, R > 0 ? row.H() : nullptr, d, R,
+                                    dim));
   }
 }
 
@@ -235,29 +263,28 @@ __device__ __forceinline__ void build_probs(int64_t G, int64_t S, int slot, bool
 
 // Writes the token into `slot` with a zero score; a pad token (position -1) leaves the slot free.
 template <typename T, int kBlock>
-__device__ __forceinline__ void insert_token(const DecodeStepArgs& a, const StepRow<T>& row, int slot, int position) {
-  const int64_t bh = row.bh, dim = row.dim, R = row.R;
+__device__ __forceinline__ void insert_token(const StepRow<T>& row, int slot, int position) {
+  const int64_t dim = row.dim, R = row.R;
   for (int64_t d = threadIdx.x; d < dim; d += kBlock) {
-    row.k_slots[slot * dim + d] = row.k_new[d];
-    row.v_slots[slot * dim + d] = row.v_new[d];
+    row.k_slots()[slot * dim + d] = row.k_new[d];
+    row.v_slots()[slot * dim + d] = row.v_new[d];
   }
-  for (int64_t r = threadIdx.x; r < R; r += kBlock) a.psi_slots[(bh * row.S + slot) * R + r] = row.psi_new[r];
+  for (int64_t r = threadIdx.x; r < R; r += kBlock) row.psi_slots()[slot * R + r] = row.psi_new[r];
   if (threadIdx.x == 0) {
-    row.pos[slot] = position;
-    row.scores[slot] = 0.f;
+    row.pos()[slot] = position;
+    row.scores()[slot] = 0.f;
   }
 }
 
 // Folds the victim into H, z: its row is intact, since eviction only marks the slot free. One writer per element.
 template <typename T, int kBlock>
-__device__ __forceinline__ void fold_victim(const DecodeStepArgs& a, const StepRow<T>& row, int victim) {
-  const int64_t bh = row.bh, dim = row.dim, R = row.R;
-  const float* psi = a.psi_slots + (bh * row.S + victim) * R;
-  const T* v_victim = row.v_slots + victim * dim;
-  float* H = a.H + bh * R * dim;
+__device__ __forceinline__ void fold_victim(const StepRow<T>& row, int victim) {
+  const int64_t dim = row.dim, R = row.R;
+  const float* psi = row.psi_slots() + victim * R;
+  const T* v_victim = row.v_slots() + victim * dim;
   for (int64_t idx = threadIdx.x; idx < R * dim; idx += kBlock)
-    H[idx] += psi[idx / dim] * to_float(v_victim[idx % dim]);
-  for (int64_t r = threadIdx.x; r < R; r += kBlock) a.z[bh * R + r] += psi[r];
+    row.H()[idx] += psi[idx / dim] * to_float(v_victim[idx % dim]);
+  for (int64_t r = threadIdx.x; r < R; r += kBlock) row.z()[r] += psi[r];
 }
 
 // Steps 1-5 of token t for row bh, once the chunk pass is done. `sparse`: the row's chunk state (ChunkInShared or
@@ -272,7 +299,7 @@ __device__ void finish_step(const DecodeStepArgs& a, int64_t bh, int64_t t, Spar
 
   // Where the token goes; which single slots join the chunk state: slot 0 unless the token takes it (the chunk
   // pass left it out), and the token itself unless it is a pad.
-  const int slot = slot_row::first_free_slot<kBlock>(row.pos, row.S);  // its barriers also publish position_shared
+  const int slot = slot_row::first_free_slot<kBlock>(row.pos(), row.S);  // its barriers also publish position_shared
   const int position = position_shared;
   const bool slot0 = slot != 0;  // then slot 0 is occupied: a free slot 0 would have been the first free one
   const bool fresh = position >= 0;
@@ -283,12 +310,12 @@ __device__ void finish_step(const DecodeStepArgs& a, int64_t bh, int64_t t, Spar
   // A pad token's attention is no evidence: then no probs are built and no score changes.
   if (fresh) build_probs<kBlock>(row.G, row.S, slot, slot0, sparse, hs, probs);
   // Slot 0's row, read by write_out, is overwritten here only when the token takes slot 0 (and then was not read).
-  insert_token<T, kBlock>(a, row, slot, position);
+  insert_token<T, kBlock>(row, slot, position);
   __syncthreads();
 
-  const int victim = slot_row::score_and_evict<kBlock>(row.scores, row.pos, fresh ? probs : nullptr, row.S, a.policy,
-                                                       a.budget, a.recent, a.sinks);
-  if (victim >= 0 && row.R > 0) fold_victim<T, kBlock>(a, row, victim);
+  const int victim = slot_row::score_and_evict<kBlock>(row.scores(), row.pos(), fresh ? probs : nullptr, row.S,
+                                                       a.policy, a.budget, a.recent, a.sinks);
+  if (victim >= 0 && row.R > 0) fold_victim<T, kBlock>(row, victim);
 }
 
 // One launch for token t's whole step: a block per (b, KV head) attends over all its slots, then finishes.
@@ -298,15 +325,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<D, H>)
   const int64_t G = a.Hq / a.Hkv, S = a.S, dim = a.D;
   const int64_t bh = blockIdx.x;
   const int64_t head0 = bh * G;
+  const int64_t h = bh % a.Hkv, r = pool_row(a.state, a.N, bh / a.Hkv);  // checked before any write: token_position
   __shared__ float hs[H * kHeadScalars];
   LESS_DYNAMIC_SHARED(float, smem);
 
   ChunkView view{};
   view.q = static_cast<const T*>(a.q) + (head0 * a.T + t) * dim;
   view.q_stride = a.T * dim;
-  view.k = static_cast<const T*>(a.k_slots) + bh * S * dim;
-  view.v = static_cast<const T*>(a.v_slots) + bh * S * dim;
-  view.pos = a.pos + bh * S;
+  view.k = static_cast<const T*>(a.k_slots) + r * a.state.k_slots + h * S * dim;
+  view.v = static_cast<const T*>(a.v_slots) + r * a.state.v_slots + h * S * dim;
+  view.pos = a.pos + r * a.state.pos + h * S;
   view.heads = static_cast<int>(G);
   view.rows = static_cast<int>(S);
   view.dim = static_cast<int>(dim);
@@ -363,7 +391,8 @@ cudaError_t launch_split(const DecodeStepArgs& a, const DecodePlan& plan, void* 
     const DecodeAttentionArgs chunks{static_cast<const T*>(a.q) + t * a.D, a.k_slots, a.v_slots, a.pos, nullptr,
                                      nullptr, nullptr, nullptr, nullptr, a.B, a.Hq, a.Hkv, a.S, a.D, 0, a.dtype,
                                      a.scale};
-    cudaError_t error = launch_decode_attention_partials(chunks, plan, workspace, /*exclude=*/0, a.T * a.D, stream);
+    cudaError_t error =
+        launch_decode_attention_partials(chunks, a.state, a.N, plan, workspace, /*exclude=*/0, a.T * a.D, stream);
     if (error != cudaSuccess) return error;
     LESS_LAUNCH(kernel, static_cast<unsigned>(a.B * a.Hkv), kFinishThreads, smem, stream)(a, plan, ws, t);
     error = cudaGetLastError();
@@ -382,7 +411,8 @@ cudaError_t launch_for_type(const DecodeStepArgs& a, const DecodePlan& plan, voi
 
 }  // namespace
 
-// The occupancy that sizes a split is the chunk kernel's, which is what runs when the plan splits.
+// The occupancy that sizes a split is the chunk kernel's, which is what runs when the plan splits. The vectorised
+// kernels need every K and V row 16-byte aligned: a pool's row strides must keep the base pointers' alignment.
 DecodePlan plan_decode_step(const DecodeStepArgs& a, int num_sms, int64_t chunk, int64_t tile) {
   DecodeAttentionArgs slots{};
   slots.k = a.k_slots;
@@ -393,7 +423,10 @@ DecodePlan plan_decode_step(const DecodeStepArgs& a, int num_sms, int64_t chunk,
   slots.S = a.S;
   slots.D = a.D;
   slots.dtype = a.dtype;
-  return plan_decode_attention(slots, num_sms, chunk, tile);
+  const int64_t bytes = element_bytes(a.dtype);
+  const bool aligned = is_aligned16(a.k_slots) && is_aligned16(a.v_slots) && a.state.k_slots * bytes % 16 == 0 &&
+                       a.state.v_slots * bytes % 16 == 0;
+  return plan_decode_slots(slots, aligned, num_sms, chunk, tile);
 }
 
 size_t decode_step_workspace_bytes(const DecodeStepArgs& a, const DecodePlan& plan) {
@@ -403,7 +436,9 @@ size_t decode_step_workspace_bytes(const DecodeStepArgs& a, const DecodePlan& pl
 cudaError_t launch_decode_step(const DecodeStepArgs& a, const DecodePlan& plan, void* workspace,
                                cudaStream_t stream) {
   if (a.B == 0 || a.Hkv == 0 || a.Hq == 0 || a.T == 0) return cudaSuccess;
-  if (!decode_attention_supports_head_dim(a.D) || a.S < 1 || a.Hkv > kMaxStepKvHeads) return cudaErrorInvalidValue;
+  // N >= 1: pool_row's stand-in row 0 must exist.
+  if (!decode_attention_supports_head_dim(a.D) || a.S < 1 || a.Hkv > kMaxStepKvHeads || a.N < 1)
+    return cudaErrorInvalidValue;
   LESS_DISPATCH_SCALAR(a.dtype, T, return launch_for_type<T>(a, plan, workspace, stream));
 }
 

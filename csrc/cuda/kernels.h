@@ -2,13 +2,16 @@
 // file that includes torch) validates tensors and calls these; the CPU harness (csrc/testing) calls the same
 // functions on host memory. Every launch is asynchronous on `stream` (no host synchronisation, so the ops can be
 // captured in CUDA graphs) and returns the launch's cudaError_t.
-// Shapes and semantics: less_cuda/core/reference.py. All tensors are contiguous.
+// Shapes and semantics: less_cuda/core/reference.py. All tensors are contiguous, except decode_step's state, whose
+// rows may be a stride apart (StateRows).
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
 #include <cstdint>
+
+#include "state_rows.h"
 
 namespace less_cuda {
 namespace cuda {
@@ -66,24 +69,32 @@ cudaError_t launch_decode_attention(const DecodeAttentionArgs& args, const Decod
                                     cudaStream_t stream);
 // The first kernel of the split form alone, shared with decode_step: each block writes its chunk's partial state
 // (o, m, l) and p to the workspace. `exclude`: a slot never attended (-1: none); `q_stride`: elements between
-// the rows of consecutive query heads in args.q (D when q is [B, Hq, D]). Needs plan.split; out, probs, phi_q, H
-// and z of `args` are not used.
-cudaError_t launch_decode_attention_partials(const DecodeAttentionArgs& args, const DecodePlan& plan,
-                                             void* workspace, int64_t exclude, int64_t q_stride,
-                                             cudaStream_t stream);
+// the rows of consecutive query heads in args.q (D when q is [B, Hq, D]). Batch row b's slots are row
+// state.row(b) of args.k, v, pos, pools of N rows (only state's rows, k_slots, v_slots and pos are read; a row
+// outside [0, N) reads row 0: the caller checks the rows). Needs plan.split; out, probs, phi_q, H and z of `args`
+// are not used.
+cudaError_t launch_decode_attention_partials(const DecodeAttentionArgs& args, const StateRows& state, int64_t N,
+                                             const DecodePlan& plan, void* workspace, int64_t exclude,
+                                             int64_t q_stride, cudaStream_t stream);
+// plan_decode_attention for slots whose rows need not start 16-byte aligned (decode_step's pool): `aligned` says
+// whether every row of K and V does, which the vectorised kernels need.
+DecodePlan plan_decode_slots(const DecodeAttentionArgs& args, bool aligned, int num_sms, int64_t chunk, int64_t tile);
 
 // ---------------------------------------------------------------------------------------------------------------
 // The fused decode step: decode_step_
 // ---------------------------------------------------------------------------------------------------------------
+// The state (k_slots to next_position) is a pool of N rows: batch row b updates row state.row(b) of each tensor,
+// rows state.<tensor> elements apart and contiguous inside (state_rows.h). The rows must be distinct; one outside
+// [0, N) stops the kernel with __trap().
 struct DecodeStepArgs {
-  void* k_slots;            // [B, Hkv, S, D], q's type, in place
-  void* v_slots;            // [B, Hkv, S, D], in place
-  float* psi_slots;         // [B, Hkv, S, R], in place
-  int32_t* pos;             // [B, Hkv, S], in place; < 0 for a free slot
-  float* scores;            // [B, Hkv, S], in place
-  float* H;                 // [B, Hkv, R, D], in place
-  float* z;                 // [B, Hkv, R], in place
-  int32_t* next_position;   // [B], in place: the position the next real token gets; advanced by the real tokens
+  void* k_slots;            // [N, Hkv, S, D], q's type, in place
+  void* v_slots;            // [N, Hkv, S, D], in place
+  float* psi_slots;         // [N, Hkv, S, R], in place
+  int32_t* pos;             // [N, Hkv, S], in place; < 0 for a free slot
+  float* scores;            // [N, Hkv, S], in place
+  float* H;                 // [N, Hkv, R, D], in place
+  float* z;                 // [N, Hkv, R], in place
+  int32_t* next_position;   // [N], in place: the position the next real token gets; advanced by the real tokens
   const void* q;            // [B, Hq, T, D]: T new tokens, stepped in turn
   const void* k;            // [B, Hkv, T, D]
   const void* v;            // [B, Hkv, T, D]
@@ -95,6 +106,8 @@ struct DecodeStepArgs {
   ScalarKind dtype;
   float scale;
   int policy, budget, recent, sinks;
+  StateRows state;          // where batch row b's state is
+  int64_t N;                // rows of each state tensor (B when state.rows is null)
 };
 
 constexpr int64_t kMaxStepKvHeads = 128;  // decode_step's limit (next_position's tickets, decode_step.cu)

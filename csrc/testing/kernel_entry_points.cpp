@@ -36,17 +36,22 @@ LESS_HARNESS_EXPORT int less_harness_decode_attention(const void* q, const void*
   return launch_decode_attention(args, plan, workspace.data(), nullptr);
 }
 
-// In place on the slot tensors (and next_position), like the op; q [B, Hq, T, D] etc.
+// In place on the slot tensors (and next_position), like the op; q [B, Hq, T, D] etc. The state tensors are a pool
+// of N rows: batch row b updates row state_rows[b] (row b when state_rows is null), row_strides[8] the elements
+// between rows of k_slots, v_slots, psi_slots, pos, scores, H, z, next_position.
 LESS_HARNESS_EXPORT int less_harness_decode_step(void* k_slots, void* v_slots, float* psi_slots, int32_t* pos,
                                                  float* scores, float* H, float* z, int32_t* next_position,
                                                  const void* q, const void* k, const void* v, const float* phi_q,
                                                  const float* psi_k, const bool* valid, void* out, int64_t B,
                                                  int64_t Hq, int64_t Hkv, int64_t S, int64_t D, int64_t R, int64_t T,
                                                  int dtype, float scale, int policy, int budget, int recent, int sinks,
+                                                 const int64_t* state_rows, int64_t N, const int64_t* row_strides,
                                                  int num_sms, int64_t chunk, int64_t tile, int64_t* plan_out) {
+  const int64_t* st = row_strides;
+  const less_cuda::StateRows state{state_rows, st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7]};
   const DecodeStepArgs args{k_slots, v_slots, psi_slots, pos, scores, H, z, next_position, q, k, v, phi_q, psi_k,
                             valid, out, B, Hq, Hkv, S, D, R, T, static_cast<ScalarKind>(dtype), scale, policy, budget,
-                            recent, sinks};
+                            recent, sinks, state, N};
   const DecodePlan plan = plan_decode_step(args, num_sms, chunk, tile);
   report(plan, plan_out);
   std::vector<unsigned char> workspace(decode_step_workspace_bytes(args, plan), 0xff);
