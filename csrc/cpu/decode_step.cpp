@@ -198,13 +198,14 @@ LESS_INLINE RowSlots<T> row_slots(const StepPointers& a, int64_t bh) {
   const int64_t S = a.s.S, D = a.s.D, R = a.s.R, h = bh % a.s.Hkv;
   const StateRows& st = a.state;
   const int64_t r = st.row(bh / a.s.Hkv);
+  const bool lowrank = R > 0;  // without a state psi, H and z may be null: no offset may be added to them
   return {static_cast<T*>(a.k_slots) + r * st.k_slots + h * S * D,
           static_cast<T*>(a.v_slots) + r * st.v_slots + h * S * D,
-          a.psi_slots + r * st.psi_slots + h * S * R,
+          lowrank ? a.psi_slots + r * st.psi_slots + h * S * R : a.psi_slots,
           a.pos + r * st.pos + h * S,
           a.scores + r * st.scores + h * S,
-          a.H + r * st.H + h * R * D,
-          a.z + r * st.z + h * R};
+          lowrank ? a.H + r * st.H + h * R * D : a.H,
+          lowrank ? a.z + r * st.z + h * R : a.z};
 }
 
 // Writes token a.t into the lowest free slot (slot 0 if none is free, as the reference's argmax) with a zero score.
