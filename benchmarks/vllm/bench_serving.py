@@ -13,8 +13,8 @@ Two measurements (`--mode`):
   --arrival-s apart: total throughput (prompt and new tokens per second from the first arrival to the last finish),
   time to first token, and the most requests that made a token in one step.
 
-Run with `make bench-vllm`; prints a table and writes benchmarks/results/vllm.json (each mode its own key, so the two
-can run apart).
+Run with `make bench-vllm`; prints the results and adds them to benchmarks/results/vllm.json, by mode and setting
+(a run of one setting keeps the others').
 """
 
 import os
@@ -180,13 +180,14 @@ def capacity_mode(args, ids: list[int]) -> dict:
 
     results = measure_engines(args.model_dir, max_len, measure, max_num_seqs=args.stream_requests,
                               max_num_batched_tokens=max(2048, args.prompt_tokens))  # fmt: skip
-    return {"kv_space_gib": args.kv_space_gib, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+    setting = f"{args.prompt_tokens}+{args.new_tokens}x{args.stream_requests}"
+    return {setting: {"kv_space_gib": args.kv_space_gib, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
             "requests": args.stream_requests, "arrival_s": args.arrival_s, "budget": round(BUDGET_FRACTION * max_len),
             "results": results, "ratios": {
                 "requests_that_fit_less_over_full":
                 results["less"]["requests_that_fit"] / results["full"]["requests_that_fit"],
                 "tokens_per_s_less_over_full": results["less"]["tokens_per_s"] / results["full"]["tokens_per_s"],
-                "ttft_median_less_over_full": results["less"]["ttft_median_s"] / results["full"]["ttft_median_s"]}}
+                "ttft_median_less_over_full": results["less"]["ttft_median_s"] / results["full"]["ttft_median_s"]}}}
 
 
 def main() -> None:
@@ -223,8 +224,8 @@ def main() -> None:
                     "vllm": vllm.__version__, "torch": torch.__version__},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "omp_threads": os.environ.get("OMP_NUM_THREADS")},
-        args.mode: measured,
     })  # fmt: skip
+    report.setdefault(args.mode, {}).update(measured)  # by setting: runs of other settings stay
     print(json.dumps(report, indent=2))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
