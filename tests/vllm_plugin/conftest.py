@@ -56,23 +56,20 @@ def prompts(hf_model) -> list[list[int]]:
     return readme_prompts(hf_model[1])
 
 
-@pytest.fixture(scope="session")
-def qwen2_dir(tmp_path_factory) -> Path:
-    """Qwen2.5-Coder-0.5B-Instruct as a transformers directory (safetensors, fp32), converted once from its GGUF."""
-    return export_model("qwen2.5-coder-0.5b", tmp_path_factory.mktemp("qwen2"))
+def converted_model_fixtures(name: str, directory_fixture: str):
+    """Session fixtures for a named model (`hf.models.NAMED_MODELS`): its transformers directory (safetensors, fp32),
+    converted once from its GGUF, and (model, tokenizer) loaded from it once."""
+
+    @pytest.fixture(scope="session")
+    def directory(tmp_path_factory) -> Path:
+        return export_model(name, tmp_path_factory.mktemp(directory_fixture))
+
+    @pytest.fixture(scope="session")
+    def loaded(request):
+        return load_exported(request.getfixturevalue(directory_fixture))
+
+    return directory, loaded
 
 
-@pytest.fixture(scope="session")
-def qwen2_hf(qwen2_dir):
-    return load_exported(qwen2_dir)
-
-
-@pytest.fixture(scope="session")
-def gemma3_dir(tmp_path_factory) -> Path:
-    """Gemma 3 270M as a transformers directory (safetensors, fp32), converted once from its GGUF."""
-    return export_model("gemma3-270m", tmp_path_factory.mktemp("gemma3"))
-
-
-@pytest.fixture(scope="session")
-def gemma3_hf(gemma3_dir):
-    return load_exported(gemma3_dir)
+qwen2_dir, qwen2_hf = converted_model_fixtures("qwen2.5-coder-0.5b", "qwen2_dir")  # Qwen2.5-Coder-0.5B-Instruct
+gemma3_dir, gemma3_hf = converted_model_fixtures("gemma3-270m", "gemma3_dir")  # Gemma 3 270M
