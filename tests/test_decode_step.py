@@ -232,6 +232,6 @@ def test_state_rows_rejects_bad_rows_and_shared_memory():
     with pytest.raises(RuntimeError, match="must not share memory"):
         step(overlapping, torch.tensor([0, 1]))
     pool.z[2, 0, 1] = float("nan")
-    with pytest.raises(RuntimeError, match=r"z \(state row 2\) must be finite"):
+    with pytest.raises(RuntimeError, match=r"z must be finite and >= 0 .* at index \[2, 0, 1\]"):
         step(pool, torch.tensor([0, 2]))
     step(pool, torch.tensor([0, 1]))  # row 2's NaN is not read when row 2 is not stepped
